@@ -1,0 +1,81 @@
+"""The Task protocol: what a model plugs into the Trainer.
+
+The trainer owns the optimizer, its state, the step counter and the RNG; a task only says
+how to make parameters, how to score a batch for training, and how to evaluate one.
+All three are pure functions of arrays, called inside ``jax.jit`` on the *global* batch
+(sharded over the mesh's ``data`` axis), so a mean over the batch is a mean over all
+devices and processes.
+
+Batches are pytrees; the weather tasks receive :class:`aurora_loop.model.Sample`
+(``inputs``: a Batch with t = history steps, ``targets``: a Batch with t = rollout steps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+from clu import metrics as clu_metrics
+
+Params = Any  # a pytree of jax.Arrays
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A trainable model.
+
+    - ``init(rng, example_batch) -> params``: ``rng`` is a PRNG key; ``example_batch`` is a
+      global batch of the training data (same pytree structure and shapes as the batches
+      ``loss`` will see). Returns the parameter pytree (float32 leaves).
+    - ``loss(params, batch, rng) -> (loss, metrics)``: ``loss`` is a scalar float32 (mean over
+      the global batch); ``metrics`` a dict of scalar arrays logged as ``train/<name>``.
+    - ``evaluate(params, batch) -> clu.metrics.Metric``: the batch's validation metrics as a
+      mergeable CLU metric; the trainer merges it over the validation set and reports
+      ``metric.compute()`` (a flat dict of floats such as ``loss``, ``mae/2t``,
+      ``rmse/z500``) as ``val/<name>``.
+    """
+
+    name: str
+
+    def init(self, rng: jax.Array, example_batch: Any) -> Params: ...
+
+    def loss(self, params: Params, batch: Any, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def evaluate(self, params: Params, batch: Any) -> clu_metrics.Metric: ...
+
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register_task(name: str):
+    """Decorator: make a task factory ``factory(config) -> Task`` selectable by ``--model name``."""
+
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_tasks() -> list[str]:
+    _import_builtin_tasks()
+    return sorted(_REGISTRY)
+
+
+def make_task(name: str, config: Any) -> Task:
+    """Build the registered task ``name`` from a TrainingConfig."""
+    _import_builtin_tasks()
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    return _REGISTRY[name](config)
+
+
+def _import_builtin_tasks() -> None:
+    # Task modules register themselves on import; importing them lazily keeps start-up fast.
+    import importlib
+    import pkgutil
+
+    import aurora_loop.tasks as tasks_pkg
+
+    for module in pkgutil.iter_modules(tasks_pkg.__path__):
+        importlib.import_module(f"aurora_loop.tasks.{module.name}")
