@@ -1,0 +1,49 @@
+"""``aurora-loop``: the tool box (sub-commands).
+
+Each sub-command is a module in this package exposing ``register(subparsers)``, which adds
+its parser and sets ``func=run`` where ``run(args) -> int`` returns the exit status. List a
+new module in ``SUBCOMMANDS``. Modules are imported only when their command runs, so
+``aurora-loop --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aurora_loop.errors import UsageError, report_usage_error
+
+# command name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aurora-loop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = build_parser()
+        if argv and not argv[0].startswith("-"):
+            print(f"aurora-loop: error: unknown command {argv[0]!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"aurora_loop.tools.{SUBCOMMANDS[argv[0]][0]}")
+    parser = argparse.ArgumentParser(prog=f"aurora-loop {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    module.register(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as err:
+        return report_usage_error(err, prog=f"aurora-loop {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
