@@ -1,0 +1,208 @@
+"""TrainingConfig: every knob of a training run, one dataclass field each.
+
+Every field is also an ``aurora-train`` flag of the same name; ``--config FILE`` (JSON or
+YAML) sets fields and flags override it. The resolved config is written to
+``output_dir/config.json`` next to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from aurora_loop.errors import UsageError
+
+
+def _field(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """A training run. Field docs double as ``--help`` text."""
+
+    # Data.
+    dataset_path: str | None = _field(None, "WeatherBench2-layout Zarr store; none: write and use the built-in synthetic sample under output_dir/sample_data.zarr")
+    static_path: str | None = _field(None, "separate Zarr store holding the static fields (default: dataset_path)")
+    surf_vars: tuple[str, ...] = _field(("2t", "10u", "10v", "msl"), "surface variables (Aurora names, comma list; empty: none)")
+    static_vars: tuple[str, ...] = _field(("lsm", "z", "slt"), "static variables (comma list; empty: none)")
+    atmos_vars: tuple[str, ...] = _field(("z", "u", "v", "t", "q"), "atmospheric variables (comma list; empty: none)")
+    levels: tuple[int, ...] = _field((), "pressure levels in hPa (comma list; empty: all levels in the store)")
+    history: int = _field(2, "input time steps per sample (Aurora's max_history_size)")
+    train_start: str | None = _field(None, "first time of the training split (ISO 8601); all split bounds unset: the last ~20%% of times validate")
+    train_end: str | None = _field(None, "last time of the training split (ISO 8601)")
+    val_start: str | None = _field(None, "first time of the validation split (ISO 8601)")
+    val_end: str | None = _field(None, "last time of the validation split (ISO 8601)")
+    num_workers: int = _field(4, "data-loading threads per process")
+
+    # Model.
+    model: str = _field("conv", "registered task: conv (a small convolutional baseline), or an Aurora configuration when installed")
+    checkpoint_dir: str | None = _field(None, "directory with pretrained encoder/, backbone/, decoder/ checkpoints to start from")
+    checkpoint_encoder: str | None = _field(None, "pretrained encoder checkpoint (overrides checkpoint_dir/encoder)")
+    checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
+    checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
+    bf16: bool = _field(False, "compute in bfloat16 where the model supports it (parameters stay float32)")
+    remat: bool = _field(False, "rematerialise activations per block to save memory")
+
+    # Optimisation.
+    batch_size: int = _field(2, "global batch size, split over all devices of the mesh")
+    learning_rate: float = _field(5e-5, "peak learning rate (AdamW), reached after warmup_steps")
+    warmup_steps: int = _field(100, "linear warm-up steps; then cosine decay to learning_rate / 10 at the last step")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    grad_clip_norm: float | None = _field(None, "clip gradients to this global norm (none: no clipping)")
+    epochs: int = _field(20, "passes over the training split")
+    max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide)")
+    rollout_steps: int = _field(1, "autoregressive steps per sample, each with its own target")
+    average_rollout_loss: bool = _field(True, "average the loss over roll-out steps (else: the last step's loss)")
+    seed: int = _field(0, "seed for parameters, shuffling and any stochastic layers")
+
+    # Devices.
+    num_gpus: int | None = _field(None, "devices in the mesh over all processes (alias --num_devices; CPU devices on a CPU-only machine; none: all visible)")
+
+    # Output.
+    output_dir: str = _field("outputs", "run directory: config.json, checkpoints/, tensorboard/")
+    save_every_n_steps: int = _field(200, "checkpoint every this many steps (and at the end)")
+    max_to_keep: int | None = _field(3, "keep at most this many step checkpoints (none: all)")
+    val_every_n_steps: int | None = _field(None, "validate every this many steps (none: at the end of each epoch)")
+    log_every_n_steps: int = _field(10, "write training scalars every this many steps")
+    use_wandb: bool = _field(False, "also log to Weights & Biases (extra 'wandb')")
+    wandb_project: str | None = _field(None, "Weights & Biases project name")
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @property
+    def pretrained_paths(self) -> dict[str, str]:
+        """Pretrained part checkpoints to load, by part name (encoder/backbone/decoder)."""
+        paths = {}
+        for part in ("encoder", "backbone", "decoder"):
+            explicit = getattr(self, f"checkpoint_{part}")
+            if explicit:
+                paths[part] = explicit
+            elif self.checkpoint_dir:
+                paths[part] = os.path.join(self.checkpoint_dir, part)
+        return paths
+
+
+# Fields compared when rerunning into an existing output dir: changing any of these makes a
+# different run. The rest (epochs, max_steps, logging cadence, workers) may change on resume.
+RESUME_INSENSITIVE = frozenset(
+    {"epochs", "max_steps", "num_workers", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
+     "val_every_n_steps", "use_wandb", "wandb_project", "output_dir"}
+)
+
+
+def field_type(field: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a config field, from its annotation."""
+    hint = typing.get_type_hints(TrainingConfig)[field.name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        return tuple[typing.get_args(hint)[0], ...], optional
+    return hint, optional
+
+
+def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    """Convert a value from a flag string or a config file to the field's type, or raise UsageError."""
+    base, optional = field_type(field)
+    name = field.name
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise UsageError(f"{source}: {name} cannot be empty; give a value ({field.metadata['help']})")
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{source}: {name} must be a list, got {value!r}; write e.g. {name}: [a, b] or --{name} a,b")
+        try:
+            return tuple(item(v) for v in value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: {name} must be a list of {item.__name__}, got {value!r}") from None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UsageError(f"{source}: {name} must be true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, bool) or (base is int and isinstance(value, float) and not value.is_integer()):
+            raise UsageError(f"{source}: {name} must be {'an integer' if base is int else 'a number'}, got {value!r}")
+        try:
+            return base(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: {name} must be {'an integer' if base is int else 'a number'}, got {value!r}") from None
+    if not isinstance(value, str):
+        raise UsageError(f"{source}: {name} must be a string, got {value!r}")
+    return value
+
+
+def config_from_mapping(values: Mapping[str, Any], source: str, base: TrainingConfig | None = None) -> TrainingConfig:
+    """Overlay ``values`` (from a file or flags) on ``base``; unknown keys and wrong types are UsageErrors."""
+    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"{source}: unknown setting {unknown[0]!r}; known settings are the aurora-train flags (see aurora-train --help)")
+    changes = {name: coerce(fields[name], value, source) for name, value in values.items()}
+    return dataclasses.replace(base or TrainingConfig(), **changes)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict, or raise UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path} does not exist; check the --config path")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"config file {path} cannot be parsed ({first_line}); fix its syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def validate(config: TrainingConfig) -> None:
+    """Check value ranges that types alone cannot; raise UsageError naming the fix."""
+    positive = {"batch_size": "--batch_size 2", "epochs": "--epochs 20", "rollout_steps": "--rollout_steps 1",
+                "history": "--history 2", "save_every_n_steps": "--save_every_n_steps 200",
+                "log_every_n_steps": "--log_every_n_steps 10"}
+    for name, example in positive.items():
+        if getattr(config, name) < 1:
+            raise UsageError(f"{name} must be at least 1, got {getattr(config, name)}; e.g. {example}")
+    if not config.learning_rate > 0:
+        raise UsageError(f"learning_rate must be positive, got {config.learning_rate}; e.g. --learning_rate 5e-5")
+    for name in ("max_steps", "val_every_n_steps", "num_gpus", "max_to_keep"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1 (or none), got {value}")
+    if config.warmup_steps < 0 or config.num_workers < 0:
+        raise UsageError("warmup_steps and num_workers must not be negative")
+    if config.weight_decay < 0:
+        raise UsageError(f"weight_decay must not be negative, got {config.weight_decay}")
+    if config.grad_clip_norm is not None and config.grad_clip_norm <= 0:
+        raise UsageError(f"grad_clip_norm must be positive (or none), got {config.grad_clip_norm}")
+    if not (config.surf_vars or config.atmos_vars):
+        raise UsageError("no variables to forecast: give --surf_vars and/or --atmos_vars")

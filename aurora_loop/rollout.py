@@ -1,0 +1,85 @@
+"""Autoregressive roll-outs for training and evaluation.
+
+A one-step predictor maps the history to the next state; rolling it out feeds each
+prediction back as the newest history step. ``lax.scan`` keeps the compiled program the
+size of one step whatever ``rollout_steps`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from aurora_loop.model.batch import Batch, Sample
+
+# predict(inputs, step) -> prediction. ``inputs`` has t = history steps; ``step`` is the
+# 0-based roll-out step as a traced int32 scalar; the prediction is a Batch with t = 1 (its
+# metadata is not read: the roll-out knows the valid time of every step from the targets).
+Predictor = Callable[[Batch, jax.Array], Batch]
+# step_loss(prediction, target) -> scalar, both Batches with t = 1.
+StepLoss = Callable[[Batch, Batch], jax.Array]
+
+
+def advance_history(inputs: Batch, prediction: Batch, time: jax.Array) -> Batch:
+    """Drop the oldest input step and append ``prediction`` (t = 1), valid at ``time``
+    (hours since 1970, shape (b,)), as the newest."""
+    return inputs.replace(
+        surf_vars={k: jnp.concatenate([v[:, 1:], prediction.surf_vars[k].astype(v.dtype)], axis=1) for k, v in inputs.surf_vars.items()},
+        atmos_vars={k: jnp.concatenate([v[:, 1:], prediction.atmos_vars[k].astype(v.dtype)], axis=1) for k, v in inputs.atmos_vars.items()},
+        metadata=inputs.metadata.replace(time=time),
+    )
+
+
+def rollout_scan(
+    predict: Predictor,
+    sample: Sample,
+    per_step: Callable[[Batch, Batch], jax.Array | dict],
+    remat: bool = False,
+):
+    """Roll ``predict`` out over ``sample.targets.num_steps`` steps.
+
+    Returns ``per_step(prediction, target)`` stacked over steps (leading axis = step).
+    With ``remat`` each step's activations are recomputed in the backward pass.
+    """
+    targets = sample.targets
+    first_time = jnp.asarray(targets.metadata.time)
+    step_hours = first_time - jnp.asarray(sample.inputs.metadata.time)
+    # Only the per-step fields are scanned over; grids and static fields stay whole.
+    fields = (
+        {k: jnp.moveaxis(v, 1, 0)[:, :, None] for k, v in targets.surf_vars.items()},
+        {k: jnp.moveaxis(v, 1, 0)[:, :, None] for k, v in targets.atmos_vars.items()},
+    )
+
+    def body(inputs: Batch, x):
+        step, (surf, atmos) = x
+        target = targets.replace(
+            surf_vars=surf,
+            atmos_vars=atmos,
+            metadata=targets.metadata.replace(time=first_time + step.astype(first_time.dtype) * step_hours),
+        )
+        prediction = predict(inputs, step)
+        return advance_history(inputs, prediction, target.metadata.time), per_step(prediction, target)
+
+    if remat:
+        body = jax.checkpoint(body)
+    steps = jnp.arange(targets.num_steps, dtype=jnp.int32)
+    _, out = jax.lax.scan(body, sample.inputs, (steps, fields))
+    return out
+
+
+def rollout_loss(
+    predict: Predictor,
+    step_loss: StepLoss,
+    sample: Sample,
+    average: bool = True,
+    remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The roll-out training loss: (loss, per-step losses of shape (rollout_steps,)).
+
+    ``loss`` is the mean over steps when ``average`` (``average_rollout_loss``), else the
+    last step's loss; gradients flow through every step either way.
+    """
+    losses = rollout_scan(predict, sample, step_loss, remat=remat)
+    return (jnp.mean(losses) if average else losses[-1]), losses

@@ -1,0 +1,137 @@
+"""``conv``: a small convolutional forecaster, the fast learning baseline.
+
+It sees the same weather batches as Aurora and predicts the next state as the newest input
+plus a learned tendency. Each field is standardised by its own spatial mean and spread in
+the newest input (per example), so the network needs no dataset statistics; the loss is the
+mean absolute error in those standardised units. Longitude is periodic (circular padding);
+latitude is padded with edge values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aurora_loop.metrics import MeanMetrics, weather_errors
+from aurora_loop.model.batch import Batch, Sample
+from aurora_loop.rollout import rollout_loss, rollout_scan
+from aurora_loop.task import register_task
+
+
+def _stack_fields(batch: Batch) -> jax.Array:
+    """All dynamic fields as channels: (b, t, h, w, C), surface first then atmos by level."""
+    parts = [v[..., None] for v in batch.surf_vars.values()]
+    parts += [jnp.moveaxis(v, 2, -1) for v in batch.atmos_vars.values()]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _unstack_fields(channels: jax.Array, like: Batch) -> Batch:
+    """Inverse of :func:`_stack_fields` for a (b, h, w, C) array -> Batch with t = 1."""
+    surf, atmos, i = {}, {}, 0
+    for name in like.surf_vars:
+        surf[name] = channels[:, None, :, :, i]
+        i += 1
+    levels = len(like.metadata.atmos_levels)
+    for name in like.atmos_vars:
+        atmos[name] = jnp.moveaxis(channels[:, None, :, :, i : i + levels], -1, 2)
+        i += levels
+    return like.replace(surf_vars=surf, atmos_vars=atmos)
+
+
+class ConvNet(nn.Module):
+    """Residual conv stack: (b, h, w, C_in) -> (b, h, w, C_out)."""
+
+    features: int
+    out_channels: int
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def conv(y: jax.Array, features: int) -> jax.Array:
+            y = jnp.pad(y, ((0, 0), (0, 0), (1, 1), (0, 0)), mode="wrap")  # periodic longitude
+            y = jnp.pad(y, ((0, 0), (1, 1), (0, 0), (0, 0)), mode="edge")
+            return nn.Conv(features, (3, 3), padding="VALID")(y)
+
+        h = nn.gelu(conv(x, self.features))
+        for _ in range(self.depth - 1):
+            h = h + nn.gelu(conv(h, self.features))
+        return nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros)(h)
+
+
+class ConvTask:
+    """The ``conv`` baseline implementing the Task protocol on ``Sample`` batches."""
+
+    name = "conv"
+
+    def __init__(self, features: int = 32, depth: int = 3, rollout_average: bool = True) -> None:
+        self.features = features
+        self.depth = depth
+        self.rollout_average = rollout_average
+
+    def _net(self, channels: int) -> ConvNet:
+        return ConvNet(self.features, channels, self.depth)
+
+    @staticmethod
+    def _standardise(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(history (b,h,w,t*C) standardised, newest (b,h,w,C), mean, scale), stats over (h, w)."""
+        fields = _stack_fields(batch).astype(jnp.float32)  # (b, t, h, w, C)
+        newest = fields[:, -1]
+        mean = jnp.mean(newest, axis=(1, 2), keepdims=True)
+        scale = jnp.std(newest, axis=(1, 2), keepdims=True) + 1e-6
+        history = (fields - mean[:, None]) / scale[:, None]
+        b, t, h, w, c = history.shape
+        history = jnp.moveaxis(history, 1, 3).reshape(b, h, w, t * c)
+        return history, newest, mean, scale
+
+    def _static(self, batch: Batch) -> jax.Array | None:
+        if not batch.static_vars:
+            return None
+        static = jnp.stack([v.astype(jnp.float32) for v in batch.static_vars.values()], axis=-1)
+        static = (static - static.mean((0, 1))) / (static.std((0, 1)) + 1e-6)
+        return jnp.broadcast_to(static, (batch.batch_size,) + static.shape)
+
+    def _predict_fn(self, params: Any):
+        def predict(inputs: Batch, step: jax.Array) -> Batch:
+            history, newest, mean, scale = self._standardise(inputs)
+            static = self._static(inputs)
+            features = history if static is None else jnp.concatenate([history, static], axis=-1)
+            tendency = self._net(newest.shape[-1]).apply(params, features)
+            return _unstack_fields(newest + tendency * scale, inputs)
+
+        return predict
+
+    def init(self, rng: jax.Array, example_batch: Sample) -> Any:
+        history, newest, _, _ = self._standardise(example_batch.inputs)
+        static = self._static(example_batch.inputs)
+        features = history if static is None else jnp.concatenate([history, static], axis=-1)
+        return self._net(newest.shape[-1]).init(rng, features)
+
+    def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def step_loss(prediction: Batch, target: Batch) -> jax.Array:
+            # MAE in units of each field's spatial spread in the target.
+            truth = _stack_fields(target).astype(jnp.float32)
+            scale = jnp.std(truth, axis=(2, 3), keepdims=True) + 1e-6
+            return jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale)
+
+        loss, per_step = rollout_loss(self._predict_fn(params), step_loss, batch, average=self.rollout_average)
+        return loss, {"rollout_loss_last": per_step[-1]}
+
+    def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
+        def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
+            truth = _stack_fields(target).astype(jnp.float32)
+            scale = jnp.std(truth, axis=(2, 3), keepdims=True) + 1e-6
+            loss = jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale, axis=(1, 2, 3, 4))
+            return {"loss": loss, **weather_errors(prediction, target)}
+
+        scores = rollout_scan(self._predict_fn(params), batch, per_step)  # each (steps, b)
+        return MeanMetrics.from_values({k: jnp.mean(v, axis=0) for k, v in scores.items()})
+
+
+@register_task("conv")
+def make_conv_task(config: Any) -> ConvTask:
+    return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True))
+

@@ -1,0 +1,359 @@
+"""The Trainer: a plain-Python, event-driven loop around one jitted, sharded train step.
+
+    fetch batch -> place on mesh -> dispatch step t -> hooks of step t-1 -> maybe sync
+    (hooks of step t, validate, checkpoint) -> maybe stop
+
+JAX dispatches asynchronously, so the host runs ahead of the device as long as nothing
+reads a result. Step t's hooks run only after step t+1 was dispatched, and its metrics are
+fetched only if a callback reads them, so logging never leaves the device idle. A step is a
+*sync* step when a callback needs the exact state after it (checkpoint, validation, stop):
+there the hooks run before the next dispatch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from aurora_loop.callbacks.base import Callback
+from aurora_loop.data import Loader
+from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
+from aurora_loop.step import (
+    TrainState,
+    make_eval_step,
+    make_init_fn,
+    make_train_step,
+    state_shardings,
+)
+from aurora_loop.task import Task
+
+log = logging.getLogger(__name__)
+
+
+class LazyMetrics(Mapping):
+    """A step's metrics, still on the device until someone reads a value.
+
+    The first read fetches all of them at once (``jax.device_get``) and caches the floats.
+    """
+
+    def __init__(self, device_metrics: Mapping[str, jax.Array]) -> None:
+        self._device = device_metrics
+        self._host: dict[str, float] | None = None
+
+    def prefetch(self) -> None:
+        """Start the device-to-host copy now so a later read does not wait for it."""
+        for value in self._device.values():
+            value.copy_to_host_async()
+
+    @property
+    def fetched(self) -> bool:
+        return self._host is not None
+
+    def _values(self) -> dict[str, float]:
+        if self._host is None:
+            self._host = {k: float(v) for k, v in jax.device_get(dict(self._device)).items()}
+        return self._host
+
+    def __getitem__(self, key: str) -> float:
+        return self._values()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._device)
+
+    def __len__(self) -> int:
+        return len(self._device)
+
+
+class _ListLoader:
+    """Adapts a re-iterable of global batches (e.g. a list) to the Loader protocol."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+        self.epoch = self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.batches):
+            if i < self.position:
+                continue
+            self.position = i + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _as_loader(data: Any) -> Loader | None:
+    if data is None or isinstance(data, Loader):
+        return data
+    return _ListLoader(data)
+
+
+class Trainer:
+    """Runs a Task's training loop and emits hooks to callbacks.
+
+    Args:
+      callbacks: hook receivers, called in list order.
+      optimizer: an optax transformation (default: ``optax.adamw(1e-3)``).
+      learning_rate: the optimizer's schedule (or a constant), reported by
+        ``learning_rate(step)`` to loggers; the optimizer itself is what trains.
+      max_epochs: passes over the training data.
+      max_steps: stop after this many optimizer steps in total (``None``: epochs decide).
+      val_every_n_steps: validate every N steps; ``None``: at the end of each epoch.
+      mesh: the device mesh with a ``data`` axis; or ``num_devices`` to build one
+        (``None``: all visible devices).
+      seed: seeds parameter initialisation and the per-step RNG.
+    """
+
+    def __init__(
+        self,
+        callbacks: Sequence[Callback] = (),
+        optimizer: optax.GradientTransformation | None = None,
+        learning_rate: optax.Schedule | float | None = None,
+        max_epochs: int = 1,
+        max_steps: int | None = None,
+        val_every_n_steps: int | None = None,
+        mesh: Mesh | None = None,
+        num_devices: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        keys = [cb.state_key for cb in callbacks]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"callbacks share the state_key {duplicated[0]!r}; give each instance its own state_key")
+        self.callbacks = list(callbacks)
+        self.optimizer = optimizer if optimizer is not None else optax.adamw(1e-3)
+        self._learning_rate = learning_rate
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.val_every_n_steps = val_every_n_steps
+        self.mesh = mesh
+        self.num_devices = num_devices
+        self.seed = seed
+
+        self.state: TrainState | None = None
+        self.task: Task | None = None
+        self.train_data: Loader | None = None
+        self.val_data: Loader | None = None
+        self.global_step = 0
+        self.epoch = 0
+        self.should_stop = False
+        self.last_val_metrics: dict[str, float] = {}
+        self.resumed_from: int | None = None
+        self._sharding_cache: dict[Any, Any] = {}
+
+    # --- helpers for callbacks -------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        """True on process 0, which writes logs and checkpoints' metadata."""
+        return jax.process_index() == 0
+
+    def learning_rate(self, step: int) -> float | None:
+        """The learning rate the optimizer used at ``step`` (1-based), if known."""
+        lr = self._learning_rate
+        if lr is None:
+            return None
+        return float(lr(step - 1)) if callable(lr) else float(lr)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        try:
+            return len(self.train_data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    @property
+    def total_steps(self) -> int | None:
+        """The step the run will end at (``max_steps`` or epochs x steps per epoch)."""
+        per_epoch = self.steps_per_epoch
+        by_epochs = None if per_epoch is None else per_epoch * self.max_epochs
+        if self.max_steps is None:
+            return by_epochs
+        return self.max_steps if by_epochs is None else min(self.max_steps, by_epochs)
+
+    def meta_state(self) -> dict[str, Any]:
+        """The host-side part of the trainer state saved with every checkpoint."""
+        return {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "train_loader": self.train_data.state_dict() if self.train_data is not None else None,
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def load_meta_state(self, meta: Mapping[str, Any]) -> None:
+        self.global_step = int(meta["step"])
+        self.epoch = int(meta["epoch"])
+        if self.train_data is not None and meta.get("train_loader") is not None:
+            self.train_data.load_state_dict(meta["train_loader"])
+        saved = meta.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key in saved:
+                cb.load_state_dict(saved[cb.state_key])
+
+    # --- the loop -----------------------------------------------------------------------
+    def fit(self, task: Task, train_data: Any, val_data: Any = None, resume: bool = True) -> TrainState:
+        """Train ``task`` on ``train_data``; returns the final TrainState.
+
+        ``train_data`` / ``val_data``: Loaders (see ``aurora_loop.data``) or re-iterables of
+        batches. With ``resume``, a callback offering ``restore_latest`` (ModelCheckpoint)
+        restores the newest checkpoint: parameters, optimizer, step, data position and
+        every callback's state.
+        """
+        self.task = task
+        self.train_data = _as_loader(train_data)
+        self.val_data = _as_loader(val_data)
+        self.should_stop = False
+        if self.mesh is None:
+            self.mesh = make_mesh(self.num_devices)
+        try:
+            self._setup(resume)
+            self._emit("on_fit_start")
+            self._run()
+            self._emit("on_fit_end")
+        except BaseException as exc:
+            for cb in self.callbacks:
+                try:
+                    cb.on_exception(self, exc)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    log.exception("%s.on_exception failed", type(cb).__name__)
+            raise
+        return self.state
+
+    def _shardings(self, batch: Any) -> Any:
+        key = jax.tree.structure(batch), tuple(getattr(x, "shape", ()) for x in jax.tree.leaves(batch))
+        if key not in self._sharding_cache:
+            global_size = jax.tree.leaves(batch)[0].shape[0] * jax.process_count()
+            check_batch_divisible(global_size, self.mesh)
+            self._sharding_cache[key] = batch_shardings(batch, self.mesh)
+        return self._sharding_cache[key]
+
+    def place(self, local_batch: Any) -> Any:
+        """Put this process's share of a batch onto the mesh as global arrays."""
+        return place_batch(local_batch, self._shardings(local_batch))
+
+    def _setup(self, resume: bool) -> None:
+        loader = self.train_data
+        loader.set_epoch(0)
+        iterator = iter(loader)
+        example = self.place(next(iterator))
+        if hasattr(iterator, "close"):
+            iterator.close()  # only its shapes were needed
+        loader.set_epoch(0)
+
+        init_fn = make_init_fn(self.task, self.optimizer, self.seed)
+        abstract = jax.eval_shape(init_fn, example)
+        shardings = state_shardings(abstract, self.mesh)
+        self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh)
+        self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh)
+
+        restored = None
+        if resume:
+            for cb in self.callbacks:
+                if hasattr(cb, "restore_latest"):
+                    abstract_sharded = jax.tree.map(
+                        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+                    )
+                    restored = cb.restore_latest(self, abstract_sharded)
+                    break
+        if restored is not None:
+            self.state, meta = restored
+            self.load_meta_state(meta)
+            self.resumed_from = self.global_step
+        else:
+            self.state = jax.jit(init_fn, out_shardings=shardings)(example)
+            self.global_step = 0
+            self.epoch = 0
+
+    def _shardings_of(self, placed: Any) -> Any:
+        return jax.tree.map(lambda x: x.sharding, placed)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _run(self) -> None:
+        loader = self.train_data
+        pending: tuple[int, LazyMetrics] | None = None
+        last_synced = self.global_step if self.resumed_from is not None else None
+
+        def flush() -> None:
+            nonlocal pending
+            if pending is not None:
+                self._emit("on_step", *pending)
+                pending = None
+
+        while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.should_stop:
+            epoch_ended = True
+            for local_batch in loader:
+                self.state, device_metrics = self._train_step(self.state, self.place(local_batch))
+                self.global_step += 1
+                step = self.global_step
+                metrics = LazyMetrics(device_metrics)
+                if any(cb.wants_metrics(self, step) for cb in self.callbacks):
+                    metrics.prefetch()
+                flush()  # step - 1's hooks, now that step is queued on the device
+                pending = (step, metrics)
+
+                val_due = self.val_every_n_steps is not None and step % self.val_every_n_steps == 0
+                if not (val_due or self.should_stop or self._reached_max_steps()
+                        or any(cb.wants_sync(self, step) for cb in self.callbacks)):
+                    continue
+                flush()
+                if val_due:
+                    self.validate(step)
+                if self.should_stop or self._reached_max_steps():
+                    epoch_ended = False
+                    break
+                self._emit("on_sync", step)
+                last_synced = step
+            if not epoch_ended:
+                break
+            flush()
+            if self.val_every_n_steps is None:
+                self.validate(self.global_step)
+            self._emit("on_epoch", self.epoch, dict(self.last_val_metrics))
+            # The saved position is the start of the next epoch, so a resume never replays one.
+            self.epoch += 1
+            loader.set_epoch(self.epoch)
+            self._emit("on_sync", self.global_step)
+            last_synced = self.global_step
+        flush()
+        if last_synced != self.global_step:
+            self._emit("on_sync", self.global_step)
+
+    def _reached_max_steps(self) -> bool:
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        """Score the validation data with the current parameters and emit ``on_validate``.
+
+        Returns the scores (keys such as ``loss``, ``mae/2t``), or ``None`` when there is
+        no validation data or a stop was requested mid-way (nothing is emitted then).
+        """
+        if self.val_data is None:
+            return None
+        self.val_data.set_epoch(0)
+        total = None
+        for local_batch in self.val_data:
+            if self.should_stop:  # e.g. preemption: give up the pass, save promptly
+                return None
+            batch_metrics = self._eval_step(self.state.params, self.place(local_batch))
+            total = batch_metrics if total is None else total.merge(batch_metrics)
+        if total is None:
+            return None
+        self.last_val_metrics = total.compute()
+        self._emit("on_validate", step, dict(self.last_val_metrics))
+        return self.last_val_metrics

@@ -1,0 +1,81 @@
+"""The Callback base class: every hook a no-op, overridden as needed.
+
+Hook order in a run (Lightning-style)::
+
+    on_fit_start
+    for each step:   on_step(step, metrics)          # step t's hooks run after step t+1
+                                                     # was dispatched, unless t is a sync step
+      [validation]   on_validate(step, metrics)
+      [epoch end]    on_epoch(epoch, metrics)
+      [sync step]    on_sync(step)                   # trainer.state is the state after `step`
+    on_fit_end                                       # or on_exception(exc) on failure
+
+``step`` counts optimizer steps taken (the first step is 1). ``metrics`` in ``on_step`` is a
+lazy mapping: reading it fetches that step's scalars from the device (a sync), so a
+callback that only logs every N steps should read it only then, and say so through
+``wants_metrics`` so the trainer starts the copy early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aurora_loop.trainer import Trainer
+
+
+class Callback:
+    """Base class of every callback; subclass and override the hooks you need."""
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's ``state_dict`` inside the trainer's checkpoint.
+
+        Defaults to the class name; give two instances of one class distinct keys.
+        """
+        return type(self).__name__
+
+    # --- scheduling questions the trainer asks after dispatching step `step` -------------
+    def wants_metrics(self, trainer: Trainer, step: int) -> bool:
+        """Will ``on_step`` read ``metrics`` at ``step``? (lets the trainer prefetch them)."""
+        return False
+
+    def wants_sync(self, trainer: Trainer, step: int) -> bool:
+        """Must ``step`` be a sync step (e.g. to save a checkpoint of the state after it)?"""
+        return False
+
+    # --- hooks ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step (after the state was built or restored)."""
+
+    def on_step(self, trainer: Trainer, step: int, metrics: Mapping[str, float]) -> None:
+        """After optimizer step ``step``; ``metrics`` lazily holds its ``train`` scalars."""
+
+    def on_validate(self, trainer: Trainer, step: int, metrics: Mapping[str, float]) -> None:
+        """After a validation pass at ``step``; ``metrics``: the validation scores (floats)."""
+
+    def on_epoch(self, trainer: Trainer, epoch: int, metrics: Mapping[str, float]) -> None:
+        """At the end of epoch ``epoch`` (0-based); ``metrics``: the last validation scores, if any."""
+
+    def on_sync(self, trainer: Trainer, step: int) -> None:
+        """At a step boundary where ``trainer.state`` is exactly the state after ``step``.
+
+        Emitted after the step's ``on_step`` / ``on_validate`` / ``on_epoch`` hooks when a
+        callback asked for it (``wants_sync``), after each validation, at each epoch end and
+        when the run stops. Checkpoints are written here.
+        """
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """After the last step (normal end, ``max_steps``, or a callback's stop)."""
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        """The run failed with ``exc`` (re-raised afterwards): release resources here."""
+
+    # --- resumable state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state saved in every checkpoint under ``state_key``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
