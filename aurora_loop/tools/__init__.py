@@ -15,7 +15,9 @@ import sys
 from aurora_loop.errors import UsageError, report_usage_error
 
 # command name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sample-data": ("sample_data", "write a synthetic WeatherBench2-layout Zarr store (learnable weather)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,42 @@
+"""``aurora-loop sample-data OUT.zarr``: write a synthetic WeatherBench2-layout store."""
+
+from __future__ import annotations
+
+import argparse
+
+from aurora_loop.datasets.sample_data import DEFAULT_LEVELS, write_sample_store
+from aurora_loop.errors import UsageError
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"grid must look like 32x64 (latitudes x longitudes), got {text!r}") from err
+    return h, w
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"levels must be hPa values like 250,500,850, got {text!r}") from err
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT.zarr", help="store to create (must not exist)")
+    parser.add_argument("--grid", type=_grid, default=(32, 64), help="latitudes x longitudes (default 32x64)")
+    parser.add_argument("--times", type=int, default=120, help="number of 6-hourly time steps (default 120 = 30 days)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="pressure levels in hPa (default 100,250,500,850)")
+    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (default 2, as WeatherBench2)")
+    parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (default 6)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.times < 1 or args.step_hours < 1:
+        raise UsageError(f"--times and --step_hours must be at least 1, got {args.times} and {args.step_hours}")
+    path = write_sample_store(args.out, grid=args.grid, times=args.times, seed=args.seed, levels=args.levels, zarr_format=args.zarr_format, step_hours=args.step_hours)
+    h, w = args.grid
+    print(f"wrote {path}: {args.times} times x {h}x{w} grid, levels {list(args.levels)} hPa, seed {args.seed}")
+    return 0

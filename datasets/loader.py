@@ -1,0 +1,188 @@
+"""A resumable, prefetching, process-sharded loader of Aurora samples from a weather store.
+
+Implements :class:`aurora_loop.data.Loader`. Batch ``p`` of epoch ``e`` is the global batch
+of start indices ``order[p * B : (p + 1) * B]``, where ``order`` is the split's valid starts,
+shuffled with ``numpy.random.default_rng((seed, e))`` for training. Process ``r`` of ``P``
+reads and yields only its contiguous share ``[r * B / P, (r + 1) * B / P)`` of it. So the
+batches depend only on (seed, epoch, position), never on threads or timing, and
+``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
+
+Reading happens on ``num_workers`` threads (zarr decompression releases the GIL), each
+loading whole batches ahead of the consumer into a bounded window of ``prefetch`` batches;
+batches are still yielded in order. ``num_workers=0`` reads in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from aurora_loop.datasets.samples import SampleSpec, has_nan, read_sample
+from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.errors import UsageError
+from aurora_loop.model.batch import Sample, stack_samples
+
+NAN_POLICIES = ("error", "skip")
+
+
+def process_share(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The slice of a global batch of ``batch_size`` examples that process ``process_index`` reads."""
+    if batch_size % process_count:
+        raise UsageError(f"--batch_size {batch_size} does not split evenly over {process_count} processes; use a multiple of {process_count}")
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+@dataclasses.dataclass
+class _Loaded:
+    batch: Sample
+    skipped: int
+
+
+class ZarrLoader:
+    """Batches of :class:`~aurora_loop.model.batch.Sample` (numpy, process-local) from a store.
+
+    Args:
+      store: an opened :class:`WeatherStore`.
+      starts: (m,) valid start time indices of this split (see ``samples.split_starts``).
+      spec: history and rollout steps per sample.
+      batch_size: global batch size (all processes together).
+      shuffle: reshuffle the starts every epoch (training); False keeps time order (validation).
+      seed: shuffling seed.
+      num_workers: reader threads; 0 reads synchronously.
+      prefetch: batches read ahead (the bound of the queue); default ``2 * num_workers``.
+      nan_policy: ``"error"`` raises on a sample holding NaNs; ``"skip"`` replaces it by the
+        next clean start in the epoch's order (deterministically) and counts the replaced
+        examples in ``skipped``.
+      process_index, process_count: this process's place; default ``jax.process_index()`` /
+        ``jax.process_count()`` (read when iteration starts).
+
+    Yields per batch a ``Sample`` whose inputs hold surf (b, history, h, w), atmos
+    (b, history, c, h, w), static (h, w), metadata.time (b,) hours since 1970 (float64), with
+    b = batch_size / process_count; targets likewise with t = rollout_steps.
+    """
+
+    def __init__(
+        self,
+        store: WeatherStore,
+        starts: np.ndarray,
+        spec: SampleSpec,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 2,
+        prefetch: int | None = None,
+        nan_policy: str = "error",
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
+        if nan_policy not in NAN_POLICIES:
+            raise UsageError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if num_workers < 0:
+            raise UsageError(f"--num_workers must be 0 or more, got {num_workers}")
+        self.store = store
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.spec = spec
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.prefetch = max(1, int(prefetch) if prefetch is not None else 2 * self.num_workers)
+        self.nan_policy = nan_policy
+        self._process = (process_index, process_count)
+        self.epoch = 0
+        self.position = 0
+        self.skipped = 0
+        if len(self) == 0:
+            raise UsageError(f"{self.starts.size} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")
+
+    # -- Loader protocol ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.starts.size) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batches": len(self), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        batches = state.get("batches")
+        if batches is not None and int(batches) != len(self):
+            raise UsageError(
+                f"the checkpoint's loader had {batches} batches per epoch, this one has {len(self)}; resume with the same data, split, batch size and rollout steps"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.skipped = int(state.get("skipped", 0))
+
+    def __iter__(self) -> Iterator[Sample]:
+        order = self.order(self.epoch)
+        share = self._share()
+        if self.num_workers == 0:
+            while self.position < len(self):
+                yield self._take(self._load(order, self.position, share))
+            return
+        pool = cf.ThreadPoolExecutor(self.num_workers, thread_name_prefix="aurora-data")
+        pending: collections.deque[cf.Future[_Loaded]] = collections.deque()
+        ahead = self.position
+        try:
+            while self.position < len(self):
+                while ahead < len(self) and len(pending) < self.prefetch:
+                    pending.append(pool.submit(self._load, order, ahead, share))
+                    ahead += 1
+                yield self._take(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's sequence of start indices (a permutation of ``starts`` when shuffling)."""
+        if not self.shuffle:
+            return self.starts
+        return np.random.default_rng((self.seed, int(epoch))).permutation(self.starts)
+
+    def _share(self) -> slice:
+        index, count = self._process
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+        return process_share(self.batch_size, index, count)
+
+    def _take(self, loaded: _Loaded) -> Sample:
+        self.position += 1
+        self.skipped += loaded.skipped
+        return loaded.batch
+
+    def _load(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
+        """Read this process's share of global batch ``position`` of ``order``."""
+        base = position * self.batch_size
+        samples, skipped = [], 0
+        for k in range(base + share.start, base + share.stop):
+            sample, misses = self._clean_sample(order, k)
+            samples.append(sample)
+            skipped += misses > 0
+        return _Loaded(stack_samples(samples), skipped)
+
+    def _clean_sample(self, order: np.ndarray, k: int) -> tuple[Sample, int]:
+        for misses in range(order.size):
+            start = int(order[(k + misses) % order.size])
+            sample = read_sample(self.store, start, self.spec)
+            if not has_nan(sample):
+                return sample, misses
+            if self.nan_policy == "error":
+                t0 = self.store.times[start]
+                raise UsageError(
+                    f"NaN in the sample starting {t0} of {self.store.path!r}; fill the missing values, or set nan_policy='skip' to skip such samples"
+                )
+        raise UsageError(f"every sample of {self.store.path!r} holds NaNs; fill the missing values")

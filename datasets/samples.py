@@ -1,0 +1,130 @@
+"""Samples: ``history`` input steps followed by ``rollout_steps`` targets, and time splits.
+
+A sample starting at time index ``i`` reads the contiguous steps ``i .. i + history +
+rollout_steps - 1``: the first ``history`` are the inputs (oldest first), the rest the
+targets. A start is valid only when every step it touches lies in the split's time range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.errors import UsageError
+from aurora_loop.model.batch import Batch, Metadata, Sample
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """Steps per sample: ``history`` inputs (Aurora uses 2) and ``rollout_steps`` targets."""
+
+    history: int = 2
+    rollout_steps: int = 1
+
+    @property
+    def span(self) -> int:
+        """Time steps one sample reads."""
+        return self.history + self.rollout_steps
+
+
+def _as_datetime64(value: str | np.datetime64 | None, name: str) -> np.datetime64 | None:
+    if value is None or value == "":
+        return None
+    try:
+        return np.datetime64(value, "ns")
+    except ValueError as err:
+        raise UsageError(f"{name}={value!r} is not an ISO date/time; write it like 2020-01-31 or 2020-01-31T18:00") from err
+
+
+def valid_starts(times: np.ndarray, spec: SampleSpec, start: str | np.datetime64 | None = None, end: str | np.datetime64 | None = None, name: str = "split") -> np.ndarray:
+    """Start indices whose whole span of times lies within [start, end] (inclusive).
+
+    Args:
+      times: (n,) datetime64, evenly spaced.
+      spec: steps per sample.
+      start, end: ISO strings / datetime64 bounds, None = open.
+    Returns:
+      (m,) int64 start indices, ascending.
+    """
+    lo = _as_datetime64(start, f"{name}_start")
+    hi = _as_datetime64(end, f"{name}_end")
+    n = times.size
+    first = np.arange(max(n - spec.span + 1, 0))
+    if first.size == 0:
+        return first.astype(np.int64)
+    last = first + spec.span - 1
+    ok = np.ones(first.size, dtype=bool)
+    if lo is not None:
+        ok &= times[first] >= lo
+    if hi is not None:
+        ok &= times[last] <= hi
+    return first[ok].astype(np.int64)
+
+
+def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_range: tuple = (None, None), val_range: tuple = (None, None), val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation start indices.
+
+    With explicit ranges each split keeps the samples that lie wholly inside its range. With
+    no range at all, the last ``val_fraction`` of the times (at least enough for one batch of
+    ``batch_size`` samples) is validation and the rest training, so no training sample's
+    targets reach a validation input.
+    """
+    if any(v not in (None, "") for v in (*train_range, *val_range)):
+        train = valid_starts(times, spec, *train_range, name="train")
+        val = valid_starts(times, spec, *val_range, name="val")
+    else:
+        n = times.size
+        n_val = max(math.ceil(val_fraction * n), batch_size + spec.span - 1)
+        if n - n_val < batch_size + spec.span - 1:
+            need = 2 * (batch_size + spec.span - 1)
+            raise UsageError(
+                f"the store holds {n} times, too few for one training and one validation batch of {batch_size} "
+                f"samples of {spec.history} history + {spec.rollout_steps} target steps (need at least {need}); use more times or a smaller --batch_size/--rollout_steps"
+            )
+        train = valid_starts(times[: n - n_val], spec)
+        val = valid_starts(times[n - n_val :], spec) + (n - n_val)
+    for name, starts in (("training", train), ("validation", val)):
+        if starts.size < batch_size:
+            raise UsageError(
+                f"the {name} time range holds {starts.size} valid samples of {spec.span} steps, fewer than one batch of {batch_size}; "
+                f"widen --{name[:5] if name == 'training' else 'val'}_start/_end, use more times or a smaller --batch_size/--rollout_steps"
+            )
+    return train, val
+
+
+def read_sample(store: WeatherStore, start: int, spec: SampleSpec) -> Sample:
+    """One example (b = 1) starting at time index ``start``.
+
+    ``inputs``: surf (1, history, h, w), atmos (1, history, c, h, w), metadata.time = the newest
+    input's time. ``targets``: t = rollout_steps, metadata.time = the first target's time.
+    Static fields (h, w) are shared by both.
+    """
+    surf, atmos = store.read(start, start + spec.span)
+    h = spec.history
+
+    def part(lo: int, hi: int, time_index: int) -> Batch:
+        return Batch(
+            surf_vars={k: v[None, lo:hi] for k, v in surf.items()},
+            static_vars=store.static,
+            atmos_vars={k: v[None, lo:hi] for k, v in atmos.items()},
+            metadata=Metadata(
+                lat=store.lat,
+                lon=store.lon,
+                time=store.hours[time_index : time_index + 1].copy(),
+                atmos_levels=store.levels,
+            ),
+        )
+
+    return Sample(inputs=part(0, h, start + h - 1), targets=part(h, spec.span, start + h))
+
+
+def has_nan(sample: Sample) -> bool:
+    """Whether any surface or atmospheric field of the sample holds a NaN."""
+    return any(
+        bool(np.isnan(v).any())
+        for b in (sample.inputs, sample.targets)
+        for v in (*b.surf_vars.values(), *b.atmos_vars.values())
+    )
