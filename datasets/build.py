@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aurora_loop.datasets.loader import ZarrLoader
-from aurora_loop.datasets.samples import SampleSpec, split_starts
+from aurora_loop.datasets.samples import SampleSpec, sample_index, split_starts
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.variables import AURORA_VARS, ATMOS, STATIC, SURF, VariableSelection, parse_name_list
 from aurora_loop.errors import UsageError
@@ -59,6 +59,7 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         batch_size,
         train_range=(getattr(config, "train_start", None), getattr(config, "train_end", None)),
         val_range=(getattr(config, "val_start", None), getattr(config, "val_end", None)),
+        members=store.members,
     )
     common = dict(
         spec=spec,
@@ -68,4 +69,7 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         prefetch=getattr(config, "prefetch", None),
         nan_policy=getattr(config, "nan_policy", "error") or "error",
     )
-    return ZarrLoader(store, train, shuffle=True, **common), ZarrLoader(store, val, shuffle=False, **common)
+    return (
+        ZarrLoader(store, sample_index(train, store.members), shuffle=True, **common),
+        ZarrLoader(store, sample_index(val, store.members), shuffle=False, **common),
+    )

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from aurora_loop.datasets.samples import SampleSpec, has_nan, read_sample
+from aurora_loop.datasets.samples import SampleSpec, has_nan, read_sample, sample_index
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Sample, stack_samples
@@ -50,7 +50,8 @@ class ZarrLoader:
 
     Args:
       store: an opened :class:`WeatherStore`.
-      starts: (m,) valid start time indices of this split (see ``samples.split_starts``).
+      starts: this split's samples: (m,) valid start time indices (see
+        ``samples.split_starts``), or (m, 2) rows ``(ensemble member, start)``.
       spec: history and rollout steps per sample.
       batch_size: global batch size (all processes together).
       shuffle: reshuffle the starts every epoch (training); False keeps time order (validation).
@@ -89,7 +90,8 @@ class ZarrLoader:
         if num_workers < 0:
             raise UsageError(f"--num_workers must be 0 or more, got {num_workers}")
         self.store = store
-        self.starts = np.asarray(starts, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        self.index = sample_index(starts) if starts.ndim == 1 else starts
         self.spec = spec
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -102,12 +104,12 @@ class ZarrLoader:
         self.position = 0
         self.skipped = 0
         if len(self) == 0:
-            raise UsageError(f"{self.starts.size} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")
+            raise UsageError(f"{self.index.shape[0]} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")
 
     # -- Loader protocol ------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self.starts.size) // self.batch_size
+        return int(self.index.shape[0]) // self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = int(epoch), 0
@@ -148,10 +150,10 @@ class ZarrLoader:
     # -- internals ------------------------------------------------------------------------
 
     def order(self, epoch: int) -> np.ndarray:
-        """The epoch's sequence of start indices (a permutation of ``starts`` when shuffling)."""
+        """The epoch's sequence of (member, start) rows (a permutation of ``index`` when shuffling)."""
         if not self.shuffle:
-            return self.starts
-        return np.random.default_rng((self.seed, int(epoch))).permutation(self.starts)
+            return self.index
+        return np.random.default_rng((self.seed, int(epoch))).permutation(self.index)
 
     def _share(self) -> slice:
         index, count = self._process
@@ -175,14 +177,15 @@ class ZarrLoader:
         return _Loaded(stack_samples(samples), skipped)
 
     def _clean_sample(self, order: np.ndarray, k: int) -> tuple[Sample, int]:
-        for misses in range(order.size):
-            start = int(order[(k + misses) % order.size])
-            sample = read_sample(self.store, start, self.spec)
+        n = order.shape[0]
+        for misses in range(n):
+            member, start = (int(v) for v in order[(k + misses) % n])
+            sample = read_sample(self.store, start, self.spec, member)
             if not has_nan(sample):
                 return sample, misses
             if self.nan_policy == "error":
-                t0 = self.store.times[start]
+                which = f" (member {member})" if self.store.members > 1 else ""
                 raise UsageError(
-                    f"NaN in the sample starting {t0} of {self.store.path!r}; fill the missing values, or set nan_policy='skip' to skip such samples"
+                    f"NaN in the sample starting {self.store.times[start]}{which} of {self.store.path!r}; fill the missing values, or set nan_policy='skip' to skip such samples"
                 )
         raise UsageError(f"every sample of {self.store.path!r} holds NaNs; fill the missing values")

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 
 G = 9.80665  # m s-2
@@ -217,26 +218,6 @@ def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int
     ds["latitude"].attrs["units"] = "degrees_north"
     ds["longitude"].attrs["units"] = "degrees_east"
     return ds
-
-
-def chunk_encoding(ds: xr.Dataset, chunks: Mapping[str, int] | None = None) -> dict[str, dict]:
-    """Per-variable zarr chunk encoding: ``chunks`` maps dim -> chunk length (default: one time
-    step per chunk, every other dim whole, as WeatherBench2 stores are chunked)."""
-    chunks = {"time": 1, **(chunks or {})}
-    return {
-        name: {"chunks": tuple(min(int(chunks.get(d, n)), n) for d, n in zip(var.dims, var.shape))}
-        for name, var in ds.data_vars.items()
-    }
-
-
-def write_store(ds: xr.Dataset, path: str | os.PathLike, zarr_format: int = 2, chunks: Mapping[str, int] | None = None, overwrite: bool = False) -> str:
-    """Write ``ds`` with ``Dataset.to_zarr`` (Zarr format 2 with consolidated metadata, as WB2
-    publishes, or 3). Refuses to overwrite an existing path unless ``overwrite``."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise UsageError(f"{path!r} already exists; choose a new output path or remove it first")
-    ds.to_zarr(path, mode="w", zarr_format=zarr_format, consolidated=zarr_format == 2, encoding=chunk_encoding(ds, chunks))
-    return path
 
 
 def write_sample_store(

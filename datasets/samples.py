@@ -2,7 +2,8 @@
 
 A sample starting at time index ``i`` reads the contiguous steps ``i .. i + history +
 rollout_steps - 1``: the first ``history`` are the inputs (oldest first), the rest the
-targets. A start is valid only when every step it touches lies in the split's time range.
+targets. A start is valid only when every step it touches lies in the split's time range. A store
+with an ensemble dim gives one sample per (member, start).
 """
 
 from __future__ import annotations
@@ -64,22 +65,23 @@ def valid_starts(times: np.ndarray, spec: SampleSpec, start: str | np.datetime64
     return first[ok].astype(np.int64)
 
 
-def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_range: tuple = (None, None), val_range: tuple = (None, None), val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_range: tuple = (None, None), val_range: tuple = (None, None), val_fraction: float = 0.2, members: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation start indices.
 
     With explicit ranges each split keeps the samples that lie wholly inside its range. With
     no range at all, the last ``val_fraction`` of the times (at least enough for one batch of
     ``batch_size`` samples) is validation and the rest training, so no training sample's
-    targets reach a validation input.
+    targets reach a validation input. Each start gives ``members`` samples (ensemble stores).
     """
+    starts_per_batch = math.ceil(batch_size / members)
     if any(v not in (None, "") for v in (*train_range, *val_range)):
         train = valid_starts(times, spec, *train_range, name="train")
         val = valid_starts(times, spec, *val_range, name="val")
     else:
         n = times.size
-        n_val = max(math.ceil(val_fraction * n), batch_size + spec.span - 1)
-        if n - n_val < batch_size + spec.span - 1:
-            need = 2 * (batch_size + spec.span - 1)
+        n_val = max(math.ceil(val_fraction * n), starts_per_batch + spec.span - 1)
+        if n - n_val < starts_per_batch + spec.span - 1:
+            need = 2 * (starts_per_batch + spec.span - 1)
             raise UsageError(
                 f"the store holds {n} times, too few for one training and one validation batch of {batch_size} "
                 f"samples of {spec.history} history + {spec.rollout_steps} target steps (need at least {need}); use more times or a smaller --batch_size/--rollout_steps"
@@ -87,22 +89,29 @@ def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_ran
         train = valid_starts(times[: n - n_val], spec)
         val = valid_starts(times[n - n_val :], spec) + (n - n_val)
     for name, starts in (("training", train), ("validation", val)):
-        if starts.size < batch_size:
+        if starts.size * members < batch_size:
             raise UsageError(
-                f"the {name} time range holds {starts.size} valid samples of {spec.span} steps, fewer than one batch of {batch_size}; "
+                f"the {name} time range holds {starts.size * members} valid samples of {spec.span} steps, fewer than one batch of {batch_size}; "
                 f"widen --{name[:5] if name == 'training' else 'val'}_start/_end, use more times or a smaller --batch_size/--rollout_steps"
             )
     return train, val
 
 
-def read_sample(store: WeatherStore, start: int, spec: SampleSpec) -> Sample:
-    """One example (b = 1) starting at time index ``start``.
+def sample_index(starts: np.ndarray, members: int = 1) -> np.ndarray:
+    """(m,) start indices -> (m * members, 2) rows ``(member, start)``, time-major."""
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    grid = np.stack(np.meshgrid(np.arange(members, dtype=np.int64), starts, indexing="xy"), axis=-1)
+    return grid.reshape(-1, 2)
+
+
+def read_sample(store: WeatherStore, start: int, spec: SampleSpec, member: int = 0) -> Sample:
+    """One example (b = 1) starting at time index ``start`` (of ensemble ``member``).
 
     ``inputs``: surf (1, history, h, w), atmos (1, history, c, h, w), metadata.time = the newest
     input's time. ``targets``: t = rollout_steps, metadata.time = the first target's time.
     Static fields (h, w) are shared by both.
     """
-    surf, atmos = store.read(start, start + spec.span)
+    surf, atmos = store.read(start, start + spec.span, member)
     h = spec.history
 
     def part(lo: int, hi: int, time_index: int) -> Batch:

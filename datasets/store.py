@@ -2,8 +2,9 @@
 
 Layout read: data variables with dims ``(time, latitude, longitude)`` (surface),
 ``(time, level, latitude, longitude)`` (atmospheric, ``level`` in hPa) and ``(latitude,
-longitude)`` (static; a static variable with a leading ``time`` dim is read at its first
-time). Coordinates: ``time`` (datetime64, evenly spaced), ``latitude`` (degrees north,
+longitude)`` (static; a static variable with a ``time`` dim is read at its first time), in
+any order, optionally with an ensemble dim (``number``, ``member``, ``realization``) whose
+members become separate samples. Coordinates: ``time`` (datetime64, evenly spaced), ``latitude`` (degrees north,
 ascending as WB2 writes it, or descending), ``longitude`` (degrees east, any range, e.g.
 [-180, 180)), ``level`` (hPa). ``lat``/``lon`` and ``pressure_level``/``isobaricInhPa`` are
 accepted as dim names too.
@@ -34,6 +35,7 @@ TIME_DIMS = ("time",)
 LAT_DIMS = ("latitude", "lat")
 LON_DIMS = ("longitude", "lon")
 LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
+MEMBER_DIMS = ("number", "member", "realization", "ensemble")
 
 
 def _find_dim(ds: xr.Dataset, names: Sequence[str]) -> str | None:
@@ -101,14 +103,27 @@ class _Grid:
         return x
 
 
+ROLES = {"time": TIME_DIMS, "level": LEVEL_DIMS, "member": MEMBER_DIMS, "lat": LAT_DIMS, "lon": LON_DIMS}
+#: Roles a variable of each kind must have, and roles it may have besides.
+REQUIRED = {SURF: {"time", "lat", "lon"}, ATMOS: {"time", "level", "lat", "lon"}, STATIC: {"lat", "lon"}}
+OPTIONAL = {SURF: {"member"}, ATMOS: {"member"}, STATIC: {"time", "member"}}
+CANONICAL = ("time", "level", "lat", "lon")
+
+
+def _role(dim: str) -> str | None:
+    return next((role for role, names in ROLES.items() if dim in names), None)
+
+
 @dataclasses.dataclass
 class _Field:
-    """One selected variable: where it lives and how to decode it."""
+    """One selected variable: where it lives, its dims and how to decode it."""
 
     kind: str
     aurora_name: str
     store_name: str
     array: Any  # zarr.Array
+    roles: tuple[str, ...]  # role of each store dim: time / level / member / lat / lon
+    grid: _Grid
     scale: float | None
     offset: float | None
     fill: float | None
@@ -124,12 +139,87 @@ class _Field:
             out = out + np.float32(self.offset)
         return out
 
+    def read(self, time: slice | int, levels: np.ndarray | None = None, member: int = 0) -> np.ndarray:
+        """Decoded float32 values in Aurora orientation, dims (time, [level,] lat, lon).
+
+        ``time`` an int drops the time dim; ``levels`` are store level indices in the order
+        wanted (None = all, in store order); ``member`` indexes an ensemble dim, if any.
+        """
+        level_sel: Any = slice(None) if levels is None else np.sort(levels)  # zarr wants them ascending
+        pick = {"time": time, "level": level_sel, "member": member, "lat": slice(None), "lon": slice(None)}
+        selection = tuple(pick[r] for r in self.roles)
+        if any(isinstance(v, np.ndarray) for v in selection):
+            raw = self.array.get_orthogonal_selection(selection)
+        else:
+            raw = self.array[selection]
+        kept = [r for r, v in zip(self.roles, selection) if not isinstance(v, (int, np.integer))]
+        order = [kept.index(r) for r in CANONICAL if r in kept]
+        raw = np.transpose(np.asarray(raw), order)
+        if levels is not None and not np.array_equal(levels, np.sort(levels)):
+            axis = [r for r in CANONICAL if r in kept].index("level")
+            raw = np.take(raw, np.searchsorted(level_sel, levels), axis=axis)
+        return np.ascontiguousarray(self.grid.orient(self.decode(raw)))
+
 
 def _encoding_number(enc: dict[str, Any], key: str) -> float | None:
     value = enc.get(key)
     try:
         return None if value is None else float(np.asarray(value).reshape(-1)[0])
     except (TypeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class _Source:
+    """One opened store: its xarray view (metadata), zarr group (reads) and grid."""
+
+    path: str
+    ds: xr.Dataset
+    group: Any
+    grid: _Grid
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> _Source:
+        path = os.fspath(path)
+        ds = open_zarr_dataset(path)
+        grid = _Grid.of(ds, path)
+        return cls(path, ds, zarr.open_group(path, mode="r"), grid)
+
+    def find(self, selection: VariableSelection, kind: str, name: str) -> _Field | None:
+        """The store variable that serves Aurora ``name`` of ``kind``, or None if there is none.
+
+        Raises when a WB2 (or mapped) name is present with dims unfit for ``kind``.
+        """
+        for candidate in selection.candidates(kind, name):
+            if candidate not in self.ds.data_vars:
+                continue
+            var = self.ds[candidate]
+            dims = tuple(map(str, var.dims))
+            roles = tuple(_role(d) for d in dims)
+            present = set(roles)
+            fits = None not in roles and len(present) == len(roles) and REQUIRED[kind] <= present <= REQUIRED[kind] | OPTIONAL[kind]
+            if not fits:
+                if candidate == name and kind != ATMOS:
+                    continue  # e.g. Aurora's static "z" sharing a name with the atmospheric z
+                want = {SURF: "(time, latitude, longitude)", ATMOS: "(time, level, latitude, longitude)", STATIC: "(latitude, longitude)"}[kind]
+                raise UsageError(
+                    f"variable {candidate!r} ({kind} {name!r}) in {self.path!r} has dims {dims}, expected {want}; "
+                    "rewrite it in the WeatherBench2 layout (aurora-loop convert does)"
+                )
+            if not (np.issubdtype(var.dtype, np.floating) or "scale_factor" in var.encoding):
+                raise UsageError(f"variable {candidate!r} in {self.path!r} has dtype {var.dtype}; store float32 or float64 (or packed ints with scale_factor)")
+            enc = var.encoding
+            return _Field(
+                kind=kind,
+                aurora_name=name,
+                store_name=candidate,
+                array=self.group[candidate],
+                roles=roles,
+                grid=self.grid,
+                scale=_encoding_number(enc, "scale_factor"),
+                offset=_encoding_number(enc, "add_offset"),
+                fill=_encoding_number(enc, "_FillValue"),
+            )
         return None
 
 
@@ -148,22 +238,23 @@ class WeatherStore:
       hours: (n,) float64 hours since 1970-01-01 UTC.
       lat: (h,) float32 decreasing; lon: (w,) float32 increasing in [0, 360).
       levels: tuple of hPa levels of atmospheric fields, in the model's order.
+      members: ensemble members (size of a ``number``/``member`` dim; 1 without one).
       static: dict Aurora name -> (h, w) float32 array (read once, here).
     """
 
     def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None) -> None:
         self.path = os.fspath(path)
         self.selection = selection
-        ds = open_zarr_dataset(self.path)
-        self._ds = ds
-        self._grid = _Grid.of(ds, self.path)
-        self.lat, self.lon = self._grid.lat, self._grid.lon
+        self._source = _Source.open(self.path)
+        ds = self._source.ds
+        self.lat, self.lon = self._source.grid.lat, self._source.grid.lon
         self._read_times(ds)
-        self._group = zarr.open_group(self.path, mode="r")
         self.fields: dict[str, dict[str, _Field]] = {SURF: {}, ATMOS: {}}
         for kind in (SURF, ATMOS):
             for name in selection.names(kind):
-                self.fields[kind][name] = self._resolve(ds, self._group, kind, name, self.path)
+                self.fields[kind][name] = self._require(self._source, kind, name)
+        member_dim = _find_dim(ds, MEMBER_DIMS)
+        self.members = int(ds.sizes[member_dim]) if member_dim in ds.dims else 1
         self._read_levels(ds)
         self.static = self._read_static(static_path)
 
@@ -207,86 +298,42 @@ class WeatherStore:
         index = np.asarray([store_levels.index(lv) for lv in wanted])
         self._level_index = None if np.array_equal(index, np.arange(len(store_levels))) else index
 
-    def _resolve(self, ds: xr.Dataset, group: Any, kind: str, name: str, path: str) -> _Field:
-        """Find the store variable that serves Aurora variable ``name`` of ``kind``."""
-        found = self._find(ds, kind, name)
-        if found is None:
+    def _require(self, source: _Source, kind: str, name: str) -> _Field:
+        field = source.find(self.selection, kind, name)
+        if field is None:
             looked = ", ".join(self.selection.candidates(kind, name))
-            have = ", ".join(sorted(map(str, ds.data_vars))) or "none"
+            have = ", ".join(sorted(map(str, source.ds.data_vars))) or "none"
             flag = {SURF: "--surf_vars", STATIC: "--static_vars", ATMOS: "--atmos_vars"}[kind]
             raise UsageError(
-                f"{kind} variable {name!r} is not in {path!r} (looked for {looked}; the store has: {have}); "
+                f"{kind} variable {name!r} is not in {source.path!r} (looked for {looked}; the store has: {have}); "
                 f"map a store variable to it with variable_map or leave it out of {flag}"
             )
-        store_name = found
-        var = ds[store_name]
-        if not (np.issubdtype(var.dtype, np.floating) or "scale_factor" in var.encoding):
-            raise UsageError(f"variable {store_name!r} in {path!r} has dtype {var.dtype}; store float32 or float64 (or packed ints with scale_factor)")
-        enc = var.encoding
-        return _Field(
-            kind=kind,
-            aurora_name=name,
-            store_name=store_name,
-            array=group[store_name],
-            scale=_encoding_number(enc, "scale_factor"),
-            offset=_encoding_number(enc, "add_offset"),
-            fill=_encoding_number(enc, "_FillValue"),
-        )
-
-    def _find(self, ds: xr.Dataset, kind: str, name: str) -> str | None:
-        """First candidate store variable present; raises if it has the wrong dims."""
-        lat_dim, lon_dim = _find_dim(ds, LAT_DIMS), _find_dim(ds, LON_DIMS)
-        level_dim = _find_dim(ds, LEVEL_DIMS)
-        expected = {
-            SURF: [("time", lat_dim, lon_dim)],
-            ATMOS: [("time", level_dim, lat_dim, lon_dim)],
-            STATIC: [(lat_dim, lon_dim), ("time", lat_dim, lon_dim)],
-        }[kind]
-        for candidate in self.selection.candidates(kind, name):
-            if candidate not in ds.data_vars:
-                continue
-            dims = tuple(map(str, ds[candidate].dims))
-            if dims in expected:
-                return candidate
-            if kind == ATMOS or candidate != name:  # a WB2 name: its dims must be right
-                raise UsageError(
-                    f"variable {candidate!r} ({kind} {name!r}) has dims {dims}, expected {' or '.join(map(str, expected))}; "
-                    "rewrite it in the WeatherBench2 layout (aurora-loop convert does)"
-                )
-        return None
+        return field
 
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
         names = self.selection.names(STATIC)
         if not names:
             return {}
-        sources: list[tuple[str, xr.Dataset, _Grid]] = []
+        sources = [self._source]
         if static_path is not None:
-            spath = os.fspath(static_path)
-            sds = open_zarr_dataset(spath)
-            sgrid = _Grid.of(sds, spath)
-            if sgrid.lat.shape != self.lat.shape or sgrid.lon.shape != self.lon.shape or not (
-                np.allclose(sgrid.lat, self.lat, atol=1e-3) and np.allclose(sgrid.lon, self.lon, atol=1e-3)
+            other = _Source.open(static_path)
+            g = other.grid
+            if g.lat.shape != self.lat.shape or g.lon.shape != self.lon.shape or not (
+                np.allclose(g.lat, self.lat, atol=1e-3) and np.allclose(g.lon, self.lon, atol=1e-3)
             ):
-                raise UsageError(f"the static store {spath!r} is on a {sgrid.lat.size}x{sgrid.lon.size} grid unlike the data store's {self.lat.size}x{self.lon.size} grid; regrid it to the same latitudes/longitudes")
-            sources.append((spath, sds, sgrid))
-        sources.append((self.path, self._ds, self._grid))
+                raise UsageError(f"the static store {other.path!r} is on a {g.lat.size}x{g.lon.size} grid unlike the data store's {self.lat.size}x{self.lon.size} grid; regrid it to the same latitudes/longitudes")
+            sources.insert(0, other)
         out: dict[str, np.ndarray] = {}
         for name in names:
-            for spath, sds, sgrid in sources:
-                store_name = self._find(sds, STATIC, name)
-                if store_name is None:
-                    continue
-                field = self._resolve(sds, zarr.open_group(spath, mode="r"), STATIC, name, spath)
-                raw = field.array[0] if field.array.ndim == 3 else field.array[...]
-                out[name] = np.ascontiguousarray(sgrid.orient(field.decode(np.asarray(raw))))
-                break
-            else:
-                where = " or ".join(repr(p) for p, _, _ in sources)
+            field = next((f for f in (s.find(self.selection, STATIC, name) for s in sources) if f is not None), None)
+            if field is None:
+                where = " or ".join(repr(s.path) for s in sources)
                 looked = ", ".join(self.selection.candidates(STATIC, name))
                 raise UsageError(
                     f"static variable {name!r} is in neither {where} (looked for {looked}); "
                     "pass a store that has it with --static_path, map one with variable_map, or leave it out of --static_vars"
                 )
+            out[name] = field.read(time=0)
         return out
 
     # -- reads ----------------------------------------------------------------------------
@@ -299,24 +346,16 @@ class WeatherStore:
         """(h, w) of the grid."""
         return int(self.lat.size), int(self.lon.size)
 
-    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Fields at time indices ``start:stop`` in Aurora orientation, float32.
+    def read(self, start: int, stop: int, member: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Fields at time indices ``start:stop`` (of ensemble ``member``) in Aurora orientation.
 
-        Returns ``(surf, atmos)``: ``surf[name]`` (t, h, w), ``atmos[name]`` (t, c, h, w),
-        t = stop - start, c = len(levels).
+        Returns ``(surf, atmos)``, float32: ``surf[name]`` (t, h, w), ``atmos[name]``
+        (t, c, h, w), t = stop - start, c = len(levels).
         """
-        surf = {name: self._read_field(f, start, stop, atmos=False) for name, f in self.fields[SURF].items()}
-        atmos = {name: self._read_field(f, start, stop, atmos=True) for name, f in self.fields[ATMOS].items()}
+        span = slice(start, stop)
+        surf = {name: f.read(span, member=member) for name, f in self.fields[SURF].items()}
+        atmos = {name: f.read(span, self._level_index, member) for name, f in self.fields[ATMOS].items()}
         return surf, atmos
-
-    def _read_field(self, field: _Field, start: int, stop: int, atmos: bool) -> np.ndarray:
-        if atmos and self._level_index is not None:
-            order = np.argsort(self._level_index)
-            raw = field.array.get_orthogonal_selection((slice(start, stop), self._level_index[order], slice(None), slice(None)))
-            raw = np.take(raw, np.argsort(order), axis=1)
-        else:
-            raw = field.array[start:stop]
-        return np.ascontiguousarray(self._grid.orient(field.decode(np.asarray(raw))))
 
 
 def _hours(step: np.timedelta64) -> float:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.datasets.sample_data import sample_dataset, write_store
+from aurora_loop.datasets.sample_data import sample_dataset
+from aurora_loop.datasets.writer import write_store
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.variables import VariableSelection
 from aurora_loop.errors import UsageError

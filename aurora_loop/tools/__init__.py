@@ -17,6 +17,7 @@ from aurora_loop.errors import UsageError, report_usage_error
 # command name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("sample_data", "write a synthetic WeatherBench2-layout Zarr store (learnable weather)"),
+    "convert": ("convert", "turn NetCDF/GRIB files into a WeatherBench2-layout Zarr store"),
 }
 
 
