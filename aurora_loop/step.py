@@ -105,7 +105,7 @@ def make_train_step(
         (loss, task_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **task_metrics}
+        metrics = {"loss": loss, "grad_norm": _global_norm(grads), **task_metrics}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(
@@ -123,3 +123,8 @@ def make_eval_step(task: Task, param_sharding: Any, batch_sharding: Any, mesh: M
         in_shardings=(param_sharding, batch_sharding),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    """L2 norm over all leaves of a pytree (float32 accumulation)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

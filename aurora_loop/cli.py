@@ -1,0 +1,238 @@
+"""``aurora-train``: the classic training entry point.
+
+    aurora-train --dataset_path era5.zarr --output_dir runs/a --num_gpus 4 --batch_size 8 \
+        --learning_rate 5e-5 --epochs 20 --rollout_steps 1
+
+Every TrainingConfig field is a flag; ``--config FILE`` (JSON/YAML) sets defaults that flags
+override. Without ``--dataset_path`` a small synthetic WeatherBench2-layout store is written
+under the output dir and used. Rerunning the same command resumes from the newest checkpoint.
+Bad input: one line on stderr, exit status 2, nothing overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+from aurora_loop.config import (
+    RESUME_INSENSITIVE,
+    TrainingConfig,
+    config_from_mapping,
+    field_type,
+    load_config_file,
+    validate,
+)
+from aurora_loop.errors import UsageError, report_usage_error
+
+PROG = "aurora-train"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Train Aurora (or the conv baseline) with the aurora_loop Trainer.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="JSON or YAML file of settings; flags override it")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from the newest checkpoint in output_dir (default: on)")
+    parser.add_argument("--overwrite", action="store_true", default=False,
+                        help="start afresh in an output_dir that holds a different run (deletes its checkpoints and logs)")
+    for field in dataclasses.fields(TrainingConfig):
+        base, optional = field_type(field)
+        names = [f"--{field.name}"] + (["--num_devices"] if field.name == "num_gpus" else [])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{field.metadata['help']} (default: {shown})"
+        if base is bool:
+            parser.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(*names, dest=field.name, metavar=field.name.upper(), help=help_text)
+    return parser
+
+
+def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]:
+    """Defaults <- --config file <- flags; validated."""
+    args = build_parser().parse_args(argv)
+    values = vars(args).copy()
+    config_path = values.pop("config", None)
+    for key in ("resume", "overwrite"):
+        values.pop(key, None)
+    config = TrainingConfig()
+    if config_path:
+        config = config_from_mapping(load_config_file(config_path), source=f"config file {config_path}")
+    config = config_from_mapping(values, source="flag", base=config)
+    validate(config)
+    return config, args
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in new if k not in RESUME_INSENSITIVE and old.get(k) != new[k])
+
+
+def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:
+    """Make sure output_dir is usable for this config; True when an older run must be cleared.
+
+    A directory holding another run's config is refused unless ``overwrite``. Nothing in
+    it is changed here (see :func:`write_run_config`).
+    """
+    out = os.path.abspath(config.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output_dir {config.output_dir} is a file; pass a directory path")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --output_dir {config.output_dir} ({err.strerror}); choose a writable location") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {config.output_dir} is not writable; choose a writable location or fix its permissions")
+    config_path = os.path.join(out, "config.json")
+    new = config.to_json_dict()
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = None
+        changed = _differences(old, new) if isinstance(old, dict) else ["config.json (unreadable)"]
+        if changed:
+            if not overwrite:
+                raise UsageError(
+                    f"--output_dir {config.output_dir} holds a different run ({changed[0]} differs); "
+                    "use a new --output_dir, rerun with the same settings to resume, or pass --overwrite to start afresh"
+                )
+            return True
+    return False
+
+
+def write_run_config(config: TrainingConfig, clear_previous: bool) -> None:
+    """Write output_dir/config.json (atomically), first clearing an overwritten run."""
+    out = os.path.abspath(config.output_dir)
+    if clear_previous:
+        for part in ("checkpoints", "tensorboard"):
+            shutil.rmtree(os.path.join(out, part), ignore_errors=True)
+    config_path = os.path.join(out, "config.json")
+    tmp = config_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(config.to_json_dict(), fh, indent=2, sort_keys=True)
+    os.replace(tmp, config_path)
+
+
+def _use_cpu_devices(config: TrainingConfig) -> None:
+    # On a CPU-only machine, --num_gpus N means N CPU devices; this must happen before JAX
+    # initialises its backends and does not affect accelerator backends.
+    if config.num_gpus and "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", max(config.num_gpus, 1))
+        except (AttributeError, RuntimeError):
+            pass
+
+
+def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False) -> int:
+    """Train according to ``config``; returns the exit status.
+
+    Everything that can be checked (devices, model, data) is checked before config.json is
+    written or anything in output_dir changes.
+    """
+    requested = config
+    _use_cpu_devices(config)
+    import jax
+
+    from aurora_loop.callbacks import ModelCheckpoint, ProgressBar, TensorBoardLogger
+    from aurora_loop.parallel import check_batch_divisible, make_mesh
+    from aurora_loop.step import learning_rate_schedule, make_optimizer
+    from aurora_loop.task import available_tasks, make_task
+    from aurora_loop.trainer import Trainer
+
+    out = os.path.abspath(config.output_dir)
+    mesh = make_mesh(config.num_gpus)
+    check_batch_divisible(config.batch_size, mesh)
+    if config.model not in available_tasks():
+        raise UsageError(f"--model {config.model} is not a known model; choose one of: {', '.join(available_tasks())}")
+
+    if config.dataset_path is None:
+        from aurora_loop.datasets.sample_data import write_sample_store
+
+        sample_path = os.path.join(out, "sample_data.zarr")
+        if not os.path.exists(sample_path):
+            print(f"No --dataset_path given: writing a synthetic WeatherBench2-layout sample to {sample_path}", flush=True)
+            write_sample_store(sample_path, levels=config.levels or (50, 250, 500, 850, 1000))
+        config = config.replace(dataset_path=sample_path)
+
+    from aurora_loop.datasets import build_loaders
+
+    train_loader, val_loader = build_loaders(config)
+    task = make_task(config.model, config)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    schedule = learning_rate_schedule(config.learning_rate, total_steps, config.warmup_steps)
+    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm)
+
+    checkpoint_dir = os.path.join(out, "checkpoints")
+    tensorboard_dir = os.path.join(out, "tensorboard")
+    callbacks = [
+        ProgressBar(every_n_steps=config.log_every_n_steps),
+        TensorBoardLogger(tensorboard_dir, log_every_n_steps=config.log_every_n_steps),
+        ModelCheckpoint(checkpoint_dir, every_n_steps=config.save_every_n_steps, max_to_keep=config.max_to_keep),
+    ]
+    trainer = Trainer(
+        callbacks=callbacks,
+        optimizer=optimizer,
+        learning_rate=schedule,
+        max_epochs=config.epochs,
+        max_steps=config.max_steps,
+        val_every_n_steps=config.val_every_n_steps,
+        mesh=mesh,
+        seed=config.seed,
+    )
+    main = jax.process_index() == 0
+    if main:
+        devices = mesh.devices.reshape(-1)
+        print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es))")
+        print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // mesh.size} per device)")
+        print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
+              f"learning rate: {config.learning_rate:g}   rollout steps: {config.rollout_steps}")
+        print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
+    if main:
+        write_run_config(requested, clear_previous)
+    trainer.fit(task, train_loader, val_loader, resume=resume)
+    if main:
+        scores = trainer.last_val_metrics
+        summary = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
+        print(f"Training finished at step {trainer.global_step}{summary}")
+        print(f"Checkpoints: {checkpoint_dir}")
+        print(f"TensorBoard logs: {tensorboard_dir}")
+        print(f"View them with: tensorboard --logdir {tensorboard_dir}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, args = resolve_config(argv)
+        clear_previous = check_output_dir(config, overwrite=args.overwrite)
+        return run(config, resume=args.resume, clear_previous=clear_previous)
+    except UsageError as err:
+        return report_usage_error(err, PROG)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

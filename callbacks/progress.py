@@ -1,0 +1,83 @@
+"""ProgressBar: a live bar on a terminal, periodic log lines otherwise; validation summaries.
+
+On a TTY it redraws one line (step / total, loss, steps/s); when stdout is not a TTY (CI,
+``nohup``, SLURM logs) it prints a line every ``every_n_steps`` steps instead. After each
+validation it prints the mean MAE and RMSE per variable. Only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from aurora_loop.callbacks.base import Callback
+
+
+class ProgressBar(Callback):
+    """Console progress. ``every_n_steps``: refresh cadence (reading the loss syncs then)."""
+
+    def __init__(self, every_n_steps: int = 10, stream: TextIO | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.stream = stream
+        self._start_time = 0.0
+        self._start_step = 0
+        self._live = False
+
+    @property
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def _is_tty(self) -> bool:
+        return hasattr(self._out, "isatty") and self._out.isatty()
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._start_time = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def wants_metrics(self, trainer: Any, step: int) -> bool:
+        return trainer.is_main_process and step % self.every_n_steps == 0
+
+    def on_step(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.wants_metrics(trainer, step):
+            return
+        elapsed = max(time.perf_counter() - self._start_time, 1e-9)
+        rate = (step - self._start_step) / elapsed
+        total = trainer.total_steps
+        where = f"step {step}/{total}" if total else f"step {step}"
+        text = f"epoch {trainer.epoch} {where}  loss {metrics['loss']:.4f}  {rate:.1f} steps/s"
+        if self._is_tty():
+            width = 24
+            done = int(width * step / total) if total else 0
+            self._out.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}")
+            self._live = True
+        else:
+            self._out.write(text + "\n")
+        self._out.flush()
+
+    def _end_line(self) -> None:
+        if self._live:
+            self._out.write("\n")
+            self._live = False
+
+    def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        if not trainer.is_main_process:
+            return
+        self._end_line()
+        names = [k.split("/", 1)[1] for k in metrics if k.startswith("mae/")]  # model order: surface, then by level
+        lines = [f"Validation at step {step}: loss {metrics.get('loss', float('nan')):.4f}"]
+        for name in names:
+            lines.append(f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}")
+        self._out.write("\n".join(lines) + "\n")
+        self._out.flush()
+
+    def on_epoch(self, trainer: Any, epoch: int, metrics: Mapping[str, float]) -> None:
+        if trainer.is_main_process:
+            self._end_line()
+            self._out.write(f"Epoch {epoch} done (step {trainer.global_step})\n")
+            self._out.flush()
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if trainer.is_main_process:
+            self._end_line()
