@@ -149,6 +149,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     """
     requested = config
     _use_cpu_devices(config)
+    from aurora_loop.distributed import initialize_distributed
+
+    initialize_distributed(config)  # before anything touches devices
     import jax
 
     from aurora_loop.callbacks import ModelCheckpoint, ProgressBar, TensorBoardLogger

@@ -66,6 +66,12 @@ class TrainingConfig:
     # Devices.
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (alias --num_devices; CPU devices on a CPU-only machine; none: all visible)")
 
+    # Multi-process (JAX's distributed runtime). Unset: auto-detected under SLURM / Open MPI,
+    # else a single process.
+    coordinator_address: str | None = _field(None, "host:port of process 0 for jax.distributed.initialize (unset: auto-detect under SLURM/Open MPI, else single-process)")
+    num_processes: int | None = _field(None, "number of processes in the job (with --coordinator_address)")
+    process_id: int | None = _field(None, "this process's index, 0-based (with --coordinator_address)")
+
     # Output.
     output_dir: str = _field("outputs", "run directory: config.json, checkpoints/, tensorboard/")
     save_every_n_steps: int = _field(200, "checkpoint every this many steps (and at the end)")
@@ -97,7 +103,7 @@ class TrainingConfig:
 # Fields compared when rerunning into an existing output dir: changing any of these makes a
 # different run. The rest (epochs, max_steps, logging cadence, workers) may change on resume.
 RESUME_INSENSITIVE = frozenset(
-    {"epochs", "max_steps", "num_workers", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
+    {"epochs", "max_steps", "num_workers", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir"}
 )
 
