@@ -23,10 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from aurora_loop.datasets.samples import SampleSpec, has_nan, read_sample, sample_index
+from aurora_loop.datasets.samples import BatchArrays, SampleSpec, sample_index
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.errors import UsageError
-from aurora_loop.model.batch import Sample, stack_samples
+from aurora_loop.model.batch import Sample
 
 NAN_POLICIES = ("error", "skip")
 
@@ -169,20 +169,19 @@ class ZarrLoader:
     def _load(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
         """Read this process's share of global batch ``position`` of ``order``."""
         base = position * self.batch_size
-        samples, skipped = [], 0
-        for k in range(base + share.start, base + share.stop):
-            sample, misses = self._clean_sample(order, k)
-            samples.append(sample)
-            skipped += misses > 0
-        return _Loaded(stack_samples(samples), skipped)
+        arrays = BatchArrays(self.store, self.spec, share.stop - share.start)
+        skipped = sum(self._fill_clean(arrays, slot, order, base + k) for slot, k in enumerate(range(share.start, share.stop)))
+        return _Loaded(arrays.sample(), skipped)
 
-    def _clean_sample(self, order: np.ndarray, k: int) -> tuple[Sample, int]:
+    def _fill_clean(self, arrays: BatchArrays, slot: int, order: np.ndarray, k: int) -> int:
+        """Fill ``slot`` with example ``k`` of ``order`` or, skipping NaNs, the next clean one;
+        returns 1 if it had to skip, else 0."""
         n = order.shape[0]
         for misses in range(n):
             member, start = (int(v) for v in order[(k + misses) % n])
-            sample = read_sample(self.store, start, self.spec, member)
-            if not has_nan(sample):
-                return sample, misses
+            arrays.fill(slot, start, member)
+            if not arrays.has_nan(slot):
+                return int(misses > 0)
             if self.nan_policy == "error":
                 which = f" (member {member})" if self.store.members > 1 else ""
                 raise UsageError(

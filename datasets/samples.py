@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.datasets.variables import ATMOS, SURF
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Batch, Metadata, Sample
 
@@ -104,6 +105,62 @@ def sample_index(starts: np.ndarray, members: int = 1) -> np.ndarray:
     return grid.reshape(-1, 2)
 
 
+class BatchArrays:
+    """The numpy arrays of one batch of ``size`` examples, filled slot by slot from a store.
+
+    Each example is read straight into its slot (zarr decompresses into the batch when it
+    can), so there are no per-example arrays and no collation copy.
+
+    Shapes (float32): inputs surf (size, history, h, w), atmos (size, history, c, h, w);
+    targets likewise with t = rollout_steps.
+    """
+
+    def __init__(self, store: WeatherStore, spec: SampleSpec, size: int) -> None:
+        self.store, self.spec = store, spec
+        self.inputs = self._allocate(size, spec.history)
+        self.targets = self._allocate(size, spec.rollout_steps)
+        self.starts = np.zeros(size, dtype=np.int64)
+
+    def _allocate(self, size: int, steps: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        h, w = self.store.shape
+        c = len(self.store.levels)
+        return (
+            {k: np.empty((size, steps, h, w), np.float32) for k in self.store.fields[SURF]},
+            {k: np.empty((size, steps, c, h, w), np.float32) for k in self.store.fields[ATMOS]},
+        )
+
+    def fill(self, slot: int, start: int, member: int = 0) -> None:
+        """Read the example starting at time index ``start`` (of ``member``) into ``slot``."""
+        for part, first in ((self.inputs, start), (self.targets, start + self.spec.history)):
+            surf, atmos = part
+            self.store.read_into({k: v[slot] for k, v in surf.items()}, {k: v[slot] for k, v in atmos.items()}, first, member)
+        self.starts[slot] = start
+
+    def has_nan(self, slot: int) -> bool:
+        """Whether any field of the example in ``slot`` holds a NaN (min propagates NaN: one fast pass)."""
+        return any(
+            bool(np.isnan(v[slot].min()))
+            for part in (self.inputs, self.targets)
+            for fields in part
+            for v in fields.values()
+        )
+
+    def sample(self) -> Sample:
+        """The batch: inputs' metadata.time = newest input, targets' = first target (hours)."""
+
+        def batch(part: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], time_index: np.ndarray) -> Batch:
+            surf, atmos = part
+            return Batch(
+                surf_vars=surf,
+                static_vars=self.store.static,
+                atmos_vars=atmos,
+                metadata=Metadata(lat=self.store.lat, lon=self.store.lon, time=self.store.hours[time_index], atmos_levels=self.store.levels),
+            )
+
+        h = self.spec.history
+        return Sample(inputs=batch(self.inputs, self.starts + h - 1), targets=batch(self.targets, self.starts + h))
+
+
 def read_sample(store: WeatherStore, start: int, spec: SampleSpec, member: int = 0) -> Sample:
     """One example (b = 1) starting at time index ``start`` (of ensemble ``member``).
 
@@ -111,29 +168,6 @@ def read_sample(store: WeatherStore, start: int, spec: SampleSpec, member: int =
     input's time. ``targets``: t = rollout_steps, metadata.time = the first target's time.
     Static fields (h, w) are shared by both.
     """
-    surf, atmos = store.read(start, start + spec.span, member)
-    h = spec.history
-
-    def part(lo: int, hi: int, time_index: int) -> Batch:
-        return Batch(
-            surf_vars={k: v[None, lo:hi] for k, v in surf.items()},
-            static_vars=store.static,
-            atmos_vars={k: v[None, lo:hi] for k, v in atmos.items()},
-            metadata=Metadata(
-                lat=store.lat,
-                lon=store.lon,
-                time=store.hours[time_index : time_index + 1].copy(),
-                atmos_levels=store.levels,
-            ),
-        )
-
-    return Sample(inputs=part(0, h, start + h - 1), targets=part(h, spec.span, start + h))
-
-
-def has_nan(sample: Sample) -> bool:
-    """Whether any surface or atmospheric field of the sample holds a NaN."""
-    return any(
-        bool(np.isnan(v).any())
-        for b in (sample.inputs, sample.targets)
-        for v in (*b.surf_vars.values(), *b.atmos_vars.values())
-    )
+    arrays = BatchArrays(store, spec, 1)
+    arrays.fill(0, start, member)
+    return arrays.sample()

@@ -27,6 +27,11 @@ import numpy as np
 import xarray as xr
 import zarr
 
+try:  # zarr 3
+    from zarr.core.buffer.cpu import NDBuffer as _NDBuffer
+except ImportError:  # zarr 2 takes numpy arrays as ``out``
+    _NDBuffer = None
+
 from aurora_loop.datasets.variables import ATMOS, KINDS, STATIC, SURF, VariableSelection
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
@@ -139,13 +144,17 @@ class _Field:
             out = out + np.float32(self.offset)
         return out
 
-    def read(self, time: slice | int, levels: np.ndarray | None = None, member: int = 0) -> np.ndarray:
+    def read(self, time: slice | int, levels: np.ndarray | slice | None = None, member: int = 0) -> np.ndarray:
         """Decoded float32 values in Aurora orientation, dims (time, [level,] lat, lon).
 
         ``time`` an int drops the time dim; ``levels`` are store level indices in the order
-        wanted (None = all, in store order); ``member`` indexes an ensemble dim, if any.
+        wanted (an array, or a slice for an ascending run; None = all, in store order);
+        ``member`` indexes an ensemble dim, if any.
         """
-        level_sel: Any = slice(None) if levels is None else np.sort(levels)  # zarr wants them ascending
+        if levels is None or isinstance(levels, slice):
+            level_sel: Any = slice(None) if levels is None else levels
+        else:
+            level_sel = np.sort(levels)  # zarr wants them ascending
         pick = {"time": time, "level": level_sel, "member": member, "lat": slice(None), "lon": slice(None)}
         selection = tuple(pick[r] for r in self.roles)
         if any(isinstance(v, np.ndarray) for v in selection):
@@ -155,10 +164,45 @@ class _Field:
         kept = [r for r, v in zip(self.roles, selection) if not isinstance(v, (int, np.integer))]
         order = [kept.index(r) for r in CANONICAL if r in kept]
         raw = np.transpose(np.asarray(raw), order)
-        if levels is not None and not np.array_equal(levels, np.sort(levels)):
+        if isinstance(levels, np.ndarray) and not np.array_equal(levels, level_sel):
             axis = [r for r in CANONICAL if r in kept].index("level")
             raw = np.take(raw, np.searchsorted(level_sel, levels), axis=axis)
-        return np.ascontiguousarray(self.grid.orient(self.decode(raw)))
+        return self.grid.orient(self.decode(raw))  # may be a view (flipped latitudes)
+
+    def reads_directly(self, levels: np.ndarray | slice | None) -> bool:
+        """Whether zarr can decompress straight into a float32 output for this selection."""
+        return (
+            not isinstance(levels, np.ndarray)
+            and self.grid.lon_order is None
+            and self.array.dtype == np.float32
+            and self.scale is None
+            and self.offset is None
+            and (self.fill is None or np.isnan(self.fill))
+            and [r for r in self.roles if r != "member"] == [r for r in CANONICAL if r in self.roles]
+        )
+
+    def read_into(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None = None, member: int = 0) -> None:
+        """Write the values :meth:`read` returns into ``out`` (float32, (t, [c,] h, w)).
+
+        For float32 stores in WB2 dim order zarr decompresses into ``out`` itself; ascending
+        latitudes cost nothing, as zarr writes into a latitude-reversed view of ``out``.
+        Anything else (other dtypes, packing, reordered longitudes or levels) is read,
+        decoded and copied once.
+        """
+        if not self.reads_directly(levels):
+            out[...] = self.read(time, levels, member)
+            return
+        pick = {"time": time, "level": slice(None) if levels is None else levels, "member": member}
+        selection = tuple(pick.get(r, slice(None)) for r in self.roles)
+        target = out[..., ::-1, :] if self.grid.flip_lat else out
+        self.array.get_basic_selection(selection, out=_out_buffer(target))
+
+
+def _out_buffer(array: np.ndarray) -> Any:
+    """``out=`` for zarr's selection methods: an NDBuffer in zarr 3, the array in zarr 2."""
+    if _NDBuffer is None:
+        return array
+    return _NDBuffer.from_numpy_array(array)
 
 
 def _encoding_number(enc: dict[str, Any], key: str) -> float | None:
@@ -285,7 +329,7 @@ class WeatherStore:
 
     def _read_levels(self, ds: xr.Dataset) -> None:
         self.levels: tuple[int, ...] = ()
-        self._level_index: np.ndarray | None = None
+        self._level_index = None
         if not self.fields[ATMOS]:
             return
         level_dim = _find_dim(ds, LEVEL_DIMS)
@@ -296,7 +340,11 @@ class WeatherStore:
             raise UsageError(f"pressure level(s) {missing} hPa are not in {self.path!r} (it has {store_levels}); choose --levels from those")
         self.levels = wanted
         index = np.asarray([store_levels.index(lv) for lv in wanted])
-        self._level_index = None if np.array_equal(index, np.arange(len(store_levels))) else index
+        self._level_index: np.ndarray | slice | None = index
+        if np.array_equal(index, np.arange(len(store_levels))):
+            self._level_index = None
+        elif np.all(np.diff(index) == 1):  # an ascending run reads as a slice (zarr's fast path)
+            self._level_index = slice(int(index[0]), int(index[-1]) + 1)
 
     def _require(self, source: _Source, kind: str, name: str) -> _Field:
         field = source.find(self.selection, kind, name)
@@ -333,7 +381,7 @@ class WeatherStore:
                     f"static variable {name!r} is in neither {where} (looked for {looked}); "
                     "pass a store that has it with --static_path, map one with variable_map, or leave it out of --static_vars"
                 )
-            out[name] = field.read(time=0)
+            out[name] = np.ascontiguousarray(field.read(time=0))
         return out
 
     # -- reads ----------------------------------------------------------------------------
@@ -350,12 +398,21 @@ class WeatherStore:
         """Fields at time indices ``start:stop`` (of ensemble ``member``) in Aurora orientation.
 
         Returns ``(surf, atmos)``, float32: ``surf[name]`` (t, h, w), ``atmos[name]``
-        (t, c, h, w), t = stop - start, c = len(levels).
+        (t, c, h, w), t = stop - start, c = len(levels). The arrays may be strided views
+        (a latitude flip costs no copy here; collating the batch makes the one copy).
         """
         span = slice(start, stop)
         surf = {name: f.read(span, member=member) for name, f in self.fields[SURF].items()}
         atmos = {name: f.read(span, self._level_index, member) for name, f in self.fields[ATMOS].items()}
         return surf, atmos
+
+    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0) -> None:
+        """Like :meth:`read`, writing into given float32 arrays: ``surf[name]`` (t, h, w) and
+        ``atmos[name]`` (t, c, h, w) receive times ``start : start + t``."""
+        for name, out in surf.items():
+            self.fields[SURF][name].read_into(out, slice(start, start + out.shape[0]), member=member)
+        for name, out in atmos.items():
+            self.fields[ATMOS][name].read_into(out, slice(start, start + out.shape[0]), self._level_index, member)
 
 
 def _hours(step: np.timedelta64) -> float:

@@ -138,3 +138,55 @@ def test_static_fields_from_another_store(tmp_path, ds):
     other = write_store(sample_dataset(grid=(5, 8), times=2, levels=LEVELS)[statics], tmp_path / "coarse.zarr")
     with pytest.raises(UsageError, match="5x8 grid unlike the data store's 9x16"):
         WeatherStore(main, VariableSelection(), static_path=other)
+
+
+@pytest.mark.parametrize(
+    "quirk",
+    ["wb2", "descending_lat", "float64", "lon_minus_180", "level_run", "level_pick", "members", "member_first", "packed"],
+)
+def test_reading_into_a_batch_matches_reading(tmp_path, ds, quirk):
+    """The batch fast path (zarr decompressing into the batch, or into a latitude-reversed view
+    of it) and the general path (read, decode, copy) give the same values for every layout."""
+    from aurora_loop.datasets.samples import BatchArrays, SampleSpec
+
+    levels: tuple[int, ...] = ()
+    data, encoding = ds, None
+    if quirk == "descending_lat":
+        data = ds.sortby("latitude", ascending=False)
+    elif quirk == "float64":
+        data = ds.astype("float64")
+    elif quirk == "lon_minus_180":
+        data = ds.assign_coords(longitude=((ds.longitude + 180) % 360) - 180).sortby("longitude")
+    elif quirk == "level_run":
+        levels = (500, 850)
+    elif quirk == "level_pick":
+        levels = (850, 100)
+    elif quirk in ("members", "member_first"):
+        data = xr.concat([ds, ds + 1.0, ds * 2.0], dim="number").transpose("time", "number", ...)
+        data = data.assign(land_sea_mask=ds["land_sea_mask"])
+        if quirk == "member_first":
+            data = data.transpose("number", "time", ...)
+    path = tmp_path / "s.zarr"
+    if quirk == "packed":
+        ds.to_zarr(path, zarr_format=2, encoding={"temperature": {"dtype": "int16", "scale_factor": 0.01, "add_offset": 250.0, "_FillValue": -32768}})
+    else:
+        write_store(data, path, zarr_format=3)
+    store = WeatherStore(path, VariableSelection(levels=levels))
+    spec = SampleSpec(history=2, rollout_steps=2)
+    member = 2 if quirk.startswith("member") else 0
+    direct = store.fields["atmos"]["t"].reads_directly(store._level_index)
+    assert direct == (quirk in ("wb2", "descending_lat", "level_run", "members", "member_first"))
+    arrays = BatchArrays(store, spec, size=2)
+    arrays.fill(1, start=4, member=member)
+    surf, atmos = store.read(4, 8, member=member)
+    for name in surf:
+        np.testing.assert_array_equal(arrays.inputs[0][name][1], surf[name][:2])
+        np.testing.assert_array_equal(arrays.targets[0][name][1], surf[name][2:])
+    for name in atmos:
+        np.testing.assert_array_equal(arrays.inputs[1][name][1], atmos[name][:2])
+        np.testing.assert_array_equal(arrays.targets[1][name][1], atmos[name][2:])
+    if quirk.startswith("member"):
+        assert store.members == 3
+        np.testing.assert_allclose(atmos["z"], 2.0 * aurora_view(ds, "geopotential")[4:8], rtol=1e-6)
+    if quirk == "level_pick":
+        np.testing.assert_array_equal(atmos["t"][:, 0], aurora_view(ds, "temperature")[4:8, 2])
