@@ -76,7 +76,7 @@ def rollout_scan(
     if not use_scan:
         carry, outs = sample.inputs, []
         for k in range(targets.num_steps):
-            carry, out = body(carry, jax.tree.map(lambda x: x[k], (steps, fields)))
+            carry, out = body(carry, jax.tree.map(lambda x, k=k: x[k], (steps, fields)))
             outs.append(out)
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     _, out = jax.lax.scan(body, sample.inputs, (steps, fields))

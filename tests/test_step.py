@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from aurora_loop.callbacks import Callback
 from aurora_loop.data import ArrayLoader
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import stack_samples
@@ -14,7 +15,6 @@ from aurora_loop.parallel import make_mesh
 from aurora_loop.step import learning_rate_schedule, make_optimizer
 from aurora_loop.tasks.conv import ConvTask
 from aurora_loop.trainer import Trainer
-from aurora_loop.callbacks import Callback
 from tests.synthetic import make_samples
 
 
