@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
@@ -52,6 +53,36 @@ def datetimes_from_hours(hours: Array) -> tuple[dt.datetime, ...]:
     )
 
 
+def _host_array(value: Any) -> np.ndarray | None:
+    """``value`` as numpy if it is host data we can check cheaply (never a device array,
+    a tracer, or a placeholder such as a PartitionSpec)."""
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.number):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return np.asarray(value, dtype=np.float64)
+    return None
+
+
+def _check_coordinates(lat: Any, lon: Any) -> None:
+    """The reference's checks: latitudes in [-90, 90] strictly decreasing, longitudes in
+    [0, 360) strictly increasing. Only host (numpy) coordinates are checked."""
+    lat_np, lon_np = _host_array(lat), _host_array(lon)
+    if lat_np is not None:
+        if lat_np.ndim != 1:
+            raise ValueError(f"latitudes must be a vector, got shape {lat_np.shape}")
+        if not np.all((lat_np >= -90) & (lat_np <= 90)):
+            raise ValueError("latitudes must lie in [-90, 90]")
+        if not np.all(np.diff(lat_np) < 0):
+            raise ValueError("latitudes must be strictly decreasing (north to south)")
+    if lon_np is not None:
+        if lon_np.ndim != 1:
+            raise ValueError(f"longitudes must be a vector, got shape {lon_np.shape}")
+        if not np.all((lon_np >= 0) & (lon_np < 360)):
+            raise ValueError("longitudes must lie in [0, 360)")
+        if not np.all(np.diff(lon_np) > 0):
+            raise ValueError("longitudes must be strictly increasing")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Metadata:
@@ -78,6 +109,7 @@ class Metadata:
         elif isinstance(time, np.ndarray) and np.issubdtype(time.dtype, np.datetime64):
             object.__setattr__(self, "time", hours_since_epoch(time))
         object.__setattr__(self, "atmos_levels", tuple(self.atmos_levels))
+        _check_coordinates(self.lat, self.lon)
 
     @property
     def datetimes(self) -> tuple[dt.datetime, ...]:
@@ -136,6 +168,50 @@ class Batch:
                 rollout_step=self.metadata.rollout_step,
             ),
         )
+
+    def _map_fields(self, fn: Any) -> Batch:
+        return self.replace(
+            surf_vars={k: fn(v) for k, v in self.surf_vars.items()},
+            static_vars={k: fn(v) for k, v in self.static_vars.items()},
+            atmos_vars={k: fn(v) for k, v in self.atmos_vars.items()},
+        )
+
+    def astype(self, dtype: Any) -> Batch:
+        """Cast every field (not the coordinates or times) to ``dtype``."""
+        return self._map_fields(lambda v: jnp.asarray(v).astype(dtype))
+
+    def normalise(self, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> Batch:
+        """``(x - location) / scale`` per variable (and per level for atmospheric ones);
+        ``surf_stats`` overrides surface/static statistics (see ``normalisation``)."""
+        return self._normalise(surf_stats, inverse=False)
+
+    def unnormalise(self, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> Batch:
+        """Inverse of :meth:`normalise`."""
+        return self._normalise(surf_stats, inverse=True)
+
+    def _normalise(self, surf_stats: Mapping[str, tuple[float, float]] | None, inverse: bool) -> Batch:
+        from aurora_loop.model import normalisation as norm
+
+        levels = self.metadata.atmos_levels
+        return self.replace(
+            surf_vars={k: norm.normalise_surface(v, k, surf_stats, inverse) for k, v in self.surf_vars.items()},
+            static_vars={k: norm.normalise_surface(v, k, surf_stats, inverse) for k, v in self.static_vars.items()},
+            atmos_vars={k: norm.normalise_atmos(v, k, levels, inverse) for k, v in self.atmos_vars.items()},
+        )
+
+    def crop(self, patch_size: int) -> Batch:
+        """Drop the last latitude row when the grid has one row more than a multiple of
+        ``patch_size`` (e.g. 721 -> 720). The width must already divide by it."""
+        h, w = self.spatial_shape
+        if w % patch_size:
+            raise ValueError(f"the grid width {w} must be a multiple of the patch size {patch_size}")
+        extra = h % patch_size
+        if extra == 0:
+            return self
+        if extra != 1:
+            raise ValueError(f"the grid height {h} is {extra} rows over a multiple of {patch_size}; at most 1 can be cropped")
+        cut = lambda v: v[..., :-1, :]  # noqa: E731
+        return self._map_fields(cut).replace(metadata=self.metadata.replace(lat=self.metadata.lat[:-1]))
 
     def time_slice(self, start: int, stop: int) -> Batch:
         """The time steps ``start:stop`` of every surface and atmospheric field."""

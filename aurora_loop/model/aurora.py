@@ -1,0 +1,179 @@
+"""Aurora: encoder -> Swin U-Net backbone -> decoder, and the pure functions around it.
+
+- :class:`AuroraModule`: the Flax module on *normalised, cropped* fields.
+- :func:`apply`: one forecast step on physical fields, as the reference's ``Aurora.forward``
+  (normalise, crop, predict, unnormalise). Pure and jittable.
+- :func:`rollout`: the reference's ``aurora.rollout`` (a generator of predictions).
+- :func:`init_params`: fresh parameters.
+
+Parameters are a dict ``{"encoder": ..., "backbone": ..., "decoder": ...}`` of float32
+arrays (float64 works too, under x64, for exact comparisons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aurora_loop.model.batch import Batch, Metadata
+from aurora_loop.model.config import AuroraConfig
+from aurora_loop.model.decoder import Perceiver3DDecoder
+from aurora_loop.model.encoder import Perceiver3DEncoder
+from aurora_loop.model.fourier import lead_time_encoding
+from aurora_loop.model.swin import Swin3DBackbone
+
+Array = Any
+Params = Any
+
+
+class AuroraModule(nn.Module):
+    """The network on normalised fields. See :meth:`__call__`."""
+
+    config: AuroraConfig
+
+    def setup(self) -> None:
+        self.encoder = Perceiver3DEncoder(self.config)
+        self.backbone = Swin3DBackbone(self.config)
+        self.decoder = Perceiver3DDecoder(self.config)
+
+    def __call__(self, batch: Batch, rollout_step: int | Array = 0) -> tuple[dict[str, Array], dict[str, Array]]:
+        """``batch``: normalised fields whose (H, W) divide by the patch size; static fields
+        (H, W). Returns the next step's normalised fields: surf name -> (B, H, W), atmos
+        name -> (B, C, H, W). Encoder and backbone outputs are sown as intermediates
+        ``encoder_out`` (B, L', D) and ``backbone_out`` (B, L', 2D)."""
+        cfg = self.config
+        b, t = batch.batch_size, batch.num_steps
+        h, w = batch.spatial_shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"the grid {h}x{w} must divide by the patch size {p}; crop the batch first")
+        levels = tuple(batch.metadata.atmos_levels)
+        surf = dict(batch.surf_vars)
+        for name, field in batch.static_vars.items():
+            surf[name] = jnp.broadcast_to(field, (b, t, h, w))
+        patch_res = (cfg.latent_levels, h // p, w // p)
+
+        x = self.encoder(surf, dict(batch.atmos_vars), batch.metadata.lat, batch.metadata.lon, batch.metadata.time, levels)
+        self.sow("intermediates", "encoder_out", x)
+        x = self.backbone(x, lead_time_encoding(cfg.timestep_hours, cfg.embed_dim), patch_res, rollout_step)
+        self.sow("intermediates", "backbone_out", x)
+        return self.decoder(x, tuple(batch.surf_vars), tuple(batch.atmos_vars), levels, patch_res, (h, w))
+
+
+def params_dtype(params: Params) -> Any:
+    """The dtype of the parameters (that of their first leaf)."""
+    return jax.tree_util.tree_leaves(params)[0].dtype
+
+
+def _check_variables(config: AuroraConfig, batch: Batch) -> None:
+    for group, names, known in (
+        ("surface", batch.surf_vars, config.surf_vars),
+        ("static", batch.static_vars, config.static_vars),
+        ("atmospheric", batch.atmos_vars, config.atmos_vars),
+    ):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"{group} variables {unknown} are not in the model's {group} variables {list(known)}")
+    if not batch.surf_vars or not batch.atmos_vars:
+        raise ValueError("a batch needs at least one surface and one atmospheric variable")
+
+
+def prepare(config: AuroraConfig, batch: Batch, dtype: Any) -> Batch:
+    """Cast the fields to ``dtype``, normalise and crop: the model's input."""
+    _check_variables(config, batch)
+    batch = batch.astype(dtype)
+    return batch.normalise(config.surf_stats_dict).crop(config.patch_size)
+
+
+def apply(
+    config: AuroraConfig,
+    params: Params,
+    batch: Batch,
+    *,
+    rollout_step: int | Array | None = None,
+    capture_intermediates: bool = False,
+) -> Batch | tuple[Batch, dict[str, Array]]:
+    """One forecast step, like the reference's ``Aurora.forward``.
+
+    Args:
+      config: the architecture.
+      params: parameters (see :func:`init_params` / :func:`load_reference_params`).
+      batch: physical fields with t <= ``max_history_size`` history steps (newest last).
+      rollout_step: the roll-out step for LoRA (a Python or traced int); defaults to
+        ``batch.metadata.rollout_step``.
+      capture_intermediates: also return ``{"encoder": (B, L', D), "backbone": (B, L', 2D)}``.
+
+    Returns:
+      The prediction (t = 1): fields in physical units, float32, cropped to a multiple of the
+      patch size; ``metadata.time`` advanced by ``config.timestep_hours`` and
+      ``metadata.rollout_step`` by one.
+    """
+    step = batch.metadata.rollout_step if rollout_step is None else rollout_step
+    normalised = prepare(config, batch, params_dtype(params))
+    module = AuroraModule(config)
+    if capture_intermediates:
+        (surf, atmos), state = module.apply({"params": params}, normalised, step, mutable=["intermediates"])
+        taps = {k.removesuffix("_out"): v[0] for k, v in state["intermediates"].items()}
+    else:
+        surf, atmos = module.apply({"params": params}, normalised, step)
+    meta = normalised.metadata
+    prediction = Batch(
+        surf_vars={k: v[:, None].astype(jnp.float32) for k, v in surf.items()},
+        static_vars={k: v.astype(jnp.float32) for k, v in normalised.static_vars.items()},
+        atmos_vars={k: v[:, None].astype(jnp.float32) for k, v in atmos.items()},
+        metadata=Metadata(
+            lat=jnp.asarray(meta.lat).astype(jnp.float32),
+            lon=jnp.asarray(meta.lon).astype(jnp.float32),
+            time=meta.time + config.timestep_hours,
+            atmos_levels=meta.atmos_levels,
+            rollout_step=batch.metadata.rollout_step + 1,
+        ),
+    ).unnormalise(config.surf_stats_dict)
+    return (prediction, taps) if capture_intermediates else prediction
+
+
+def init_params(config: AuroraConfig, rng: jax.Array, batch: Batch) -> Params:
+    """Fresh float32 parameters for ``config`` (``batch`` gives the shapes; any values)."""
+    normalised = prepare(config, batch, jnp.float32)
+    variables = jax.jit(AuroraModule(config).init)(rng, normalised, 0)
+    return variables["params"]
+
+
+def next_input(batch: Batch, prediction: Batch) -> Batch:
+    """The roll-out's next input: drop the oldest step, append the prediction."""
+    return prediction.replace(
+        surf_vars={k: jnp.concatenate([batch.surf_vars[k][:, 1:], v.astype(batch.surf_vars[k].dtype)], axis=1)
+                   for k, v in prediction.surf_vars.items() if k in batch.surf_vars},
+        atmos_vars={k: jnp.concatenate([batch.atmos_vars[k][:, 1:], v.astype(batch.atmos_vars[k].dtype)], axis=1)
+                    for k, v in prediction.atmos_vars.items() if k in batch.atmos_vars},
+    )
+
+
+def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int) -> Iterator[Batch]:
+    """Yield ``steps`` autoregressive predictions, like the reference's ``aurora.rollout``.
+
+    Each step is one jitted :func:`apply` (compiled once: the roll-out step is passed traced);
+    prediction ``k`` (1-based) has ``metadata.rollout_step == batch.metadata.rollout_step + k``
+    and its time advanced by ``k * config.timestep_hours`` (computed on the host in float64).
+    """
+    dtype = params_dtype(params)
+    batch = batch.astype(dtype).crop(config.patch_size)
+    base_step = batch.metadata.rollout_step
+
+    @jax.jit
+    def step_fn(params: Params, batch: Batch, step: Array) -> Batch:
+        return apply(config, params, batch, rollout_step=step)
+
+    host_time = np.asarray(jax.device_get(batch.metadata.time), dtype=np.float64)
+    for k in range(steps):
+        current = batch.replace(metadata=batch.metadata.replace(rollout_step=0))
+        pred = step_fn(params, current, jnp.int32(base_step + k))
+        host_time = host_time + config.timestep_hours
+        pred = pred.replace(metadata=pred.metadata.replace(time=host_time, rollout_step=base_step + k + 1))
+        yield pred
+        batch = next_input(batch, pred)

@@ -1,0 +1,222 @@
+"""``AuroraConfig``: the architecture's hyper-parameters, named as the reference names them.
+
+``AuroraConfig(**kwargs)`` accepts the keyword arguments of the PyTorch reference's
+``aurora.Aurora`` constructor, so a configuration can be copied over verbatim. Options of
+the air-pollution, wave and 1.5 variants are recognised but rejected unless left at their
+defaults (they are out of scope). ``AuroraConfig.preset(name)`` gives the named models:
+
+- ``aurora``: the 1.3 B parameter defaults of ``aurora.Aurora`` (LoRA on, as the fine-tuned
+  checkpoint expects);
+- ``small``: ``aurora.AuroraSmallPretrained`` (embed_dim 256, depths (2, 6, 2), no LoRA);
+- ``tiny``: a CPU-sized model for demos and tests (embed_dim 32, 2 latent levels), the
+  configuration of the parity fixture.
+
+The config is frozen and hashable, so it can be a static argument of ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+LORA_MODES = ("single", "from_second", "all")
+
+# Reference options outside this port's scope, with the default they must keep.
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "level_condition": None,
+    "dynamic_vars": False,
+    "atmos_static_vars": False,
+    "separate_perceiver": (),
+    "modulation_heads": (),
+    "positive_surf_vars": (),
+    "positive_atmos_vars": (),
+    "clamp_at_first_step": False,
+    "simulate_indexing_bug": False,
+    "stochastic": False,
+    "use_updated_lead_time_embedding": False,
+    "variable_lead_time": False,
+    "rollout_input_clipping": None,
+    "output_only_surf_vars": (),
+    "output_only_atmos_vars": (),
+}
+# Reference options accepted and ignored (they change nothing numerically here).
+_IGNORED = ("use_fp16_safe_attention",)
+
+
+def _tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class AuroraConfig:
+    """Hyper-parameters of Aurora (reference keyword names; see ``aurora.Aurora``)."""
+
+    surf_vars: tuple[str, ...] = ("2t", "10u", "10v", "msl")
+    """Surface-level variables the model reads and predicts."""
+    static_vars: tuple[str, ...] = ("lsm", "z", "slt")
+    """Static (time-invariant) variables the model reads."""
+    atmos_vars: tuple[str, ...] = ("z", "u", "v", "t", "q")
+    """Atmospheric variables (one field per pressure level)."""
+    window_size: tuple[int, int, int] = (2, 6, 12)
+    """Swin window (levels, latitude patches, longitude patches)."""
+    encoder_depths: tuple[int, ...] = (6, 10, 8)
+    """Swin blocks per backbone encoder stage."""
+    encoder_num_heads: tuple[int, ...] = (8, 16, 32)
+    """Attention heads per backbone encoder stage."""
+    decoder_depths: tuple[int, ...] = (8, 10, 6)
+    """Swin blocks per backbone decoder stage."""
+    decoder_num_heads: tuple[int, ...] = (32, 16, 8)
+    """Attention heads per backbone decoder stage."""
+    latent_levels: int = 4
+    """Latent levels including the surface (so ``latent_levels - 1`` atmospheric latents)."""
+    patch_size: int = 4
+    """Patch side in grid points."""
+    embed_dim: int = 512
+    """Token width D of the encoder (the backbone's last stage outputs 2D)."""
+    num_heads: int = 16
+    """Heads of the Perceiver level aggregation / de-aggregation."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / token width (encoder and backbone)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate (must be 0 here)."""
+    drop_rate: float = 0.0
+    """Dropout rate (must be 0 here)."""
+    enc_depth: int = 1
+    """Perceiver blocks in the encoder."""
+    dec_depth: int = 1
+    """Perceiver blocks in the decoder."""
+    dec_mlp_ratio: float = 2.0
+    """MLP ratio in the decoder's Perceiver."""
+    perceiver_ln_eps: float = 1e-5
+    """Layer-norm epsilon in the Perceiver blocks."""
+    max_history_size: int = 2
+    """Most history steps the patch embedding takes."""
+    timestep_hours: float = 6.0
+    """Model step (the reference's ``timestep``), in hours."""
+    stabilise_level_agg: bool = False
+    """Extra layer norms on keys and queries of the first level-aggregation block."""
+    use_lora: bool = True
+    """Add LoRA adapters to the backbone's attention projections."""
+    lora_steps: int = 40
+    """Roll-out steps that get a LoRA correction (steps >= this get none)."""
+    lora_mode: str = "single"
+    """``single``: one LoRA for all steps; ``from_second``: none at step 0, one shared after;
+    ``all``: one LoRA per roll-out step."""
+    surf_stats: tuple[tuple[str, tuple[float, float]], ...] = ()
+    """Overrides ``name -> (location, scale)`` of surface/static normalisation statistics."""
+    autocast: bool = False
+    """Compute the backbone in bfloat16 (parameters stay float32), as the reference's
+    ``autocast``."""
+    remat: bool = False
+    """Rematerialise every Swin block in the backward pass (activation checkpointing)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        fields = {f.name: f for f in dataclasses.fields(type(self))}
+        if "timestep" in kwargs:
+            step = kwargs.pop("timestep")
+            kwargs["timestep_hours"] = step.total_seconds() / 3600.0 if isinstance(step, dt.timedelta) else float(step)
+        if kwargs.pop("bf16_mode", False):
+            kwargs["autocast"] = True
+        dtype = kwargs.pop("autocast_dtype", None)
+        if dtype is not None and "bfloat16" not in str(dtype):
+            raise ValueError(f"autocast_dtype={dtype!r} is not supported; only bfloat16")
+        for name in _IGNORED:
+            kwargs.pop(name, None)
+        for name, default in _UNSUPPORTED_DEFAULTS.items():
+            if name in kwargs:
+                value = _tuple(kwargs.pop(name))
+                if value != default and not (default in (None, ()) and not value):
+                    raise ValueError(f"AuroraConfig: {name}={value!r} belongs to an Aurora variant this port does not implement")
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise TypeError(f"AuroraConfig got unknown keyword arguments: {', '.join(unknown)}")
+        for name, field in fields.items():
+            value = kwargs.get(name, field.default)
+            if name == "surf_stats":
+                items = value.items() if isinstance(value, Mapping) else (value or ())
+                value = tuple(sorted((str(k), (float(v[0]), float(v[1]))) for k, v in items))
+            value = _tuple(value)
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
+        if self.latent_levels < 2:
+            raise ValueError("latent_levels must be at least 2 (one is the surface)")
+        if len(self.encoder_depths) != len(self.encoder_num_heads) or len(self.decoder_depths) != len(self.decoder_num_heads):
+            raise ValueError("each depths tuple needs a num_heads tuple of the same length")
+        if sum(self.encoder_depths) != sum(self.decoder_depths):
+            raise ValueError("encoder_depths and decoder_depths must have the same total")
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            raise ValueError("embed_dim must be a multiple of 4 and of num_heads")
+        if self.drop_rate or self.drop_path:
+            raise ValueError("drop_rate and drop_path must be 0 (dropout is not implemented)")
+        if len(self.window_size) != 3:
+            raise ValueError("window_size must be (levels, latitude, longitude)")
+
+    # -- conveniences ------------------------------------------------------------------
+    @property
+    def surf_stats_dict(self) -> dict[str, tuple[float, float]]:
+        return dict(self.surf_stats)
+
+    @property
+    def backbone_dtype(self) -> Any:
+        """Compute dtype of the backbone: bfloat16 under ``autocast``, else that of the inputs."""
+        return jnp.bfloat16 if self.autocast else None
+
+    def replace(self, **changes: Any) -> AuroraConfig:
+        return AuroraConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (reference keyword names, ``timestep_hours`` for the step)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["surf_stats"] = {k: list(v) for k, v in self.surf_stats}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AuroraConfig:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> AuroraConfig:
+        """The named configuration (``aurora``, ``small``, ``tiny``) with optional overrides."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown Aurora preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "aurora": {},
+    "small": dict(
+        encoder_depths=(2, 6, 2),
+        encoder_num_heads=(4, 8, 16),
+        decoder_depths=(2, 6, 2),
+        decoder_num_heads=(16, 8, 4),
+        embed_dim=256,
+        num_heads=8,
+        use_lora=False,
+    ),
+    "tiny": dict(
+        encoder_depths=(1, 2, 1),
+        encoder_num_heads=(2, 4, 8),
+        decoder_depths=(1, 2, 1),
+        decoder_num_heads=(8, 4, 2),
+        embed_dim=32,
+        num_heads=4,
+        window_size=(2, 4, 8),
+        latent_levels=2,
+        patch_size=4,
+        use_lora=False,
+    ),
+}

@@ -1,0 +1,99 @@
+"""Position and scale encodings of the patches of a latitude/longitude grid.
+
+Every patch (``p x p`` grid points) is described by the centre of its latitudes and of its
+longitudes (degrees) and by the square root of its area on a sphere of radius 6371 km
+(km). These scalars are Fourier-encoded (:mod:`aurora_loop.model.fourier`).
+
+The reference evaluates them in float32 with a fixed order of operations, and the scale
+encoding reaches wavelengths of ~1e-4 km: one float32 ulp of a patch's size changes its
+finest components completely. So these helpers reproduce the reference's float32 arithmetic
+operation by operation (sequential window sums, float32 products, correctly rounded sines),
+whatever the model's compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aurora_loop.model.fourier import POSITION, SCALE, fourier_expansion
+
+Array = Any
+
+_DEG2RAD32 = np.float32(np.pi / 180)
+_AREA_FACTOR32 = np.float32(6371**2 * np.pi)
+
+
+def patch_centres(lat: Array, lon: Array, patch_size: int) -> tuple[Array, Array]:
+    """Mean latitude (h/p,) and mean longitude (w/p,) of every patch, float32 degrees.
+
+    Averages as a ``p x p`` average pool over the lat/lon mesh does: a running float32 sum
+    over rows then columns of the window, divided by ``p * p``.
+    """
+    p = patch_size
+    lat = jnp.asarray(lat).astype(jnp.float32).reshape(-1, p)
+    lon = jnp.asarray(lon).astype(jnp.float32).reshape(-1, p)
+    lat_sum = jnp.zeros(lat.shape[:1], jnp.float32)
+    lon_sum = jnp.zeros(lon.shape[:1], jnp.float32)
+    for i in range(p):
+        for j in range(p):
+            lat_sum = lat_sum + lat[:, i]
+            lon_sum = lon_sum + lon[:, j]
+    count = jnp.float32(p * p)
+    return lat_sum / count, lon_sum / count
+
+
+def root_area_host(lat: np.ndarray, lon: np.ndarray, patch_size: int) -> np.ndarray:
+    """Square root of every patch's area (h/p, w/p), km, float32 (host computation)."""
+    f32 = np.float32
+    lat = np.asarray(lat, f32).reshape(-1, patch_size)
+    lon = np.asarray(lon, f32).reshape(-1, patch_size)
+
+    def sin_deg(a: np.ndarray) -> np.ndarray:
+        return np.sin((a * _DEG2RAD32).astype(f32).astype(np.float64)).astype(f32)
+
+    dsin = (sin_deg(lat.max(axis=1)) - sin_deg(lat.min(axis=1))).astype(f32)
+    dlon = ((lon.max(axis=1) * _DEG2RAD32).astype(f32) - (lon.min(axis=1) * _DEG2RAD32).astype(f32)).astype(f32)
+    area = ((_AREA_FACTOR32 * dsin).astype(f32)[:, None] * dlon[None, :]).astype(f32)
+    if not np.all(area > 0):
+        raise ValueError("patch areas must be positive: latitudes must decrease and longitudes increase")
+    return np.sqrt(area).astype(f32)
+
+
+def patch_root_area(lat: Array, lon: Array, patch_size: int) -> Array:
+    """:func:`root_area_host` usable under ``jit`` (a host callback; no gradient flows)."""
+    h, w = np.shape(lat)[0] // patch_size, np.shape(lon)[0] // patch_size
+    lat = jax.lax.stop_gradient(jnp.asarray(lat).astype(jnp.float32))
+    lon = jax.lax.stop_gradient(jnp.asarray(lon).astype(jnp.float32))
+    return jax.pure_callback(
+        lambda a, b: root_area_host(np.asarray(a), np.asarray(b), patch_size),
+        jax.ShapeDtypeStruct((h, w), jnp.float32),
+        lat,
+        lon,
+        vmap_method="sequential",
+    )
+
+
+def position_scale_encoding(lat: Array, lon: Array, patch_size: int, d: int) -> tuple[Array, Array]:
+    """Position and scale encodings, each (L, d) float32 with L = (h/p) * (w/p) row-major.
+
+    The position encoding is ``[encode(lat centre, d/2), encode(lon centre, d/2)]``.
+    """
+    if d % 4:
+        raise ValueError(f"the encoding width must be a multiple of 4, got {d}")
+    lat_c, lon_c = patch_centres(lat, lon, patch_size)
+    rows, cols = lat_c.shape[0], lon_c.shape[0]
+    enc_lat = fourier_expansion(lat_c, d // 2, POSITION)  # (rows, d/2)
+    enc_lon = fourier_expansion(lon_c, d // 2, POSITION)  # (cols, d/2)
+    pos = jnp.concatenate(
+        [
+            jnp.broadcast_to(enc_lat[:, None, :], (rows, cols, d // 2)),
+            jnp.broadcast_to(enc_lon[None, :, :], (rows, cols, d // 2)),
+        ],
+        axis=-1,
+    ).reshape(rows * cols, d)
+    scale = fourier_expansion(patch_root_area(lat, lon, patch_size).reshape(-1), d, SCALE)
+    return pos, scale

@@ -1,0 +1,247 @@
+"""The 3D Swin Transformer U-Net backbone, conditioned on the lead time.
+
+Tokens are (B, L, D) with L = C * H * W flattened level-major (C latent levels, H x W
+patches). Encoder stages run Swin blocks then merge 2 x 2 patches (D doubles); decoder
+stages run Swin blocks then split patches (D halves), adding the encoder's features of the
+same resolution; the last stage concatenates the first encoder stage's output, so the
+backbone returns (B, L, 2 * embed_dim).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from aurora_loop.model.config import AuroraConfig
+from aurora_loop.model.layers import MLP, attention, dense, layer_norm
+from aurora_loop.model.lora import LoRARollout
+from aurora_loop.model.windows import (
+    adjust_windows,
+    crop_3d,
+    pad_3d,
+    shifted_window_mask,
+    window_padding,
+    window_partition,
+    window_reverse,
+)
+
+Array = Any
+Dtype = Any
+Triple = tuple[int, int, int]
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows: (B * nW, N, D) -> (B * nW, N, D)."""
+
+    num_heads: int
+    use_lora: bool = False
+    lora_steps: int = 40
+    lora_mode: str = "single"
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, mask: np.ndarray | None, rollout_step: int | Array) -> Array:
+        bw, n, d = x.shape
+        qkv = dense(3 * d, "qkv", dtype=self.dtype)(x)
+        if self.use_lora:
+            lora = LoRARollout(3 * d, max_steps=self.lora_steps, mode=self.lora_mode, dtype=self.dtype, name="lora_qkv")
+            qkv = qkv + lora(x, rollout_step)
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, d // self.num_heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B * nW, H, N, Dh)
+        if mask is not None:
+            nw = mask.shape[0]
+            shape = (bw // nw, nw, self.num_heads, n, d // self.num_heads)
+            out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), jnp.asarray(mask)[None, :, None])
+            out = out.reshape(bw, self.num_heads, n, -1)
+        else:
+            out = attention(q, k, v)
+        out = out.transpose(0, 2, 1, 3).reshape(bw, n, d)
+        y = dense(d, "proj", dtype=self.dtype)(out)
+        if self.use_lora:
+            lora = LoRARollout(d, max_steps=self.lora_steps, mode=self.lora_mode, dtype=self.dtype, name="lora_proj")
+            y = y + lora(out, rollout_step)
+        return y
+
+
+class AdaptiveLayerNorm(nn.Module):
+    """``LN(x) * scale(c) + shift(c)`` with (shift, scale) = Linear(SiLU(c)); c (B, Dc)."""
+
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array) -> Array:
+        d = x.shape[-1]
+        zeros = nn.initializers.zeros
+        mod = nn.Dense(2 * d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros, name="modulation")(nn.silu(c))
+        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+        return layer_norm("ln", affine=False, dtype=self.dtype)(x) * scale + shift
+
+
+class SwinBlock(nn.Module):
+    """One (shifted-)window block with post-norm residuals modulated by ``c``."""
+
+    num_heads: int
+    window_size: Triple
+    shift_size: Triple
+    mlp_ratio: float = 4.0
+    use_lora: bool = False
+    lora_steps: int = 40
+    lora_mode: str = "single"
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
+        """x (B, C*H*W, D), c (B, Dc), res = (C, H, W) -> (B, C*H*W, D)."""
+        cc, h, w = res
+        b, length, d = x.shape
+        if length != cc * h * w:
+            raise ValueError(f"{length} tokens do not form a {cc}x{h}x{w} grid")
+        ws, ss = adjust_windows(self.window_size, self.shift_size, res)
+        shifted = any(ss)
+
+        grid = x.reshape(b, cc, h, w, d)
+        if shifted:
+            grid = jnp.roll(grid, shift=(-ss[0], -ss[1], -ss[2]), axis=(1, 2, 3))
+        pad = window_padding(res, ws)
+        grid = pad_3d(grid, pad)
+        _, cp, hp, wp, _ = grid.shape
+        mask = shifted_window_mask(res, ws, ss) if shifted else None
+        attn = WindowAttention(self.num_heads, self.use_lora, self.lora_steps, self.lora_mode, self.dtype, name="attn")
+        windows = attn(window_partition(grid, ws), mask, rollout_step)
+        grid = crop_3d(window_reverse(windows, ws, cp, hp, wp), pad)
+        if shifted:
+            grid = jnp.roll(grid, shift=ss, axis=(1, 2, 3))
+
+        x = x + AdaptiveLayerNorm(self.dtype, name="norm1")(grid.reshape(b, length, d), c)
+        y = MLP(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(x)
+        return x + AdaptiveLayerNorm(self.dtype, name="norm2")(y, c)
+
+
+class PatchMerging(nn.Module):
+    """2 x 2 patches -> one: (B, C*H*W, D) -> (B, C*ceil(H/2)*ceil(W/2), 2D)."""
+
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, res: Triple) -> Array:
+        c, h, w = res
+        b, _, d = x.shape
+        grid = pad_3d(x.reshape(b, c, h, w, d), (0, h % 2, w % 2))
+        h2, w2 = grid.shape[2] // 2, grid.shape[3] // 2
+        grid = grid.reshape(b, c, h2, 2, w2, 2, d).transpose(0, 1, 2, 4, 3, 5, 6)
+        x = grid.reshape(b, c * h2 * w2, 4 * d)
+        x = layer_norm("norm", dtype=self.dtype)(x)
+        return dense(2 * d, "reduction", use_bias=False, dtype=self.dtype)(x)
+
+
+class PatchSplitting(nn.Module):
+    """One patch -> 2 x 2: (B, C*H*W, D) -> (B, C*(2H - ch)*(2W - cw), D/2), cropping ``crop``."""
+
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, res: Triple, crop: Triple) -> Array:
+        c, h, w = res
+        b, _, d = x.shape
+        out = d // 2
+        x = dense(4 * out, "lin1", use_bias=False, dtype=self.dtype)(x)
+        grid = x.reshape(b, c, h, w, 2, 2, out).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, c, 2 * h, 2 * w, out)
+        x = crop_3d(grid, crop).reshape(b, -1, out)
+        x = layer_norm("norm", dtype=self.dtype)(x)
+        return dense(out, "lin2", use_bias=False, dtype=self.dtype)(x)
+
+
+class SwinStage(nn.Module):
+    """``depth`` Swin blocks (every other one shifted), then optional merging or splitting."""
+
+    depth: int
+    num_heads: int
+    window_size: Triple
+    mlp_ratio: float
+    downsample: bool = False
+    upsample: bool = False
+    use_lora: bool = False
+    lora_steps: int = 40
+    lora_mode: str = "single"
+    remat: bool = False
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array, res: Triple, crop: Triple, rollout_step: int | Array) -> tuple[Array, Array]:
+        """Returns (resampled output, output before resampling)."""
+        block_cls = nn.remat(SwinBlock, static_argnums=(3,)) if self.remat else SwinBlock
+        half = tuple(s // 2 for s in self.window_size)
+        for i in range(self.depth):
+            block = block_cls(
+                num_heads=self.num_heads,
+                window_size=self.window_size,
+                shift_size=(0, 0, 0) if i % 2 == 0 else half,
+                mlp_ratio=self.mlp_ratio,
+                use_lora=self.use_lora,
+                lora_steps=self.lora_steps,
+                lora_mode=self.lora_mode,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )
+            x = block(x, c, res, rollout_step)
+        if self.downsample:
+            return PatchMerging(self.dtype, name="downsample")(x, res), x
+        if self.upsample:
+            return PatchSplitting(self.dtype, name="upsample")(x, res, crop), x
+        return x, x
+
+
+def encoder_resolutions(patch_res: Triple, stages: int) -> tuple[list[Triple], list[Triple]]:
+    """Grid of every encoder stage and the padding each merge adds (the last is (0, 0, 0))."""
+    res, pads = [tuple(patch_res)], []
+    for _ in range(1, stages):
+        c, h, w = res[-1]
+        pads.append((0, h % 2, w % 2))
+        res.append((c, (h + h % 2) // 2, (w + w % 2) // 2))
+    pads.append((0, 0, 0))
+    return res, pads  # type: ignore[return-value]
+
+
+class Swin3DBackbone(nn.Module):
+    """The U-Net: (B, L, D) tokens + lead-time encoding (Dt,) -> (B, L, 2D)."""
+
+    config: AuroraConfig
+
+    @nn.compact
+    def __call__(self, x: Array, lead_encoding: Array, patch_res: Triple, rollout_step: int | Array) -> Array:
+        cfg = self.config
+        dtype = cfg.backbone_dtype
+        if patch_res[0] % cfg.window_size[0]:
+            raise ValueError(f"latent levels ({patch_res[0]}) must be a multiple of window_size[0] ({cfg.window_size[0]})")
+        out_dtype = x.dtype
+        if dtype is not None:
+            x = x.astype(dtype)
+        b = x.shape[0]
+        time = jnp.broadcast_to(jnp.asarray(lead_encoding, x.dtype), (b, cfg.embed_dim))
+        c = MLP(cfg.embed_dim, act="silu", dtype=dtype, name="time_mlp")(time)
+
+        res, pads = encoder_resolutions(patch_res, len(cfg.encoder_depths))
+        n_enc, n_dec = len(cfg.encoder_depths), len(cfg.decoder_depths)
+        common = dict(
+            window_size=tuple(cfg.window_size), mlp_ratio=cfg.mlp_ratio, use_lora=cfg.use_lora,
+            lora_steps=cfg.lora_steps, lora_mode=cfg.lora_mode, remat=cfg.remat, dtype=dtype,
+        )
+        skips = []
+        for i in range(n_enc):
+            stage = SwinStage(cfg.encoder_depths[i], cfg.encoder_num_heads[i], downsample=i < n_enc - 1,
+                              name=f"encoder_layers_{i}", **common)
+            x, unscaled = stage(x, c, res[i], (0, 0, 0), rollout_step)
+            skips.append(unscaled)
+        for i in range(n_dec):
+            index = n_dec - i - 1
+            stage = SwinStage(cfg.decoder_depths[i], cfg.decoder_num_heads[i], upsample=i < n_dec - 1,
+                              name=f"decoder_layers_{i}", **common)
+            x, _ = stage(x, c, res[index], pads[index - 1], rollout_step)
+            if 0 < i < n_dec - 1:
+                x = x + skips[index - 1]
+            elif i == n_dec - 1:
+                x = jnp.concatenate([x, skips[0]], axis=-1)
+        return x.astype(out_dtype)
