@@ -108,57 +108,44 @@ def sample_index(starts: np.ndarray, members: int = 1) -> np.ndarray:
 class BatchArrays:
     """The numpy arrays of one batch of ``size`` examples, filled slot by slot from a store.
 
-    Each example is read straight into its slot (zarr decompresses into the batch when it
-    can), so there are no per-example arrays and no collation copy.
-
-    Shapes (float32): inputs surf (size, history, h, w), atmos (size, history, c, h, w);
-    targets likewise with t = rollout_steps.
+    Each variable has one float32 array of all ``history + rollout_steps`` steps, surf
+    (size, span, h, w) and atmos (size, span, c, h, w); an example's span is read into its
+    slot with one zarr call per variable (zarr decompresses the span's chunks in parallel and,
+    when it can, straight into the slot), so there are no per-example arrays and no
+    collation copy. ``inputs`` / ``targets`` are views of the first ``history`` and the last
+    ``rollout_steps`` steps.
     """
 
     def __init__(self, store: WeatherStore, spec: SampleSpec, size: int) -> None:
         self.store, self.spec = store, spec
-        self.inputs = self._allocate(size, spec.history)
-        self.targets = self._allocate(size, spec.rollout_steps)
+        h, w = store.shape
+        c = len(store.levels)
+        self.surf = {k: np.empty((size, spec.span, h, w), np.float32) for k in store.fields[SURF]}
+        self.atmos = {k: np.empty((size, spec.span, c, h, w), np.float32) for k in store.fields[ATMOS]}
         self.starts = np.zeros(size, dtype=np.int64)
-
-    def _allocate(self, size: int, steps: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        h, w = self.store.shape
-        c = len(self.store.levels)
-        return (
-            {k: np.empty((size, steps, h, w), np.float32) for k in self.store.fields[SURF]},
-            {k: np.empty((size, steps, c, h, w), np.float32) for k in self.store.fields[ATMOS]},
-        )
 
     def fill(self, slot: int, start: int, member: int = 0) -> None:
         """Read the example starting at time index ``start`` (of ``member``) into ``slot``."""
-        for part, first in ((self.inputs, start), (self.targets, start + self.spec.history)):
-            surf, atmos = part
-            self.store.read_into({k: v[slot] for k, v in surf.items()}, {k: v[slot] for k, v in atmos.items()}, first, member)
+        self.store.read_into({k: v[slot] for k, v in self.surf.items()}, {k: v[slot] for k, v in self.atmos.items()}, start, member)
         self.starts[slot] = start
 
     def has_nan(self, slot: int) -> bool:
         """Whether any field of the example in ``slot`` holds a NaN (min propagates NaN: one fast pass)."""
-        return any(
-            bool(np.isnan(v[slot].min()))
-            for part in (self.inputs, self.targets)
-            for fields in part
-            for v in fields.values()
-        )
+        return any(bool(np.isnan(v[slot].min())) for v in (*self.surf.values(), *self.atmos.values()))
 
     def sample(self) -> Sample:
         """The batch: inputs' metadata.time = newest input, targets' = first target (hours)."""
+        h = self.spec.history
 
-        def batch(part: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], time_index: np.ndarray) -> Batch:
-            surf, atmos = part
+        def batch(steps: slice, time_index: np.ndarray) -> Batch:
             return Batch(
-                surf_vars=surf,
+                surf_vars={k: v[:, steps] for k, v in self.surf.items()},
                 static_vars=self.store.static,
-                atmos_vars=atmos,
+                atmos_vars={k: v[:, steps] for k, v in self.atmos.items()},
                 metadata=Metadata(lat=self.store.lat, lon=self.store.lon, time=self.store.hours[time_index], atmos_levels=self.store.levels),
             )
 
-        h = self.spec.history
-        return Sample(inputs=batch(self.inputs, self.starts + h - 1), targets=batch(self.targets, self.starts + h))
+        return Sample(inputs=batch(slice(0, h), self.starts + h - 1), targets=batch(slice(h, None), self.starts + h))
 
 
 def read_sample(store: WeatherStore, start: int, spec: SampleSpec, member: int = 0) -> Sample:

@@ -179,12 +179,13 @@ def test_reading_into_a_batch_matches_reading(tmp_path, ds, quirk):
     arrays = BatchArrays(store, spec, size=2)
     arrays.fill(1, start=4, member=member)
     surf, atmos = store.read(4, 8, member=member)
+    sample = arrays.sample()
     for name in surf:
-        np.testing.assert_array_equal(arrays.inputs[0][name][1], surf[name][:2])
-        np.testing.assert_array_equal(arrays.targets[0][name][1], surf[name][2:])
+        np.testing.assert_array_equal(sample.inputs.surf_vars[name][1], surf[name][:2])
+        np.testing.assert_array_equal(sample.targets.surf_vars[name][1], surf[name][2:])
     for name in atmos:
-        np.testing.assert_array_equal(arrays.inputs[1][name][1], atmos[name][:2])
-        np.testing.assert_array_equal(arrays.targets[1][name][1], atmos[name][2:])
+        np.testing.assert_array_equal(sample.inputs.atmos_vars[name][1], atmos[name][:2])
+        np.testing.assert_array_equal(sample.targets.atmos_vars[name][1], atmos[name][2:])
     if quirk.startswith("member"):
         assert store.members == 3
         np.testing.assert_allclose(atmos["z"], 2.0 * aurora_view(ds, "geopotential")[4:8], rtol=1e-6)
