@@ -70,8 +70,6 @@ class _Grid:
 
     lat: np.ndarray  # (h,) decreasing, float32
     lon: np.ndarray  # (w,) increasing in [0, 360), float32
-    lat_dim: str
-    lon_dim: str
     flip_lat: bool
     lon_order: np.ndarray | None  # permutation of the store's longitudes, None = identity
 
@@ -80,8 +78,13 @@ class _Grid:
         lat_dim, lon_dim = _find_dim(ds, LAT_DIMS), _find_dim(ds, LON_DIMS)
         if lat_dim is None or lon_dim is None:
             raise UsageError(f"{path!r} has no latitude/longitude coordinates (dims: {', '.join(map(str, ds.dims)) or 'none'}); write dims (time, [level,] latitude, longitude) as WeatherBench2 does")
-        lat = np.asarray(ds[lat_dim].values, dtype=np.float64)
-        lon = np.asarray(ds[lon_dim].values, dtype=np.float64)
+        return cls.from_coords(ds[lat_dim].values, ds[lon_dim].values, path)
+
+    @classmethod
+    def from_coords(cls, lat: np.ndarray, lon: np.ndarray, path: str) -> _Grid:
+        """From the source's latitude and longitude values (degrees), in the source's order."""
+        lat = np.asarray(lat, dtype=np.float64)
+        lon = np.asarray(lon, dtype=np.float64)
         if lat.ndim != 1 or lat.size < 2 or not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
             raise UsageError(f"latitude in {path!r} must be a 1-d strictly monotonic coordinate; fix the store's latitude values")
         flip = bool(lat[1] > lat[0])
@@ -93,8 +96,6 @@ class _Grid:
         return cls(
             lat=(lat[::-1] if flip else lat).astype(np.float32),
             lon=wrapped[order].astype(np.float32),
-            lat_dim=lat_dim,
-            lon_dim=lon_dim,
             flip_lat=flip,
             lon_order=None if identity else order,
         )
@@ -307,44 +308,15 @@ class WeatherStore:
     def _read_times(self, ds: xr.Dataset) -> None:
         if "time" not in ds.coords:
             raise UsageError(f"{self.path!r} has no 'time' coordinate; write dims (time, [level,] latitude, longitude) as WeatherBench2 does")
-        times = np.asarray(ds["time"].values)
-        if not np.issubdtype(times.dtype, np.datetime64):
-            raise UsageError(f"the 'time' coordinate of {self.path!r} is not datetimes (dtype {times.dtype}); give it CF units such as 'hours since 1970-01-01'")
-        times = times.astype("datetime64[ns]")
-        if times.size < 2:
-            raise UsageError(f"{self.path!r} holds {times.size} time step(s); a sample needs at least history + rollout_steps times")
-        steps = np.diff(times)
-        if np.any(steps <= np.timedelta64(0, "ns")):
-            i = int(np.argmax(steps <= np.timedelta64(0, "ns")))
-            raise UsageError(f"times in {self.path!r} are not strictly increasing ({times[i]} then {times[i + 1]}); sort the store by time and drop duplicates")
-        if np.any(steps != steps[0]):
-            i = int(np.argmax(steps != steps[0]))
-            raise UsageError(
-                f"uneven time spacing in {self.path!r}: {_hours(steps[0])} h steps, but {times[i]} -> {times[i + 1]} is {_hours(steps[i])} h; "
-                "fill the gap or split the store so every step is the same"
-            )
-        self.times = times
-        self.time_step = steps[0]
-        self.hours = hours_since_epoch(times)
+        self.times, self.time_step = check_times(np.asarray(ds["time"].values), self.path)
+        self.hours = hours_since_epoch(self.times)
 
     def _read_levels(self, ds: xr.Dataset) -> None:
         self.levels: tuple[int, ...] = ()
         self._level_index = None
-        if not self.fields[ATMOS]:
-            return
-        level_dim = _find_dim(ds, LEVEL_DIMS)
-        store_levels = [int(round(float(v))) for v in np.asarray(ds[level_dim].values).reshape(-1)]
-        wanted = tuple(int(v) for v in self.selection.levels) or tuple(store_levels)
-        missing = [lv for lv in wanted if lv not in store_levels]
-        if missing:
-            raise UsageError(f"pressure level(s) {missing} hPa are not in {self.path!r} (it has {store_levels}); choose --levels from those")
-        self.levels = wanted
-        index = np.asarray([store_levels.index(lv) for lv in wanted])
-        self._level_index: np.ndarray | slice | None = index
-        if np.array_equal(index, np.arange(len(store_levels))):
-            self._level_index = None
-        elif np.all(np.diff(index) == 1):  # an ascending run reads as a slice (zarr's fast path)
-            self._level_index = slice(int(index[0]), int(index[-1]) + 1)
+        if self.fields[ATMOS]:
+            level_dim = _find_dim(ds, LEVEL_DIMS)
+            self.levels, self._level_index = select_levels(np.asarray(ds[level_dim].values), self.selection.levels, self.path)
 
     def _require(self, source: _Source, kind: str, name: str) -> _Field:
         field = source.find(self.selection, kind, name)
@@ -359,30 +331,8 @@ class WeatherStore:
         return field
 
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
-        names = self.selection.names(STATIC)
-        if not names:
-            return {}
-        sources = [self._source]
-        if static_path is not None:
-            other = _Source.open(static_path)
-            g = other.grid
-            if g.lat.shape != self.lat.shape or g.lon.shape != self.lon.shape or not (
-                np.allclose(g.lat, self.lat, atol=1e-3) and np.allclose(g.lon, self.lon, atol=1e-3)
-            ):
-                raise UsageError(f"the static store {other.path!r} is on a {g.lat.size}x{g.lon.size} grid unlike the data store's {self.lat.size}x{self.lon.size} grid; regrid it to the same latitudes/longitudes")
-            sources.insert(0, other)
-        out: dict[str, np.ndarray] = {}
-        for name in names:
-            field = next((f for f in (s.find(self.selection, STATIC, name) for s in sources) if f is not None), None)
-            if field is None:
-                where = " or ".join(repr(s.path) for s in sources)
-                looked = ", ".join(self.selection.candidates(STATIC, name))
-                raise UsageError(
-                    f"static variable {name!r} is in neither {where} (looked for {looked}); "
-                    "pass a store that has it with --static_path, map one with variable_map, or leave it out of --static_vars"
-                )
-            out[name] = np.ascontiguousarray(field.read(time=0))
-        return out
+        sources = [self._source] if static_path is None else [_Source.open(static_path), self._source]
+        return read_static(self.selection, sources, self.lat, self.lon)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -413,6 +363,69 @@ class WeatherStore:
             self.fields[SURF][name].read_into(out, slice(start, start + out.shape[0]), member=member)
         for name, out in atmos.items():
             self.fields[ATMOS][name].read_into(out, slice(start, start + out.shape[0]), self._level_index, member)
+
+
+def check_times(times: np.ndarray, path: str) -> tuple[np.ndarray, np.timedelta64]:
+    """Validate a time coordinate: datetimes, at least 2, strictly increasing, evenly spaced.
+
+    Returns ``(times as datetime64[ns], step)``; raises a one-line UsageError otherwise.
+    """
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise UsageError(f"the 'time' coordinate of {path!r} is not datetimes (dtype {times.dtype}); give it CF units such as 'hours since 1970-01-01'")
+    times = times.astype("datetime64[ns]")
+    if times.size < 2:
+        raise UsageError(f"{path!r} holds {times.size} time step(s); a sample needs at least history + rollout_steps times")
+    steps = np.diff(times)
+    if np.any(steps <= np.timedelta64(0, "ns")):
+        i = int(np.argmax(steps <= np.timedelta64(0, "ns")))
+        raise UsageError(f"times in {path!r} are not strictly increasing ({times[i]} then {times[i + 1]}); sort the store by time and drop duplicates")
+    if np.any(steps != steps[0]):
+        i = int(np.argmax(steps != steps[0]))
+        raise UsageError(
+            f"uneven time spacing in {path!r}: {_hours(steps[0])} h steps, but {times[i]} -> {times[i + 1]} is {_hours(steps[i])} h; "
+            "fill the gap or split the store so every step is the same"
+        )
+    return times, steps[0]
+
+
+def select_levels(store_levels: np.ndarray, wanted: Sequence[int], path: str) -> tuple[tuple[int, ...], np.ndarray | slice | None]:
+    """The levels to read (``wanted``, or all when empty) and how to index the level axis:
+    None (all, in store order), a slice (an ascending run) or an index array."""
+    have = [int(round(float(v))) for v in np.asarray(store_levels).reshape(-1)]
+    levels = tuple(int(v) for v in wanted) or tuple(have)
+    missing = [lv for lv in levels if lv not in have]
+    if missing:
+        raise UsageError(f"pressure level(s) {missing} hPa are not in {path!r} (it has {have}); choose --levels from those")
+    index = np.asarray([have.index(lv) for lv in levels])
+    if np.array_equal(index, np.arange(len(have))):
+        return levels, None
+    if np.all(np.diff(index) == 1):  # an ascending run reads as a slice (zarr's fast path)
+        return levels, slice(int(index[0]), int(index[-1]) + 1)
+    return levels, index
+
+
+def read_static(selection: VariableSelection, sources: Sequence[_Source], lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
+    """The selected static fields, (h, w) float32 in Aurora orientation, each from the first
+    of ``sources`` that has it; every source must be on the (``lat``, ``lon``) grid."""
+    names = selection.names(STATIC)
+    if not names:
+        return {}
+    for source in sources:
+        g = source.grid
+        if g.lat.shape != lat.shape or g.lon.shape != lon.shape or not (np.allclose(g.lat, lat, atol=1e-3) and np.allclose(g.lon, lon, atol=1e-3)):
+            raise UsageError(f"the static store {source.path!r} is on a {g.lat.size}x{g.lon.size} grid unlike the data's {lat.size}x{lon.size} grid; regrid it to the same latitudes/longitudes")
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        field = next((f for f in (s.find(selection, STATIC, name) for s in sources) if f is not None), None)
+        if field is None:
+            where = " or ".join(repr(s.path) for s in sources) or "no static store"
+            looked = ", ".join(selection.candidates(STATIC, name))
+            raise UsageError(
+                f"static variable {name!r} is in neither {where} (looked for {looked}); "
+                "pass a store that has it with --static_path, map one with variable_map, or leave it out of --static_vars"
+            )
+        out[name] = np.ascontiguousarray(field.read(time=0))
+    return out
 
 
 def _hours(step: np.timedelta64) -> float:

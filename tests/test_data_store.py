@@ -136,7 +136,7 @@ def test_static_fields_from_another_store(tmp_path, ds):
     for name, wb2 in STATIC_MAP.items():
         np.testing.assert_array_equal(store.static[name], aurora_view(ds, wb2))
     other = write_store(sample_dataset(grid=(5, 8), times=2, levels=LEVELS)[statics], tmp_path / "coarse.zarr")
-    with pytest.raises(UsageError, match="5x8 grid unlike the data store's 9x16"):
+    with pytest.raises(UsageError, match="5x8 grid unlike the data's 9x16"):
         WeatherStore(main, VariableSelection(), static_path=other)
 
 
