@@ -7,6 +7,7 @@ from typing import Any
 from aurora_loop.datasets.loader import ZarrLoader
 from aurora_loop.datasets.samples import SampleSpec, sample_index, split_starts
 from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.datasets.tfds_source import TFDS_PREFIX, RecordStore, open_tfds
 from aurora_loop.datasets.variables import AURORA_VARS, ATMOS, STATIC, SURF, VariableSelection, parse_name_list
 from aurora_loop.errors import UsageError
 
@@ -37,6 +38,9 @@ def selection_from_config(config: Any) -> VariableSelection:
 def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     """Open ``config.dataset_path`` and return ``(train_loader, val_loader)``.
 
+    ``dataset_path`` is a WB2-layout Zarr store, or ``tfds:NAME[:SPLIT]`` for a TFDS
+    array_record dataset under ``tfds_data_dir`` (see ``tfds_source``).
+
     Config fields read (with defaults when absent): ``dataset_path``, ``static_path`` (None),
     ``batch_size`` (global), ``num_workers`` (2), ``prefetch`` (2 * num_workers),
     ``rollout_steps`` (1), ``history`` (2), ``seed`` (0), ``surf_vars`` / ``static_vars`` /
@@ -52,7 +56,11 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     spec = SampleSpec(history=int(getattr(config, "history", 2) or 2), rollout_steps=int(getattr(config, "rollout_steps", 1) or 1))
     if spec.rollout_steps < 1 or spec.history < 1:
         raise UsageError(f"history and rollout_steps must be at least 1, got {spec.history} and {spec.rollout_steps}")
-    store = WeatherStore(path, selection_from_config(config), static_path=getattr(config, "static_path", None))
+    selection, static_path = selection_from_config(config), getattr(config, "static_path", None)
+    if str(path).startswith(TFDS_PREFIX):
+        store: WeatherStore | RecordStore = open_tfds(str(path), selection, getattr(config, "tfds_data_dir", None), static_path)
+    else:
+        store = WeatherStore(path, selection, static_path=static_path)
     train, val = split_starts(
         store.times,
         spec,

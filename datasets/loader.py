@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from aurora_loop.datasets.samples import BatchArrays, SampleSpec, sample_index
-from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.datasets.store import WeatherSource
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Sample
 
@@ -49,7 +49,7 @@ class ZarrLoader:
     """Batches of :class:`~aurora_loop.model.batch.Sample` (numpy, process-local) from a store.
 
     Args:
-      store: an opened :class:`WeatherStore`.
+      store: an opened :class:`WeatherStore` (or any ``WeatherSource``, e.g. a TFDS RecordStore).
       starts: this split's samples: (m,) valid start time indices (see
         ``samples.split_starts``), or (m, 2) rows ``(ensemble member, start)``.
       spec: history and rollout steps per sample.
@@ -71,7 +71,7 @@ class ZarrLoader:
 
     def __init__(
         self,
-        store: WeatherStore,
+        store: WeatherSource,
         starts: np.ndarray,
         spec: SampleSpec,
         batch_size: int,

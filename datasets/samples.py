@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from aurora_loop.datasets.store import WeatherStore
+from aurora_loop.datasets.store import WeatherSource
 from aurora_loop.datasets.variables import ATMOS, SURF
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Batch, Metadata, Sample
@@ -116,7 +116,7 @@ class BatchArrays:
     ``rollout_steps`` steps.
     """
 
-    def __init__(self, store: WeatherStore, spec: SampleSpec, size: int) -> None:
+    def __init__(self, store: WeatherSource, spec: SampleSpec, size: int) -> None:
         self.store, self.spec = store, spec
         h, w = store.shape
         c = len(store.levels)
@@ -148,7 +148,7 @@ class BatchArrays:
         return Sample(inputs=batch(slice(0, h), self.starts + h - 1), targets=batch(slice(h, None), self.starts + h))
 
 
-def read_sample(store: WeatherStore, start: int, spec: SampleSpec, member: int = 0) -> Sample:
+def read_sample(store: WeatherSource, start: int, spec: SampleSpec, member: int = 0) -> Sample:
     """One example (b = 1) starting at time index ``start`` (of ensemble ``member``).
 
     ``inputs``: surf (1, history, h, w), atmos (1, history, c, h, w), metadata.time = the newest

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xarray as xr
@@ -266,6 +266,30 @@ class _Source:
                 fill=_encoding_number(enc, "_FillValue"),
             )
         return None
+
+
+class WeatherSource(Protocol):
+    """What samples and loaders read: a WeatherStore, or a RecordStore (TFDS).
+
+    ``times`` (n,) datetime64[ns] evenly spaced ``time_step`` apart, ``hours`` (n,) float64,
+    ``lat`` (h,) decreasing, ``lon`` (w,) in [0, 360), ``levels`` (hPa), ``members``,
+    ``static`` {name: (h, w)}, ``fields`` {kind: {aurora name: ...}}, ``path`` (for messages).
+    """
+
+    path: str
+    times: np.ndarray
+    hours: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    levels: tuple[int, ...]
+    members: int
+    static: dict[str, np.ndarray]
+    fields: dict[str, dict[str, Any]]
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0) -> None: ...
 
 
 class WeatherStore:
