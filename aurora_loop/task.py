@@ -33,6 +33,13 @@ class Task(Protocol):
       mergeable CLU metric; the trainer merges it over the validation set and reports
       ``metric.compute()`` (a flat dict of floats such as ``loss``, ``mae/2t``,
       ``rmse/z500``) as ``val/<name>``.
+
+    Optional:
+
+    - ``predict(params, batch) -> Batch``: the model's forecast for ``batch`` (for weather
+      tasks a Sample: a Batch shaped like ``batch.targets``, one time step per roll-out
+      step). Callbacks that show forecasts (TensorBoardLogger's validation maps) use it
+      when present, jitted on one device.
     """
 
     name: str

@@ -1,7 +1,8 @@
 """Callbacks for the aurora_loop Trainer (installed as ``aurora_loop.callbacks``).
 
-Each callback lives in its own module; heavy imports (orbax, tensorboardX) happen only when
-the callback is first used.
+Each callback lives in its own module; heavy imports (orbax, tensorboardX, wandb) happen only
+when the callback is first used. Third-party callbacks plug in through the entry-point group
+``aurora_loop.callbacks`` or ``module:Class`` specs (see ``aurora_loop.plugins``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ _LAZY = {
     "ModelCheckpoint": "checkpoint",
     "TensorBoardLogger": "tensorboard",
     "ProgressBar": "progress",
+    "LearningRateMonitor": "lr_monitor",
+    "EarlyStopping": "early_stopping",
+    "TerminateOnNaN": "nan_guard",
+    "Throughput": "throughput",
+    "WandbLogger": "wandb_logger",
+    "Preemption": "preemption",
+    "PREEMPTED_EXIT_CODE": "preemption",
+    "Profiler": "profiler",
 }
 
 __all__ = ["Callback", *_LAZY]

@@ -4,33 +4,68 @@ A checkpoint ``<directory>/<step>/`` holds two items:
 
 - ``state``: the TrainState (parameters, optimizer state, step, RNG) as an orbax PyTree;
 - ``meta``: JSON with the step, epoch, the training data's position and every callback's
-  ``state_dict`` (keyed by ``state_key``).
+  ``state_dict`` (keyed by ``state_key``), this one's included.
 
 Saves happen at sync steps (``on_sync``), i.e. after that step's validation. Orbax writes
 to a temporary directory and renames it when complete, so a run killed mid-write leaves no
-checkpoint that ``latest_step`` would pick up. Parameters that are not finite are never
-saved: the previous good checkpoint stays the latest.
+checkpoint that ``latest_step`` would pick up.
+
+Which checkpoints stay (orbax preservation policies):
+
+- the newest ``max_to_keep`` (what a resume needs), and
+- with ``monitor``: also the ``save_top_k`` best by that validation score (``mode`` ``min`` or
+  ``max``). Every validation then triggers a save so each score has its checkpoint; the
+  score is stored with the checkpoint (orbax metrics) and in this callback's state.
+
+Never saved: parameters that are not finite, and the state after a step that
+:class:`~aurora_loop.callbacks.TerminateOnNaN` flagged (``trainer.nonfinite_step``); the
+last good checkpoint stays the latest. A preempted run (``trainer.preempted``, set by
+:class:`~aurora_loop.callbacks.Preemption`) is always saved, even with ``save_last=False``.
+
+Errors of a background (async) write are raised at the next sync step, the next save or at
+the end of the run; they never vanish.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from aurora_loop.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (raised in the loop, also for background writes)."""
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def metric_key(name: str) -> str:
+    """A monitored name as it appears in validation metrics: ``val/loss`` -> ``loss``."""
+    return name[4:] if name.startswith("val/") else name
 
 
 class ModelCheckpoint(Callback):
@@ -41,8 +76,13 @@ class ModelCheckpoint(Callback):
       every_n_steps: save after every this many optimizer steps.
       max_to_keep: keep the newest this many checkpoints (``None``: all).
       save_last: also save when the run ends (normal end, max_steps or a stop).
+      monitor: a validation score (``val/loss``, ``val/rmse/z500``; the ``val/`` prefix is
+        optional) whose ``save_top_k`` best checkpoints are kept besides the newest ones.
+        With a monitor every validation is followed by a save.
+      mode: ``min`` (lower is better) or ``max``.
+      save_top_k: how many best checkpoints to keep (with ``monitor``).
       async_save: write in a background thread; the loop only waits for the device-to-host
-        copy. Errors of a background write are raised at the next save or at the end.
+        copy.
       verbose: print a line per save on process 0.
     """
 
@@ -52,17 +92,49 @@ class ModelCheckpoint(Callback):
         every_n_steps: int = 200,
         max_to_keep: int | None = 3,
         save_last: bool = True,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
         async_save: bool = True,
         verbose: bool = True,
     ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be at least 1 (or None for all), got {max_to_keep}")
+        if save_top_k < 1:
+            raise ValueError(f"save_top_k must be at least 1, got {save_top_k}")
         self.directory = os.path.abspath(directory)
         self.every_n_steps = every_n_steps
         self.max_to_keep = max_to_keep
         self.save_last = save_last
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
         self.async_save = async_save
         self.verbose = verbose
         self._manager: ocp.CheckpointManager | None = None
         self.saved_steps: list[int] = []
+        # Monitored score of every checkpoint saved with one (step -> value); part of the state.
+        self.scores: dict[int, float] = {}
+        self._last_val: tuple[int, float] | None = None
+
+    # --- the orbax manager -------------------------------------------------------------------
+    def _preservation_policy(self) -> pp.PreservationPolicy:
+        latest = pp.LatestN(n=self.max_to_keep)
+        if self.monitor is None:
+            return latest
+        sign = 1.0 if self.mode == "max" else -1.0
+        key = metric_key(self.monitor)
+        best = pp.BestN(
+            get_metric_fn=lambda metrics: sign * float(metrics[key]),
+            reverse=False,  # ascending; the last n (the largest sign * value) are kept
+            n=self.save_top_k,
+            keep_checkpoints_without_metrics=False,
+        )
+        return pp.AnyPreservationPolicy([latest, best])
 
     @property
     def manager(self) -> ocp.CheckpointManager:
@@ -70,7 +142,7 @@ class ModelCheckpoint(Callback):
             self._manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=self.max_to_keep,
+                    preservation_policy=self._preservation_policy(),
                     enable_async_checkpointing=self.async_save,
                     create=True,
                 ),
@@ -80,9 +152,27 @@ class ModelCheckpoint(Callback):
 
     # --- resume ----------------------------------------------------------------------------
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or ``None``."""
         if not os.path.isdir(self.directory):
             return None
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the checkpoints on disk, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    @property
+    def best_step(self) -> int | None:
+        """The step with the best monitored score among the checkpoints kept (or ``None``)."""
+        kept = set(self.all_steps())
+        candidates = {s: v for s, v in self.scores.items() if s in kept}
+        if not candidates:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(candidates, key=candidates.__getitem__)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Read checkpoint ``step`` into arrays shaped and sharded like ``abstract_state``."""
@@ -93,6 +183,7 @@ class ModelCheckpoint(Callback):
         return restored["state"], dict(restored["meta"])
 
     def restore_latest(self, trainer: Any, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """The Trainer's resume protocol: (state, meta) of the newest checkpoint, or ``None``."""
         step = self.latest_step()
         if step is None:
             return None
@@ -108,31 +199,87 @@ class ModelCheckpoint(Callback):
     def wants_sync(self, trainer: Any, step: int) -> bool:
         return self._due(trainer, step)
 
+    def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        if self.monitor is None:
+            return
+        key = metric_key(self.monitor)
+        if key not in metrics:
+            raise KeyError(f"ModelCheckpoint monitors {self.monitor!r} but validation reported only: {', '.join(sorted(metrics))}")
+        self._last_val = (step, float(metrics[key]))
+
+    def check_for_errors(self) -> None:
+        """Raise ``CheckpointSaveError`` if a background write has failed."""
+        if self._manager is None:
+            return
+        try:
+            self._manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise CheckpointSaveError(f"an asynchronous checkpoint save under {self.directory} failed: {type(err).__name__}: {err}") from err
+
     def on_sync(self, trainer: Any, step: int) -> None:
+        self.check_for_errors()  # an earlier background write failed: say so now
         final = trainer.should_stop or (trainer.total_steps is not None and step >= trainer.total_steps)
-        if self._due(trainer, step) or (self.save_last and final):
+        validated_now = self._last_val is not None and self._last_val[0] == step
+        if (
+            self._due(trainer, step)
+            or (self.save_last and final)
+            or getattr(trainer, "preempted", False)
+            or (self.monitor is not None and validated_now)
+        ):
             self.save(trainer, step)
 
     def save(self, trainer: Any, step: int) -> bool:
-        """Save the state after ``step`` unless it is already saved or not finite."""
+        """Save the state after ``step`` unless it is already saved or not trustworthy."""
         if step in self.saved_steps or self.manager.latest_step() == step:
+            return False
+        flagged = getattr(trainer, "nonfinite_step", None)
+        if flagged is not None:
+            if trainer.is_main_process:
+                print(f"Step {step}: not saving a checkpoint after the non-finite step {flagged}; the last good one stays", flush=True)
             return False
         if not bool(_all_finite(trainer.state.params)):
             log.warning("step %d: parameters are not finite; checkpoint skipped, the last good one stays", step)
             if trainer.is_main_process:
                 print(f"Step {step}: parameters are not finite; not saving a checkpoint", flush=True)
             return False
-        self.manager.check_for_errors()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(trainer.meta_state())),
-            force=True,
-        )
+        self.check_for_errors()
+        metrics = None
+        if self.monitor is not None and self._last_val is not None and self._last_val[0] == step and math.isfinite(self._last_val[1]):
+            metrics = {metric_key(self.monitor): self._last_val[1]}
+            self.scores[step] = self._last_val[1]
+        meta = trainer.meta_state()  # after recording this step's score: the saved state includes it
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as err:
+            bad = [key for key, value in meta.get("callbacks", {}).items() if not _json_ok(value)]
+            where = f"the state_dict of {', '.join(bad)}" if bad else "the trainer's meta state"
+            raise CheckpointSaveError(f"step {step}: {where} is not JSON-serialisable ({err}); return plain JSON types from state_dict()") from None
+        try:
+            # orbax first waits for the previous background write, raising its error if any.
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=True,
+            )
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise CheckpointSaveError(f"saving checkpoint {step} under {self.directory} failed: {type(err).__name__}: {err}") from err
         self.saved_steps.append(step)
         if self.verbose and trainer.is_main_process:
-            print(f"Saved checkpoint {os.path.join(self.directory, str(step))}", flush=True)
+            score = f" ({self.monitor} {metrics[metric_key(self.monitor)]:.5g})" if metrics else ""
+            verb = "Saving" if self.async_save else "Saved"
+            print(f"{verb} checkpoint {os.path.join(self.directory, str(step))}{score}", flush=True)
         return True
 
+    # --- resumable state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "mode": self.mode, "scores": {str(k): v for k, v in self.scores.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("monitor") == self.monitor and state.get("mode") == self.mode:
+            self.scores = {int(k): float(v) for k, v in state.get("scores", {}).items()}
+
+    # --- shutdown --------------------------------------------------------------------------
     def on_fit_end(self, trainer: Any) -> None:
         self.close()
 
@@ -141,8 +288,13 @@ class ModelCheckpoint(Callback):
         self.close()
 
     def close(self) -> None:
+        """Wait for background writes, raise their errors, release the manager."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
-            self._manager.check_for_errors()
-            self._manager.close()
-            self._manager = None
+            manager, self._manager = self._manager, None
+            try:
+                manager.wait_until_finished()
+                manager.check_for_errors()
+            except Exception as err:  # noqa: BLE001 - re-raised with context
+                raise CheckpointSaveError(f"an asynchronous checkpoint save under {self.directory} failed: {type(err).__name__}: {err}") from err
+            finally:
+                manager.close()

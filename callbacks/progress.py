@@ -1,6 +1,6 @@
 """ProgressBar: a live bar on a terminal, periodic log lines otherwise; validation summaries.
 
-On a TTY it redraws one line (step / total, loss, steps/s); when stdout is not a TTY (CI,
+On a TTY it redraws one line (step / total, loss, steps/s, time left); when stdout is not a TTY (CI,
 ``nohup``, SLURM logs) it prints a line every ``every_n_steps`` steps instead. After each
 validation it prints the mean MAE and RMSE per variable. Only process 0 prints.
 """
@@ -13,6 +13,12 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from aurora_loop.callbacks.base import Callback
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 class ProgressBar(Callback):
@@ -46,7 +52,11 @@ class ProgressBar(Callback):
         rate = (step - self._start_step) / elapsed
         total = trainer.total_steps
         where = f"step {step}/{total}" if total else f"step {step}"
-        text = f"epoch {trainer.epoch} {where}  loss {metrics['loss']:.4f}  {rate:.1f} steps/s"
+        loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        eta = ""
+        if total and rate > 0 and step < total:
+            eta = f"  ETA {_clock((total - step) / rate)}"
+        text = f"epoch {trainer.epoch} {where}{loss}  {rate:.2f} steps/s{eta}"
         if self._is_tty():
             width = 24
             done = int(width * step / total) if total else 0

@@ -1,41 +1,103 @@
-"""TensorBoardLogger: scalars to event files under ``output_dir/tensorboard`` (tensorboardX).
+"""TensorBoardLogger: scalars, hyperparameters and forecast maps under ``output_dir/tensorboard``.
 
-Tags: ``train/loss``, ``train/grad_norm``, ``train/learning_rate`` and any other training
-metric as ``train/<name>``; validation scores as ``val/<name>`` (``val/loss``,
-``val/mae/<var>``, ``val/rmse/<var>``). Only process 0 writes.
+Written with tensorboardX, read by TensorBoard:
+
+- scalars: ``train/loss``, ``train/grad_norm``, ``train/learning_rate`` and any other
+  training metric as ``train/<name>``; validation scores as ``val/<name>`` (``val/loss``,
+  ``val/mae/<var>``, ``val/rmse/<var>``); anything other callbacks hand over through
+  :meth:`log_metrics` (``perf/steps_per_sec`` from Throughput, ...) under its own tag;
+- hyperparameters (HParams plugin), written into the *same* run as the scalars (the log
+  directory itself, shown as run ``.``), with ``val/loss`` and ``train/loss`` as its metrics,
+  so every run directory is one row of the HParams table however often it resumed;
+- at each validation, for chosen fields (default ``2t`` and ``z500``, else the first field
+  the data has), an image ``val/maps/<field>`` of the predicted, target and error maps of
+  the first validation example, each with a colour bar. It needs the task's optional
+  ``predict(params, batch)``; without one no images are written.
+
+Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aurora_loop.callbacks.base import Callback
 
+log = logging.getLogger(__name__)
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
 
 class TensorBoardLogger(Callback):
-    """Write training scalars every ``log_every_n_steps`` steps and every validation.
+    """Write training scalars every ``log_every_n_steps`` steps, validation scores and maps.
 
     Args:
       log_dir: directory for the event files (``output_dir/tensorboard``).
       log_every_n_steps: training scalars cadence; reading them is the only sync it causes.
       flush_secs: how often tensorboardX's writer thread flushes to disk.
+      hparams: hyperparameters to record (e.g. ``TrainingConfig.to_json_dict()``); lists
+        become comma-joined strings, ``None`` the string ``"None"``.
+      image_fields: fields to draw at each validation (names as in the metrics: ``2t``,
+        ``z500``); ``None``: ``2t`` and ``z500`` when present; ``()``: no images.
+      image_lead: which roll-out step (0-based) of the forecast to draw.
     """
 
-    def __init__(self, log_dir: str, log_every_n_steps: int = 10, flush_secs: int = 30) -> None:
+    def __init__(
+        self,
+        log_dir: str,
+        log_every_n_steps: int = 10,
+        flush_secs: int = 30,
+        hparams: Mapping[str, Any] | None = None,
+        image_fields: Sequence[str] | None = None,
+        image_lead: int = 0,
+    ) -> None:
         self.log_dir = os.path.abspath(log_dir)
         self.log_every_n_steps = log_every_n_steps
         self.flush_secs = flush_secs
+        self.hparams = dict(hparams) if hparams else {}
+        self.image_fields = image_fields
+        self.image_lead = image_lead
         self._writer = None
+        self._forecaster = None
+        self._val_batch = None
+        self._lr_from_monitor = False
 
     def writer(self, trainer: Any):
+        """The tensorboardX writer on process 0 (``None`` elsewhere)."""
         if self._writer is None and trainer.is_main_process:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(logdir=self.log_dir, flush_secs=self.flush_secs)
         return self._writer
 
+    # --- hyperparameters -------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any) -> None:
+        from aurora_loop.callbacks.lr_monitor import LearningRateMonitor
+
+        self._lr_from_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        writer = self.writer(trainer)
+        if writer is None or not self.hparams:
+            return
+        from tensorboardX.summary import hparams as hparams_summary
+
+        values = {k: _hparam_value(v) for k, v in self.hparams.items()}
+        experiment, session_start, session_end = hparams_summary(values, {"val/loss": math.nan, "train/loss": math.nan})
+        file_writer = writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary, trainer.global_step)
+        writer.flush()
+
+    # --- scalars ---------------------------------------------------------------------------
     def wants_metrics(self, trainer: Any, step: int) -> bool:
         return trainer.is_main_process and step % self.log_every_n_steps == 0
 
@@ -45,9 +107,18 @@ class TensorBoardLogger(Callback):
         writer = self.writer(trainer)
         for name in metrics:
             writer.add_scalar(f"train/{name}", metrics[name], step)
-        lr = trainer.learning_rate(step)
-        if lr is not None:
-            writer.add_scalar("train/learning_rate", lr, step)
+        if not self._lr_from_monitor:
+            lr = trainer.learning_rate(step)
+            if lr is not None:
+                writer.add_scalar("train/learning_rate", lr, step)
+
+    def log_metrics(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        """Logger protocol (see ``aurora_loop.callbacks.sinks``): scalars by full tag."""
+        writer = self.writer(trainer)
+        if writer is None:
+            return
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, float(value), step)
 
     def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         writer = self.writer(trainer)
@@ -55,8 +126,45 @@ class TensorBoardLogger(Callback):
             return
         for name, value in metrics.items():
             writer.add_scalar(f"val/{name}", value, step)
+        self._write_maps(trainer, writer, step)
         writer.flush()
 
+    # --- forecast maps ---------------------------------------------------------------------
+    def _first_val_batch(self, trainer: Any) -> Any:
+        if self._val_batch is None and trainer.val_data is not None:
+            loader = trainer.val_data
+            loader.set_epoch(0)
+            iterator = iter(loader)
+            try:
+                self._val_batch = next(iterator)
+            except StopIteration:
+                return None
+            finally:
+                if hasattr(iterator, "close"):
+                    iterator.close()
+                loader.set_epoch(0)
+        return self._val_batch
+
+    def _write_maps(self, trainer: Any, writer: Any, step: int) -> None:
+        if self.image_fields is not None and not self.image_fields:
+            return
+        if not callable(getattr(trainer.task, "predict", None)):
+            return
+        from aurora_loop.callbacks.maps import Forecaster, forecast_maps, render_maps
+
+        batch = self._first_val_batch(trainer)
+        if batch is None or not hasattr(batch, "targets"):
+            return
+        if self._forecaster is None:
+            self._forecaster = Forecaster(trainer.task)
+        prediction = self._forecaster(trainer.state.params, batch)
+        maps = forecast_maps(prediction, batch.targets, self.image_fields, self.image_lead)
+        lat, lon = batch.targets.metadata.lat, batch.targets.metadata.lon
+        for name, (pred, true) in maps.items():
+            image = render_maps(name, pred, true, lat, lon, title=f"step {step}, lead step {self.image_lead + 1}")
+            writer.add_image(f"val/maps/{name}", image, step, dataformats="HWC")
+
+    # --- shutdown --------------------------------------------------------------------------
     def on_fit_end(self, trainer: Any) -> None:
         self.close()
 
@@ -64,6 +172,7 @@ class TensorBoardLogger(Callback):
         self.close()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -9,7 +9,6 @@ latitude is padded with edge values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -119,6 +118,23 @@ class ConvTask:
 
         loss, per_step = rollout_loss(self._predict_fn(params), step_loss, batch, average=self.rollout_average)
         return loss, {"rollout_loss_last": per_step[-1]}
+
+    def predict(self, params: Any, sample: Sample) -> Batch:
+        """The forecast for every target step of ``sample`` (the optional Task ``predict``).
+
+        Rolls the model out from ``sample.inputs`` over ``sample.targets.num_steps`` steps.
+        Returns a Batch shaped like ``sample.targets``: surface fields (b, steps, h, w),
+        atmospheric ones (b, steps, c, h, w), the targets' metadata and static fields.
+        """
+
+        def per_step(prediction: Batch, target: Batch) -> tuple[dict, dict]:
+            return dict(prediction.surf_vars), dict(prediction.atmos_vars)
+
+        surf, atmos = rollout_scan(self._predict_fn(params), sample, per_step)  # (steps, b, 1, ...)
+        return sample.targets.replace(
+            surf_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in surf.items()},
+            atmos_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in atmos.items()},
+        )
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
         def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
