@@ -1,5 +1,32 @@
-"""Aurora in Flax, with a facade that mirrors the PyTorch reference."""
+"""Aurora in Flax, with a facade that mirrors the PyTorch reference (``microsoft-aurora``).
 
-from aurora_loop.model.batch import Batch, Metadata, Sample
+    from aurora_loop.model import AuroraConfig, Batch, Metadata, load_reference_params, rollout
 
-__all__ = ["Batch", "Metadata", "Sample"]
+    config = AuroraConfig.preset("small")          # or AuroraConfig(**reference_kwargs)
+    params = load_reference_params(config, state_dict)   # name -> numpy array, either layout
+    prediction = apply(config, params, batch)      # one 6-hour step, pure and jittable
+    for prediction in rollout(config, params, batch, steps=4):
+        ...
+"""
+
+from aurora_loop.model.aurora import AuroraModule, apply, init_params, next_input, rollout
+from aurora_loop.model.batch import Batch, Metadata, Sample, stack_samples
+from aurora_loop.model.checkpoint import CheckpointError, load_params, load_reference_params, save_params
+from aurora_loop.model.config import AuroraConfig
+
+__all__ = [
+    "AuroraConfig",
+    "AuroraModule",
+    "Batch",
+    "CheckpointError",
+    "Metadata",
+    "Sample",
+    "apply",
+    "init_params",
+    "load_params",
+    "load_reference_params",
+    "next_input",
+    "rollout",
+    "save_params",
+    "stack_samples",
+]

@@ -12,6 +12,7 @@ arrays (float64 works too, under x64, for exact comparisons).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,8 +80,8 @@ def _check_variables(config: AuroraConfig, batch: Batch) -> None:
         unknown = sorted(set(names) - set(known))
         if unknown:
             raise ValueError(f"{group} variables {unknown} are not in the model's {group} variables {list(known)}")
-    if not batch.surf_vars or not batch.atmos_vars:
-        raise ValueError("a batch needs at least one surface and one atmospheric variable")
+    if not batch.atmos_vars:
+        raise ValueError("a batch needs at least one atmospheric variable")
 
 
 def prepare(config: AuroraConfig, batch: Batch, dtype: Any) -> Batch:
@@ -154,26 +155,29 @@ def next_input(batch: Batch, prediction: Batch) -> Batch:
     )
 
 
-def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int) -> Iterator[Batch]:
+@functools.partial(jax.jit, static_argnums=0)
+def _rollout_step(config: AuroraConfig, params: Params, batch: Batch, step: Array) -> tuple[Batch, dict[str, Array]]:
+    return apply(config, params, batch, rollout_step=step, capture_intermediates=True)
+
+
+def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
+            intermediates: bool = False) -> Iterator[Batch] | Iterator[tuple[Batch, dict[str, Array]]]:
     """Yield ``steps`` autoregressive predictions, like the reference's ``aurora.rollout``.
 
-    Each step is one jitted :func:`apply` (compiled once: the roll-out step is passed traced);
-    prediction ``k`` (1-based) has ``metadata.rollout_step == batch.metadata.rollout_step + k``
-    and its time advanced by ``k * config.timestep_hours`` (computed on the host in float64).
+    Each step is one jitted :func:`apply`, compiled once per (config, shapes): the roll-out
+    step is passed traced. Prediction ``k`` (1-based) has ``metadata.rollout_step ==
+    batch.metadata.rollout_step + k`` and its time advanced by ``k * config.timestep_hours``
+    (computed on the host in float64). With ``intermediates``, yields ``(prediction,
+    {"encoder": (B, L', D), "backbone": (B, L', 2D)})``.
     """
     dtype = params_dtype(params)
     batch = batch.astype(dtype).crop(config.patch_size)
     base_step = batch.metadata.rollout_step
-
-    @jax.jit
-    def step_fn(params: Params, batch: Batch, step: Array) -> Batch:
-        return apply(config, params, batch, rollout_step=step)
-
     host_time = np.asarray(jax.device_get(batch.metadata.time), dtype=np.float64)
     for k in range(steps):
         current = batch.replace(metadata=batch.metadata.replace(rollout_step=0))
-        pred = step_fn(params, current, jnp.int32(base_step + k))
+        pred, taps = _rollout_step(config, params, current, jnp.int32(base_step + k))
         host_time = host_time + config.timestep_hours
         pred = pred.replace(metadata=pred.metadata.replace(time=host_time, rollout_step=base_step + k + 1))
-        yield pred
+        yield (pred, taps) if intermediates else pred
         batch = next_input(batch, pred)

@@ -38,7 +38,7 @@ class VariableHeads(nn.Module):
         unknown = [n for n in names if n not in self.var_names]
         if unknown:
             raise KeyError(f"the model has no output head for variables {unknown}; it knows {self.var_names}")
-        index = jnp.asarray([self.var_names.index(n) for n in names])
+        index = jnp.asarray([self.var_names.index(n) for n in names], dtype=jnp.int32)
         k, b = kernel[index].astype(x.dtype), bias[index].astype(x.dtype)
         return jnp.einsum("...d,vdk->...vk", x, k) + b
 

@@ -55,8 +55,8 @@ class LevelPatchEmbed(nn.Module):
         n, v, t, h, w = x.shape
         if t > t_max:
             raise ValueError(f"{t} history steps given but the model takes at most {t_max}")
-        index = [self.var_names.index(name) for name in names]
-        kernel = weight[jnp.asarray(index), :t].astype(x.dtype)  # (V', T, p, p, D)
+        index = jnp.asarray([self.var_names.index(name) for name in names], dtype=jnp.int32)
+        kernel = weight[index, :t].astype(x.dtype)  # (V', T, p, p, D)
         patches = x.reshape(n, v, t, h // p, p, w // p, p)
         out = jnp.einsum("nvtaibj,vtijd->nabd", patches, kernel)
         return out.reshape(n, (h // p) * (w // p), self.embed_dim) + bias.astype(x.dtype)
@@ -83,10 +83,15 @@ class Perceiver3DEncoder(nn.Module):
         cfg = self.config
         d, p = cfg.embed_dim, cfg.patch_size
         surf_names, atmos_names = tuple(surf), tuple(atmos)
-        x_surf = jnp.stack([surf[k] for k in surf_names], axis=2)  # (B, T, V, H, W)
+        if not atmos_names:
+            raise ValueError("the encoder needs at least one atmospheric variable")
         x_atmos = jnp.stack([atmos[k] for k in atmos_names], axis=2)  # (B, T, V, C, H, W)
         b, t, _, c, h, w = x_atmos.shape
-        dtype = x_surf.dtype
+        dtype = x_atmos.dtype
+        if surf_names:
+            x_surf = jnp.stack([surf[k] for k in surf_names], axis=2).astype(dtype)  # (B, T, V, H, W)
+        else:  # no surface inputs: the surface level starts from the embedding's bias
+            x_surf = jnp.zeros((b, t, 0, h, w), dtype)
 
         surf_embed = LevelPatchEmbed(cfg.surf_vars + cfg.static_vars, p, d, cfg.max_history_size, name="surf_token_embeds")
         atmos_embed = LevelPatchEmbed(cfg.atmos_vars, p, d, cfg.max_history_size, name="atmos_token_embeds")

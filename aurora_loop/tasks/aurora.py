@@ -1,0 +1,169 @@
+"""``tiny`` / ``small`` / ``aurora``: the Aurora model as a trainable task.
+
+The loss is the Aurora paper's weighted mean absolute error on *normalised* variables
+(Bodnar et al. 2025, supplementary D): per variable the MAE over the grid (and levels), with
+the pre-training variable weights, surface terms scaled by ``alpha = 1/4`` and atmospheric
+ones by ``beta = 1``, divided by the number of variables. Validation reports that loss as
+``loss`` plus latitude-weighted ``mae/<var>`` and ``rmse/<var>`` in physical units.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from aurora_loop.errors import UsageError
+from aurora_loop.metrics import MeanMetrics, weather_errors
+from aurora_loop.model.aurora import apply, init_params
+from aurora_loop.model.batch import Batch, Sample
+from aurora_loop.model.checkpoint import CheckpointError, load_config
+from aurora_loop.model.config import AuroraConfig
+from aurora_loop.rollout import rollout_loss, rollout_scan
+from aurora_loop.task import register_task
+
+# Pre-training weights of the paper (variables not listed weigh 1).
+SURFACE_WEIGHTS = {"2t": 3.0, "10u": 0.77, "10v": 0.66, "msl": 1.5}
+ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}
+ALPHA, BETA = 0.25, 1.0
+
+
+def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
+    """The paper's loss per example, shape (b,): weighted MAE of normalised fields.
+
+    ``prediction`` and ``target``: Batches with the same variables, fields (b, t, [c,] h, w)
+    in physical units (normalised here with the model's statistics).
+    """
+    pred = prediction.normalise(surf_stats)
+    true = target.normalise(surf_stats)
+    terms = []
+    for name, truth in true.surf_vars.items():
+        err = jnp.abs(pred.surf_vars[name].astype(jnp.float32) - truth.astype(jnp.float32))
+        terms.append(ALPHA * SURFACE_WEIGHTS.get(name, 1.0) * jnp.mean(err, axis=tuple(range(1, err.ndim))))
+    for name, truth in true.atmos_vars.items():
+        err = jnp.abs(pred.atmos_vars[name].astype(jnp.float32) - truth.astype(jnp.float32))
+        terms.append(BETA * ATMOS_WEIGHTS.get(name, 1.0) * jnp.mean(err, axis=tuple(range(1, err.ndim))))
+    return sum(terms) / len(terms)
+
+
+class AuroraTask:
+    """Aurora on ``Sample`` batches (inputs: t = history steps; targets: t = roll-out steps).
+
+    Args:
+      config: the architecture (its variables must include the data's).
+      name: the registered name.
+      rollout_average: average the loss over roll-out steps (else the last step's).
+      pretrained: part name -> orbax directory (``encoder`` / ``backbone`` / ``decoder``)
+        to start from; parts not given are freshly initialised.
+    """
+
+    def __init__(self, config: AuroraConfig, name: str = "aurora", rollout_average: bool = True,
+                 pretrained: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.name = name
+        self.rollout_average = rollout_average
+        self.pretrained = dict(pretrained or {})
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _crop(self, sample: Sample) -> Sample:
+        p = self.config.patch_size
+        return Sample(sample.inputs.crop(p), sample.targets.crop(p))
+
+    def _predict_fn(self, params: Any):
+        def predict(inputs: Batch, step: jax.Array) -> Batch:
+            return apply(self.config, params, inputs, rollout_step=step)
+
+        return predict
+
+    def _step_loss(self, prediction: Batch, target: Batch) -> jax.Array:
+        return jnp.mean(weighted_mae(prediction, target, self.config.surf_stats_dict))
+
+    # -- the Task protocol --------------------------------------------------------------------
+    def init(self, rng: jax.Array, example_batch: Sample) -> Any:
+        params = init_params(self.config, rng, self._crop(example_batch).inputs)
+        if self.pretrained:
+            params = {**params, **self._load_parts(params)}
+        return params
+
+    def _load_parts(self, fresh: Any) -> dict[str, Any]:
+        """The pretrained parts, checked against the freshly initialised ones."""
+        import orbax.checkpoint as ocp
+
+        from aurora_loop.model.checkpoint import _check_against
+
+        out = {}
+        for part, path in self.pretrained.items():
+            if part not in fresh:
+                raise UsageError(f"unknown model part {part!r}; parts are {', '.join(fresh)}")
+            if not os.path.isdir(path):
+                raise UsageError(f"no {part} checkpoint at {path}; write one with aurora-loop import-checkpoint")
+            restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+            try:
+                _check_against({part: restored}, {part: fresh[part]})
+            except CheckpointError as err:
+                raise UsageError(f"the pretrained {part} checkpoint {path} does not fit the model: {err}") from err
+            out[part] = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), restored)
+        return out
+
+    def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        batch = self._crop(batch)
+        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average)
+        return loss, {"rollout_loss_last": per_step[-1]}
+
+    def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
+        batch = self._crop(batch)
+
+        def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
+            return {"loss": weighted_mae(prediction, target, self.config.surf_stats_dict), **weather_errors(prediction, target)}
+
+        scores = rollout_scan(self._predict_fn(params), batch, per_step)  # each (steps, b)
+        return MeanMetrics.from_values({k: jnp.mean(v, axis=0) for k, v in scores.items()})
+
+    def predict(self, params: Any, sample: Sample) -> Batch:
+        """The forecast for every target step: a Batch shaped like the (cropped) targets."""
+        sample = self._crop(sample)
+
+        def per_step(prediction: Batch, target: Batch) -> tuple[dict, dict]:
+            return dict(prediction.surf_vars), dict(prediction.atmos_vars)
+
+        surf, atmos = rollout_scan(self._predict_fn(params), sample, per_step)
+        return sample.targets.replace(
+            surf_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in surf.items()},
+            atmos_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in atmos.items()},
+        )
+
+
+def model_config(preset: str, config: Any) -> AuroraConfig:
+    """The AuroraConfig for a TrainingConfig: a checkpoint's ``config.json`` when
+    ``checkpoint_dir`` has one, else the preset on the data's variables."""
+    overrides = {"autocast": bool(getattr(config, "bf16", False)), "remat": bool(getattr(config, "remat", False))}
+    directory = getattr(config, "checkpoint_dir", None)
+    if directory and os.path.isfile(os.path.join(directory, "config.json")):
+        return load_config(directory).replace(**overrides)
+    for name in ("surf_vars", "static_vars", "atmos_vars"):
+        value = getattr(config, name, None)
+        if value is not None:
+            overrides[name] = tuple(value)
+    return AuroraConfig.preset(preset, **overrides)
+
+
+def _factory(preset: str):
+    def make(config: Any) -> AuroraTask:
+        try:
+            model = model_config(preset, config)
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"cannot build the {preset} Aurora model: {err}") from err
+        paths = getattr(config, "pretrained_paths", None)
+        if paths is None:
+            directory = getattr(config, "checkpoint_dir", None)
+            paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
+        return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths)
+
+    return make
+
+
+for _preset in ("tiny", "small", "aurora"):
+    register_task(_preset)(_factory(_preset))
