@@ -106,6 +106,11 @@ class ZarrLoader:
         if len(self) == 0:
             raise UsageError(f"{self.index.shape[0]} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")
 
+    @property
+    def time_step(self) -> np.timedelta64:
+        """Spacing of the data's time steps (the model's lead time per rollout step)."""
+        return self.store.time_step
+
     # -- Loader protocol ------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -278,6 +278,7 @@ class WeatherSource(Protocol):
 
     path: str
     times: np.ndarray
+    time_step: np.timedelta64
     hours: np.ndarray
     lat: np.ndarray
     lon: np.ndarray
@@ -356,7 +357,7 @@ class WeatherStore:
 
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
         sources = [self._source] if static_path is None else [_Source.open(static_path), self._source]
-        return read_static(self.selection, sources, self.lat, self.lon)
+        return check_static(read_static(self.selection, sources, self.lat, self.lon), self.path)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -450,6 +451,14 @@ def read_static(selection: VariableSelection, sources: Sequence[_Source], lat: n
             )
         out[name] = np.ascontiguousarray(field.read(time=0))
     return out
+
+
+def check_static(static: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """Refuse static fields with NaNs (the model would spread them everywhere)."""
+    for name, value in static.items():
+        if np.isnan(value).any():
+            raise UsageError(f"static field {name!r} of {path!r} holds NaNs; fill them (e.g. 0 over the ocean) or leave {name!r} out of --static_vars")
+    return static
 
 
 def _hours(step: np.timedelta64) -> float:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from aurora_loop.datasets.store import _Grid, _Source, check_times, read_static, select_levels
+from aurora_loop.datasets.store import _Grid, _Source, check_static, check_times, read_static, select_levels
 from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, VariableSelection
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
@@ -101,7 +101,7 @@ class RecordStore:
             if levels is None:
                 raise UsageError(f"{name} records carry no 'level'; add it to the records or pass levels=")
             self.levels, self._level_index = select_levels(np.asarray(levels), selection.levels, name)
-        self.static = self._read_static(first, static_path)
+        self.static = check_static(self._read_static(first, static_path), name)
 
     # -- metadata -------------------------------------------------------------------------
 

@@ -175,6 +175,7 @@ def test_nan_samples_error_or_are_skipped_and_counted(tmp_path):
 def test_build_loaders_from_a_config(store_path):
     train, val = build_loaders(config(store_path))
     assert len(train) == (TIMES - 8 - 3) // 4 and len(val) == (8 - 3) // 4
+    assert train.time_step == np.timedelta64(6, "h")  # the model's lead time per step
     batch = next(iter(train))
     assert set(batch.inputs.surf_vars) == {"2t", "msl"} and set(batch.inputs.static_vars) == {"lsm", "z"}
     assert batch.inputs.atmos_vars["z"].shape == (4, 2, 2, 8, 16) and batch.targets.atmos_vars["t"].shape == (4, 2, 2, 8, 16)

@@ -191,3 +191,12 @@ def test_reading_into_a_batch_matches_reading(tmp_path, ds, quirk):
         np.testing.assert_allclose(atmos["z"], 2.0 * aurora_view(ds, "geopotential")[4:8], rtol=1e-6)
     if quirk == "level_pick":
         np.testing.assert_array_equal(atmos["t"][:, 0], aurora_view(ds, "temperature")[4:8, 2])
+
+
+def test_static_fields_with_nans_are_refused(tmp_path, ds):
+    holes = ds.copy(deep=True)
+    holes["soil_type"][2, 3] = np.nan
+    path = write_store(holes, tmp_path / "s.zarr")
+    with pytest.raises(UsageError, match="static field 'slt' .* holds NaNs"):
+        WeatherStore(path, VariableSelection())
+    assert set(WeatherStore(path, VariableSelection(static=("lsm", "z"))).static) == {"lsm", "z"}
