@@ -18,13 +18,16 @@ from aurora_loop.errors import UsageError, report_usage_error
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("sample_data", "write a synthetic WeatherBench2-layout Zarr store (learnable weather)"),
     "convert": ("convert", "turn NetCDF/GRIB files into a WeatherBench2-layout Zarr store"),
+    "export-checkpoint": ("export_checkpoint", "write a run's checkpoint as encoder/backbone/decoder weights for handing on"),
+    "forecast": ("forecast", "roll a trained model out to a WeatherBench2 forecast Zarr store"),
+    "evaluate": ("evaluate", "score a forecast store against the truth: RMSE, bias, ACC vs baselines; CSV/JSON and plots"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aurora-loop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (_module, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
