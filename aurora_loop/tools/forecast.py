@@ -1,0 +1,62 @@
+"""``aurora-loop forecast``: roll a trained model out to a WeatherBench2 forecast Zarr store.
+
+    aurora-loop forecast --checkpoint runs/a --init 2020-01-25T00,2020-01-26T00 --steps 8 --out fc.zarr
+
+``--checkpoint``: a run dir (its newest step), ``run/checkpoints/<step>``, or an exported
+checkpoint dir (``aurora-loop export-checkpoint``). The variables, levels and history come
+from the run's config; the data from ``--dataset_path`` (default: the run's store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from aurora_loop.errors import UsageError
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a run dir (newest step), run/checkpoints/<step>, or an exported encoder/backbone/decoder (or model/) dir")
+    parser.add_argument("--dataset_path", metavar="STORE", help="WB2-layout Zarr store to read the initial conditions from (default: the run's dataset_path)")
+    parser.add_argument("--static_path", metavar="STORE", help="separate store of static fields (default: the run's static_path)")
+    parser.add_argument("--init", required=True, metavar="TIMES", help="initial times: ISO times comma-separated (2020-01-25T00,2020-01-26T00), START/END[/EVERY] (2020-01-20/2020-01-25/12h), or all")
+    parser.add_argument("--steps", type=int, required=True, metavar="N", help="roll-out steps; lead times are 1..N times the store's time step")
+    parser.add_argument("--out", required=True, metavar="FORECAST.zarr", help="Zarr store to write (refused if it exists, unless --overwrite)")
+    parser.add_argument("--model", help="task name, for checkpoints without a training config (e.g. imported Aurora weights)")
+    parser.add_argument("--member", type=int, default=0, help="ensemble member of the store to start from (default 0)")
+    parser.add_argument("--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)")
+    parser.add_argument("--num_devices", "--num_gpus", dest="num_devices", type=int, help="devices to use (default: all visible)")
+    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format of the output (default 2, consolidated, as WeatherBench2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.num_devices is not None and args.num_devices < 1:
+        raise UsageError(f"--num_devices must be at least 1, got {args.num_devices}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"--out {args.out} already exists; choose a new path or pass --overwrite")
+    from aurora_loop.forecast import forecast_from_checkpoint
+
+    path, count = forecast_from_checkpoint(
+        checkpoint=args.checkpoint,
+        init=args.init,
+        steps=args.steps,
+        out=args.out,
+        dataset_path=args.dataset_path,
+        static_path=args.static_path,
+        model=args.model,
+        member=args.member,
+        batch_size=args.batch_size,
+        num_devices=args.num_devices,
+        zarr_format=args.zarr_format,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    print(f"Wrote {count} forecast(s) of {args.steps} step(s) to {path}")
+    print(f"Score them with: aurora-loop evaluate {path} --truth STORE --out REPORT_DIR")
+    return 0
