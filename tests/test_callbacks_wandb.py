@@ -1,0 +1,118 @@
+"""WandbLogger in offline mode: what it wrote to the run's .wandb file, read back."""
+
+from __future__ import annotations
+
+import glob
+import json
+import struct
+import types
+
+import optax
+import pytest
+
+wandb = pytest.importorskip("wandb")
+
+from aurora_loop.callbacks import WandbLogger  # noqa: E402
+from aurora_loop.data import ArrayLoader  # noqa: E402
+from aurora_loop.model.batch import stack_samples  # noqa: E402
+from aurora_loop.parallel import make_mesh  # noqa: E402
+from aurora_loop.tasks.conv import ConvTask  # noqa: E402
+from aurora_loop.trainer import Trainer  # noqa: E402
+from tests.synthetic import make_samples  # noqa: E402
+
+
+def wandb_records(path: str) -> list:
+    """Records of a .wandb file (a LevelDB-style log of protobuf ``Record``s in 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, block, raw, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            raw.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            raw.append(pending + chunk)
+            pending = b""
+    records = []
+    for item in raw:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(item)
+        records.append(record)
+    return records
+
+
+def history(path: str) -> dict[int, dict]:
+    rows = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            rows.setdefault(int(row["_step"]), {}).update(row)
+    return rows
+
+
+def test_offline_run_logs_scalars_maps_and_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    samples = make_samples(12, grid=(8, 16))
+    train = ArrayLoader(samples[:8], 2, stack_samples, seed=0)
+    val = ArrayLoader(samples[8:], 2, stack_samples, shuffle=False)
+    logger = WandbLogger(project="aurora-test", save_dir=str(tmp_path), config={"learning_rate": 1e-3}, log_every_n_steps=2, image_fields=None)
+    trainer = Trainer([logger], optimizer=optax.adam(1e-3), learning_rate=1e-3, max_epochs=1, mesh=make_mesh(1))
+    trainer.fit(ConvTask(features=8, depth=2), train, val)
+    run_id = logger.run_id
+    assert run_id and logger.state_dict() == {"run_id": run_id}
+
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    assert len(files) == 1
+    rows = history(files[0])
+    assert sorted(rows) == [2, 4]
+    assert rows[4]["val/loss"] == pytest.approx(trainer.last_val_metrics["loss"], rel=1e-6)
+    assert rows[4]["val/rmse/z500"] == pytest.approx(trainer.last_val_metrics["rmse/z500"], rel=1e-6)
+    assert rows[2]["train/learning_rate"] == pytest.approx(1e-3)
+    assert "train/loss" in rows[2] and "train/grad_norm" in rows[4]
+    for field in ("2t", "z500"):
+        assert rows[4][f"val/maps/{field}/_type"] == "image-file"
+        assert rows[4][f"val/maps/{field}/width"] > 2 * rows[4][f"val/maps/{field}/height"] > 0
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "val" / "maps" / "*.png"))
+
+    # A resumed training run (callback state from the checkpoint) continues the same W&B run.
+    resumed = WandbLogger(project="aurora-test", save_dir=str(tmp_path))
+    resumed.load_state_dict(logger.state_dict())
+    fake = types.SimpleNamespace(is_main_process=True, learning_rate=lambda step: None, task=None, val_data=None)
+    resumed.on_fit_start(fake)
+    resumed.log_metrics(fake, 6, {"perf/steps_per_sec": 3.0})
+    resumed.close()
+    assert resumed.run_id == run_id
+    # (Offline run directories are named by the second they started, so the resumed run may
+    # share the first one's directory.)
+    resumed_rows = [history(f) for f in glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))]
+    assert [rows[6]["perf/steps_per_sec"] for rows in resumed_rows if 6 in rows] == [3.0]
+
+
+def test_missing_wandb_is_a_usage_error(monkeypatch):
+    import builtins
+
+    from aurora_loop.errors import UsageError
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(UsageError, match=r"pip install 'aurora_loop\[wandb\]'"):
+        WandbLogger().run(types.SimpleNamespace(is_main_process=True))
