@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON or YAML file of settings; flags override it")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from the newest checkpoint in output_dir (default: on)")
+    parser.add_argument("--callback", action="append", default=[], metavar="SPEC",
+                        help="add a callback: module:Class, module:Class={json kwargs}, or an installed "
+                             "entry-point name of the group aurora_loop.callbacks (repeatable)")
     parser.add_argument("--overwrite", action="store_true", default=False,
                         help="start afresh in an output_dir that holds a different run (deletes its checkpoints and logs)")
     for field in dataclasses.fields(TrainingConfig):
@@ -68,7 +71,7 @@ def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]
     args = build_parser().parse_args(argv)
     values = vars(args).copy()
     config_path = values.pop("config", None)
-    for key in ("resume", "overwrite"):
+    for key in ("resume", "overwrite", "callback"):
         values.pop(key, None)
     config = TrainingConfig()
     if config_path:
@@ -141,7 +144,8 @@ def _use_cpu_devices(config: TrainingConfig) -> None:
             pass
 
 
-def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False) -> int:
+def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False,
+        callback_specs: tuple[str, ...] = ()) -> int:
     """Train according to ``config``; returns the exit status.
 
     Everything that can be checked (devices, model, data) is checked before config.json is
@@ -155,12 +159,15 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     import jax
 
     from aurora_loop.callbacks import ModelCheckpoint, ProgressBar, TensorBoardLogger
+    from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption, was_preempted
     from aurora_loop.parallel import check_batch_divisible, make_mesh
+    from aurora_loop.plugins import load_callbacks
     from aurora_loop.step import learning_rate_schedule, make_optimizer
     from aurora_loop.task import available_tasks, make_task
     from aurora_loop.trainer import Trainer
 
     out = os.path.abspath(config.output_dir)
+    user_callbacks = load_callbacks(list(callback_specs))
     mesh = make_mesh(config.num_gpus)
     check_batch_divisible(config.batch_size, mesh)
     if config.model not in available_tasks():
@@ -192,6 +199,8 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         ProgressBar(every_n_steps=config.log_every_n_steps),
         TensorBoardLogger(tensorboard_dir, log_every_n_steps=config.log_every_n_steps),
         ModelCheckpoint(checkpoint_dir, every_n_steps=config.save_every_n_steps, max_to_keep=config.max_to_keep),
+        Preemption(),
+        *user_callbacks,
     ]
     trainer = Trainer(
         callbacks=callbacks,
@@ -214,6 +223,10 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     if main:
         write_run_config(requested, clear_previous)
     trainer.fit(task, train_loader, val_loader, resume=resume)
+    if was_preempted(trainer):
+        if main:
+            print(f"Stopped by a signal at step {trainer.global_step} after saving; rerun the same command to resume", flush=True)
+        return PREEMPTED_EXIT_CODE
     if main:
         scores = trainer.last_val_metrics
         summary = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, args = resolve_config(argv)
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
-        return run(config, resume=args.resume, clear_previous=clear_previous)
+        return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback))
     except UsageError as err:
         return report_usage_error(err, PROG)
     except KeyboardInterrupt:
