@@ -98,8 +98,9 @@ def _training_config(values: dict[str, Any] | None, model: str | None, where: st
 
     if values is None or "model" not in values:
         if model is None:
-            raise UsageError(f"{where} holds no training config (config.json of an aurora-train run); pass --model NAME and the variables with --surf_vars/--atmos_vars/--levels")
-        return TrainingConfig(model=model)
+            raise UsageError(f"{where} holds no training config (config.json of an aurora-train run); pass --model NAME and the variables with --surf_vars/--static_vars/--atmos_vars/--levels")
+        # e.g. weights from `aurora-loop import-checkpoint`: the task reads its model config there
+        return TrainingConfig(model=model, checkpoint_dir=where)
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     config = config_from_mapping({k: v for k, v in values.items() if k in known}, source=f"{where}")
     return config.replace(model=model) if model else config
@@ -227,6 +228,8 @@ def load_model(resolved: tuple[Any, str, str, int | None], example: Any) -> Load
         extra = [n for n in os.listdir(where) if os.path.isdir(os.path.join(where, n)) and n not in PARTS and not n.startswith(".")]
         for name in extra:  # e.g. LoRA adapters written next to the parts
             params[name] = _restore_tree(os.path.join(where, name))
+    if getattr(task, "pretrained", None):
+        task.pretrained = {}  # the weights are loaded here; init need not read them as well
     expected = jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
     return LoadedModel(task=task, params=_fit_params(params, expected, where), config=config, source=where, step=step)
 
@@ -526,16 +529,21 @@ def forecast_from_checkpoint(
     zarr_format: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    overrides: dict[str, str] | None = None,
 ) -> tuple[str, int]:
     """``aurora-loop forecast`` as a function: load, check, roll out, write.
 
-    ``init`` as in :func:`parse_init_times`. The variables, levels and history are the run's;
+    ``init`` as in :func:`parse_init_times`. The variables, levels and history are the run's
+    (``overrides``: TrainingConfig fields as flag strings, e.g. ``{"levels": "500,850"}``);
     ``dataset_path`` / ``static_path`` default to the run's stores. Every input is checked
     before anything is written. Returns (path of the store, number of initial times).
     """
+    from aurora_loop.config import config_from_mapping
     from aurora_loop.datasets import WeatherStore, selection_from_config
 
     config, layout, where, step = resolve_checkpoint(checkpoint, model)
+    if overrides:
+        config = config_from_mapping(overrides, source="flag", base=config)
     if dataset_path:
         config = config.replace(dataset_path=dataset_path)
     if static_path:

@@ -23,6 +23,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, required=True, metavar="N", help="roll-out steps; lead times are 1..N times the store's time step")
     parser.add_argument("--out", required=True, metavar="FORECAST.zarr", help="Zarr store to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--model", help="task name, for checkpoints without a training config (e.g. imported Aurora weights)")
+    for name in ("surf_vars", "static_vars", "atmos_vars", "levels"):
+        parser.add_argument(f"--{name}", help=f"override the run's {name} (comma list; for checkpoints without a training config)")
     parser.add_argument("--member", type=int, default=0, help="ensemble member of the store to start from (default 0)")
     parser.add_argument("--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)")
     parser.add_argument("--num_devices", "--num_gpus", dest="num_devices", type=int, help="devices to use (default: all visible)")
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         zarr_format=args.zarr_format,
         overwrite=args.overwrite,
         progress=args.progress,
+        overrides={k: getattr(args, k) for k in ("surf_vars", "static_vars", "atmos_vars", "levels") if getattr(args, k) is not None},
     )
     print(f"Wrote {count} forecast(s) of {args.steps} step(s) to {path}")
     print(f"Score them with: aurora-loop evaluate {path} --truth STORE --out REPORT_DIR")
