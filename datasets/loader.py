@@ -9,7 +9,9 @@ batches depend only on (seed, epoch, position), never on threads or timing, and
 
 Reading happens on ``num_workers`` threads (zarr decompression releases the GIL), each
 loading whole batches ahead of the consumer into a bounded window of ``prefetch`` batches;
-batches are still yielded in order. ``num_workers=0`` reads in the caller's thread.
+batches are still yielded in order. ``num_workers=0`` reads in the caller's thread. Batch
+memory is recycled once the consumer (and anything wrapping the arrays) lets go of a batch
+(``buffers.BufferPool``), so steady-state loading does not page-fault fresh memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from aurora_loop.datasets.buffers import BufferPool
 from aurora_loop.datasets.samples import BatchArrays, SampleSpec, sample_index
 from aurora_loop.datasets.store import WeatherSource
 from aurora_loop.errors import UsageError
@@ -103,6 +106,9 @@ class ZarrLoader:
         self.epoch = 0
         self.position = 0
         self.skipped = 0
+        # batches read ahead + the one in use + one being released, for every field
+        n_fields = len(store.fields["surf"]) + len(store.fields["atmos"])
+        self._pool = BufferPool(keep=(self.prefetch + 2) * max(n_fields, 1))
         if len(self) == 0:
             raise UsageError(f"{self.index.shape[0]} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")
 
@@ -174,7 +180,7 @@ class ZarrLoader:
     def _load(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
         """Read this process's share of global batch ``position`` of ``order``."""
         base = position * self.batch_size
-        arrays = BatchArrays(self.store, self.spec, share.stop - share.start)
+        arrays = BatchArrays(self.store, self.spec, share.stop - share.start, self._pool)
         skipped = sum(self._fill_clean(arrays, slot, order, base + k) for slot, k in enumerate(range(share.start, share.stop)))
         return _Loaded(arrays.sample(), skipped)
 

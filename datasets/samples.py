@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from aurora_loop.datasets.buffers import BufferPool
 from aurora_loop.datasets.store import WeatherSource
 from aurora_loop.datasets.variables import ATMOS, SURF
 from aurora_loop.errors import UsageError
@@ -113,15 +114,17 @@ class BatchArrays:
     slot with one zarr call per variable (zarr decompresses the span's chunks in parallel and,
     when it can, straight into the slot), so there are no per-example arrays and no
     collation copy. ``inputs`` / ``targets`` are views of the first ``history`` and the last
-    ``rollout_steps`` steps.
+    ``rollout_steps`` steps. With a :class:`BufferPool` the arrays reuse the memory of
+    batches nothing refers to any more.
     """
 
-    def __init__(self, store: WeatherSource, spec: SampleSpec, size: int) -> None:
+    def __init__(self, store: WeatherSource, spec: SampleSpec, size: int, pool: BufferPool | None = None) -> None:
         self.store, self.spec = store, spec
         h, w = store.shape
         c = len(store.levels)
-        self.surf = {k: np.empty((size, spec.span, h, w), np.float32) for k in store.fields[SURF]}
-        self.atmos = {k: np.empty((size, spec.span, c, h, w), np.float32) for k in store.fields[ATMOS]}
+        empty = np.empty if pool is None else pool.empty
+        self.surf = {k: empty((size, spec.span, h, w), np.float32) for k in store.fields[SURF]}
+        self.atmos = {k: empty((size, spec.span, c, h, w), np.float32) for k in store.fields[ATMOS]}
         self.starts = np.zeros(size, dtype=np.int64)
 
     def fill(self, slot: int, start: int, member: int = 0) -> None:
