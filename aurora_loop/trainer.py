@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from aurora_loop.callbacks.base import Callback
 from aurora_loop.data import Loader
+from aurora_loop.distributed import agree, agree_any
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.step import (
     TrainState,
@@ -308,12 +309,15 @@ class Trainer:
                 pending = (step, metrics)
 
                 val_due = self.val_every_n_steps is not None and step % self.val_every_n_steps == 0
-                if not (val_due or self.should_stop or self._reached_max_steps()
-                        or any(cb.wants_sync(self, step) for cb in self.callbacks)):
+                wants_sync = any(cb.wants_sync(self, step) for cb in self.callbacks)
+                # All processes must take the same branch (collectives follow); one process: no-op.
+                self.should_stop, wants_sync = agree_any(self.should_stop, wants_sync)
+                if not (val_due or self.should_stop or self._reached_max_steps() or wants_sync):
                     continue
                 flush()
                 if val_due:
                     self.validate(step)
+                self.should_stop = agree(self.should_stop)  # hooks above may have set it
                 if self.should_stop or self._reached_max_steps():
                     epoch_ended = False
                     break
@@ -328,8 +332,10 @@ class Trainer:
             # The saved position is the start of the next epoch, so a resume never replays one.
             self.epoch += 1
             loader.set_epoch(self.epoch)
+            self.should_stop = agree(self.should_stop)
             self._emit("on_sync", self.global_step)
             last_synced = self.global_step
+            self.should_stop = agree(self.should_stop)
         flush()
         if last_synced != self.global_step:
             self._emit("on_sync", self.global_step)
@@ -348,6 +354,7 @@ class Trainer:
         self.val_data.set_epoch(0)
         total = None
         for local_batch in self.val_data:
+            self.should_stop = agree(self.should_stop)
             if self.should_stop:  # e.g. preemption: give up the pass, save promptly
                 return None
             batch_metrics = self._eval_step(self.state.params, self.place(local_batch))
