@@ -1,11 +1,15 @@
 """Weather data for aurora_loop: WeatherBench2-layout Zarr stores -> Aurora samples.
 
-- :mod:`.store`: :class:`WeatherStore`, the reader (Zarr v2/v3, WB2 names, orientation).
-- :mod:`.samples`: history + rollout targets per sample, valid starts, time splits.
+- :mod:`.build`: :func:`build_loaders`, a training config -> (train, validation) loaders.
+- :mod:`.store`: :class:`WeatherStore`, the Zarr reader (v2/v3, WB2 names, members).
+- :mod:`.layout`: dim names, grid orientation, time / level / static checks.
+- :mod:`.samples`: history + rollout targets per sample, valid starts, time splits, batches.
 - :mod:`.loader`: :class:`ZarrLoader`, prefetching, per-process, resumable batches.
-- :mod:`.build`: :func:`build_loaders` from a training config.
-- :mod:`.sample_data`: synthetic stores (``aurora-loop sample-data``).
+- :mod:`.buffers`: batch memory recycled once nothing refers to it.
 - :mod:`.variables`: the WB2 <-> Aurora name map and variable selections.
+- :mod:`.sample_data`: synthetic learnable stores (``aurora-loop sample-data``).
+- :mod:`.convert`: NetCDF / GRIB -> WB2 Zarr (``aurora-loop convert``); :mod:`.writer`.
+- :mod:`.tfds_source`: TFDS array_record data sources (and any record source) as a store.
 """
 
 from aurora_loop.datasets.build import build_loaders, selection_from_config

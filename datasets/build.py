@@ -8,7 +8,7 @@ from aurora_loop.datasets.loader import ZarrLoader
 from aurora_loop.datasets.samples import SampleSpec, sample_index, split_starts
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.tfds_source import TFDS_PREFIX, RecordStore, open_tfds
-from aurora_loop.datasets.variables import AURORA_VARS, ATMOS, STATIC, SURF, VariableSelection, parse_name_list
+from aurora_loop.datasets.variables import ATMOS, AURORA_VARS, STATIC, SURF, VariableSelection, parse_name_list
 from aurora_loop.errors import UsageError
 
 

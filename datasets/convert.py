@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from aurora_loop.datasets.store import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
+from aurora_loop.datasets.layout import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
 from aurora_loop.datasets.variables import DEFAULT_MAP, STATIC
 from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError

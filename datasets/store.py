@@ -4,15 +4,15 @@ Layout read: data variables with dims ``(time, latitude, longitude)`` (surface),
 ``(time, level, latitude, longitude)`` (atmospheric, ``level`` in hPa) and ``(latitude,
 longitude)`` (static; a static variable with a ``time`` dim is read at its first time), in
 any order, optionally with an ensemble dim (``number``, ``member``, ``realization``) whose
-members become separate samples. Coordinates: ``time`` (datetime64, evenly spaced), ``latitude`` (degrees north,
-ascending as WB2 writes it, or descending), ``longitude`` (degrees east, any range, e.g.
-[-180, 180)), ``level`` (hPa). ``lat``/``lon`` and ``pressure_level``/``isobaricInhPa`` are
-accepted as dim names too.
+members become separate samples. Coordinates: ``time`` (datetime64, evenly spaced),
+``latitude`` (degrees north, ascending as WB2 writes it, or descending), ``longitude``
+(degrees east, any range, e.g. [-180, 180)), ``level`` (hPa); the other names in
+:mod:`.layout` (``lat``, ``lon``, ``pressure_level``, ``isobaricInhPa``, ...) work too.
 
-Everything leaves the reader in Aurora's orientation: latitudes decreasing (90 -> -90),
-longitudes increasing in [0, 360), levels in the order asked for, float32. Metadata (time,
-coordinates, encodings) is decoded once with xarray; the field reads go straight to zarr so
-many threads can read at once without xarray's per-call overhead.
+Everything leaves the reader in Aurora's orientation (:class:`.layout.Grid`), float32.
+Metadata (time, coordinates, encodings) is decoded once with xarray; the field reads go
+straight to zarr, which decompresses into the caller's batch arrays where it can, so many
+threads read at once without xarray's per-call overhead.
 """
 
 from __future__ import annotations
@@ -32,22 +32,22 @@ try:  # zarr 3
 except ImportError:  # zarr 2 takes numpy arrays as ``out``
     _NDBuffer = None
 
-from aurora_loop.datasets.variables import ATMOS, KINDS, STATIC, SURF, VariableSelection
+from aurora_loop.datasets.layout import (
+    CANONICAL,
+    LEVEL_DIMS,
+    MEMBER_DIMS,
+    OPTIONAL,
+    REQUIRED,
+    Grid,
+    check_static,
+    check_times,
+    find_dim,
+    role,
+    select_levels,
+)
+from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, VariableSelection
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
-
-TIME_DIMS = ("time",)
-LAT_DIMS = ("latitude", "lat")
-LON_DIMS = ("longitude", "lon")
-LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
-MEMBER_DIMS = ("number", "member", "realization", "ensemble")
-
-
-def _find_dim(ds: xr.Dataset, names: Sequence[str]) -> str | None:
-    for name in names:
-        if name in ds.dims or name in ds.coords:
-            return name
-    return None
 
 
 def open_zarr_dataset(path: str | os.PathLike) -> xr.Dataset:
@@ -65,62 +65,6 @@ def open_zarr_dataset(path: str | os.PathLike) -> xr.Dataset:
 
 
 @dataclasses.dataclass
-class _Grid:
-    """How one store's (latitude, longitude) grid maps onto Aurora's orientation."""
-
-    lat: np.ndarray  # (h,) decreasing, float32
-    lon: np.ndarray  # (w,) increasing in [0, 360), float32
-    flip_lat: bool
-    lon_order: np.ndarray | None  # permutation of the store's longitudes, None = identity
-
-    @classmethod
-    def of(cls, ds: xr.Dataset, path: str) -> _Grid:
-        lat_dim, lon_dim = _find_dim(ds, LAT_DIMS), _find_dim(ds, LON_DIMS)
-        if lat_dim is None or lon_dim is None:
-            raise UsageError(f"{path!r} has no latitude/longitude coordinates (dims: {', '.join(map(str, ds.dims)) or 'none'}); write dims (time, [level,] latitude, longitude) as WeatherBench2 does")
-        return cls.from_coords(ds[lat_dim].values, ds[lon_dim].values, path)
-
-    @classmethod
-    def from_coords(cls, lat: np.ndarray, lon: np.ndarray, path: str) -> _Grid:
-        """From the source's latitude and longitude values (degrees), in the source's order."""
-        lat = np.asarray(lat, dtype=np.float64)
-        lon = np.asarray(lon, dtype=np.float64)
-        if lat.ndim != 1 or lat.size < 2 or not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
-            raise UsageError(f"latitude in {path!r} must be a 1-d strictly monotonic coordinate; fix the store's latitude values")
-        flip = bool(lat[1] > lat[0])
-        wrapped = np.mod(lon, 360.0)
-        order = np.argsort(wrapped, kind="stable")
-        if lon.ndim != 1 or np.any(np.diff(wrapped[order]) <= 0):
-            raise UsageError(f"longitude in {path!r} must be 1-d with distinct values modulo 360; fix the store's longitude values")
-        identity = bool(np.array_equal(order, np.arange(lon.size)))
-        return cls(
-            lat=(lat[::-1] if flip else lat).astype(np.float32),
-            lon=wrapped[order].astype(np.float32),
-            flip_lat=flip,
-            lon_order=None if identity else order,
-        )
-
-    def orient(self, x: np.ndarray) -> np.ndarray:
-        """(..., h, w) in store order -> Aurora order (lat decreasing, lon in [0, 360))."""
-        if self.flip_lat:
-            x = x[..., ::-1, :]
-        if self.lon_order is not None:
-            x = np.take(x, self.lon_order, axis=-1)
-        return x
-
-
-ROLES = {"time": TIME_DIMS, "level": LEVEL_DIMS, "member": MEMBER_DIMS, "lat": LAT_DIMS, "lon": LON_DIMS}
-#: Roles a variable of each kind must have, and roles it may have besides.
-REQUIRED = {SURF: {"time", "lat", "lon"}, ATMOS: {"time", "level", "lat", "lon"}, STATIC: {"lat", "lon"}}
-OPTIONAL = {SURF: {"member"}, ATMOS: {"member"}, STATIC: {"time", "member"}}
-CANONICAL = ("time", "level", "lat", "lon")
-
-
-def _role(dim: str) -> str | None:
-    return next((role for role, names in ROLES.items() if dim in names), None)
-
-
-@dataclasses.dataclass
 class _Field:
     """One selected variable: where it lives, its dims and how to decode it."""
 
@@ -129,7 +73,7 @@ class _Field:
     store_name: str
     array: Any  # zarr.Array
     roles: tuple[str, ...]  # role of each store dim: time / level / member / lat / lon
-    grid: _Grid
+    grid: Grid
     scale: float | None
     offset: float | None
     fill: float | None
@@ -215,19 +159,19 @@ def _encoding_number(enc: dict[str, Any], key: str) -> float | None:
 
 
 @dataclasses.dataclass
-class _Source:
+class ZarrSource:
     """One opened store: its xarray view (metadata), zarr group (reads) and grid."""
 
     path: str
     ds: xr.Dataset
     group: Any
-    grid: _Grid
+    grid: Grid
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> _Source:
+    def open(cls, path: str | os.PathLike) -> ZarrSource:
         path = os.fspath(path)
         ds = open_zarr_dataset(path)
-        grid = _Grid.of(ds, path)
+        grid = Grid.of(ds, path)
         return cls(path, ds, zarr.open_group(path, mode="r"), grid)
 
     def find(self, selection: VariableSelection, kind: str, name: str) -> _Field | None:
@@ -240,7 +184,7 @@ class _Source:
                 continue
             var = self.ds[candidate]
             dims = tuple(map(str, var.dims))
-            roles = tuple(_role(d) for d in dims)
+            roles = tuple(role(d) for d in dims)
             present = set(roles)
             fits = None not in roles and len(present) == len(roles) and REQUIRED[kind] <= present <= REQUIRED[kind] | OPTIONAL[kind]
             if not fits:
@@ -315,7 +259,7 @@ class WeatherStore:
     def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None) -> None:
         self.path = os.fspath(path)
         self.selection = selection
-        self._source = _Source.open(self.path)
+        self._source = ZarrSource.open(self.path)
         ds = self._source.ds
         self.lat, self.lon = self._source.grid.lat, self._source.grid.lon
         self._read_times(ds)
@@ -323,7 +267,7 @@ class WeatherStore:
         for kind in (SURF, ATMOS):
             for name in selection.names(kind):
                 self.fields[kind][name] = self._require(self._source, kind, name)
-        member_dim = _find_dim(ds, MEMBER_DIMS)
+        member_dim = find_dim(ds, MEMBER_DIMS)
         self.members = int(ds.sizes[member_dim]) if member_dim in ds.dims else 1
         self._read_levels(ds)
         self.static = self._read_static(static_path)
@@ -340,10 +284,10 @@ class WeatherStore:
         self.levels: tuple[int, ...] = ()
         self._level_index = None
         if self.fields[ATMOS]:
-            level_dim = _find_dim(ds, LEVEL_DIMS)
+            level_dim = find_dim(ds, LEVEL_DIMS)
             self.levels, self._level_index = select_levels(np.asarray(ds[level_dim].values), self.selection.levels, self.path)
 
-    def _require(self, source: _Source, kind: str, name: str) -> _Field:
+    def _require(self, source: ZarrSource, kind: str, name: str) -> _Field:
         field = source.find(self.selection, kind, name)
         if field is None:
             looked = ", ".join(self.selection.candidates(kind, name))
@@ -356,7 +300,7 @@ class WeatherStore:
         return field
 
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
-        sources = [self._source] if static_path is None else [_Source.open(static_path), self._source]
+        sources = [self._source] if static_path is None else [ZarrSource.open(static_path), self._source]
         return check_static(read_static(self.selection, sources, self.lat, self.lon), self.path)
 
     # -- reads ----------------------------------------------------------------------------
@@ -390,46 +334,7 @@ class WeatherStore:
             self.fields[ATMOS][name].read_into(out, slice(start, start + out.shape[0]), self._level_index, member)
 
 
-def check_times(times: np.ndarray, path: str) -> tuple[np.ndarray, np.timedelta64]:
-    """Validate a time coordinate: datetimes, at least 2, strictly increasing, evenly spaced.
-
-    Returns ``(times as datetime64[ns], step)``; raises a one-line UsageError otherwise.
-    """
-    if not np.issubdtype(times.dtype, np.datetime64):
-        raise UsageError(f"the 'time' coordinate of {path!r} is not datetimes (dtype {times.dtype}); give it CF units such as 'hours since 1970-01-01'")
-    times = times.astype("datetime64[ns]")
-    if times.size < 2:
-        raise UsageError(f"{path!r} holds {times.size} time step(s); a sample needs at least history + rollout_steps times")
-    steps = np.diff(times)
-    if np.any(steps <= np.timedelta64(0, "ns")):
-        i = int(np.argmax(steps <= np.timedelta64(0, "ns")))
-        raise UsageError(f"times in {path!r} are not strictly increasing ({times[i]} then {times[i + 1]}); sort the store by time and drop duplicates")
-    if np.any(steps != steps[0]):
-        i = int(np.argmax(steps != steps[0]))
-        raise UsageError(
-            f"uneven time spacing in {path!r}: {_hours(steps[0])} h steps, but {times[i]} -> {times[i + 1]} is {_hours(steps[i])} h; "
-            "fill the gap or split the store so every step is the same"
-        )
-    return times, steps[0]
-
-
-def select_levels(store_levels: np.ndarray, wanted: Sequence[int], path: str) -> tuple[tuple[int, ...], np.ndarray | slice | None]:
-    """The levels to read (``wanted``, or all when empty) and how to index the level axis:
-    None (all, in store order), a slice (an ascending run) or an index array."""
-    have = [int(round(float(v))) for v in np.asarray(store_levels).reshape(-1)]
-    levels = tuple(int(v) for v in wanted) or tuple(have)
-    missing = [lv for lv in levels if lv not in have]
-    if missing:
-        raise UsageError(f"pressure level(s) {missing} hPa are not in {path!r} (it has {have}); choose --levels from those")
-    index = np.asarray([have.index(lv) for lv in levels])
-    if np.array_equal(index, np.arange(len(have))):
-        return levels, None
-    if np.all(np.diff(index) == 1):  # an ascending run reads as a slice (zarr's fast path)
-        return levels, slice(int(index[0]), int(index[-1]) + 1)
-    return levels, index
-
-
-def read_static(selection: VariableSelection, sources: Sequence[_Source], lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
+def read_static(selection: VariableSelection, sources: Sequence[ZarrSource], lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
     """The selected static fields, (h, w) float32 in Aurora orientation, each from the first
     of ``sources`` that has it; every source must be on the (``lat``, ``lon``) grid."""
     names = selection.names(STATIC)
@@ -451,18 +356,3 @@ def read_static(selection: VariableSelection, sources: Sequence[_Source], lat: n
             )
         out[name] = np.ascontiguousarray(field.read(time=0))
     return out
-
-
-def check_static(static: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
-    """Refuse static fields with NaNs (the model would spread them everywhere)."""
-    for name, value in static.items():
-        if np.isnan(value).any():
-            raise UsageError(f"static field {name!r} of {path!r} holds NaNs; fill them (e.g. 0 over the ocean) or leave {name!r} out of --static_vars")
-    return static
-
-
-def _hours(step: np.timedelta64) -> float:
-    return float(step / np.timedelta64(1, "s")) / 3600.0
-
-
-__all__ = ["WeatherStore", "open_zarr_dataset", "KINDS"]

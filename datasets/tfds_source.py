@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from aurora_loop.datasets.store import _Grid, _Source, check_static, check_times, read_static, select_levels
+from aurora_loop.datasets.layout import Grid, check_static, check_times, select_levels
+from aurora_loop.datasets.store import ZarrSource, read_static
 from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, VariableSelection
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
@@ -85,7 +86,7 @@ class RecordStore:
         lon = first.get("longitude") if lon is None else lon
         if lat is None or lon is None:
             raise UsageError(f"{name} records carry no 'latitude'/'longitude'; add them to the records or pass lat= and lon=")
-        self._grid = _Grid.from_coords(np.asarray(lat), np.asarray(lon), name)
+        self._grid = Grid.from_coords(np.asarray(lat), np.asarray(lon), name)
         self.lat, self.lon = self._grid.lat, self._grid.lon
         self.members = 1
         self._index, times = self._time_order()
@@ -141,7 +142,7 @@ class RecordStore:
             else:
                 out[name] = np.ascontiguousarray(self._grid.orient(np.asarray(first[key], dtype=np.float32)))
         if missing:
-            sources = [_Source.open(static_path)] if static_path else []
+            sources = [ZarrSource.open(static_path)] if static_path else []
             out.update(read_static(VariableSelection(surf=(), atmos=(), static=tuple(missing), variable_map=self.selection.variable_map), sources, self.lat, self.lon))
         return out
 

@@ -13,10 +13,10 @@ from aurora_loop.data import Loader
 from aurora_loop.datasets import build_loaders
 from aurora_loop.datasets.loader import ZarrLoader, process_share
 from aurora_loop.datasets.sample_data import sample_dataset, write_sample_store
-from aurora_loop.datasets.writer import write_store
 from aurora_loop.datasets.samples import SampleSpec, read_sample, split_starts, valid_starts
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.variables import VariableSelection
+from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 
 TIMES = 40

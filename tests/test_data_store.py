@@ -7,9 +7,9 @@ import pytest
 import xarray as xr
 
 from aurora_loop.datasets.sample_data import sample_dataset
-from aurora_loop.datasets.writer import write_store
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.variables import VariableSelection
+from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 
 LEVELS = (100, 500, 850)
@@ -150,7 +150,7 @@ def test_reading_into_a_batch_matches_reading(tmp_path, ds, quirk):
     from aurora_loop.datasets.samples import BatchArrays, SampleSpec
 
     levels: tuple[int, ...] = ()
-    data, encoding = ds, None
+    data = ds
     if quirk == "descending_lat":
         data = ds.sortby("latitude", ascending=False)
     elif quirk == "float64":
