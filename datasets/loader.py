@@ -28,6 +28,7 @@ import numpy as np
 from aurora_loop.datasets.buffers import BufferPool
 from aurora_loop.datasets.samples import BatchArrays, SampleSpec, sample_index
 from aurora_loop.datasets.store import WeatherSource
+from aurora_loop.datasets.variables import ATMOS, SURF
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Sample
 
@@ -107,7 +108,7 @@ class ZarrLoader:
         self.position = 0
         self.skipped = 0
         # batches read ahead + the one in use + one being released, for every field
-        n_fields = len(store.fields["surf"]) + len(store.fields["atmos"])
+        n_fields = len(store.fields[SURF]) + len(store.fields[ATMOS])
         self._pool = BufferPool(keep=(self.prefetch + 2) * max(n_fields, 1))
         if len(self) == 0:
             raise UsageError(f"{self.index.shape[0]} valid samples cannot fill one batch of {batch_size}; use more times or a smaller --batch_size")

@@ -2,8 +2,8 @@
 
 A sample starting at time index ``i`` reads the contiguous steps ``i .. i + history +
 rollout_steps - 1``: the first ``history`` are the inputs (oldest first), the rest the
-targets. A start is valid only when every step it touches lies in the split's time range. A store
-with an ensemble dim gives one sample per (member, start).
+targets. A start is valid only when every step it touches lies in the split's time range.
+A store with an ensemble dim gives one sample per (member, start).
 """
 
 from __future__ import annotations
