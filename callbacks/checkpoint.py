@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -55,6 +56,15 @@ def _json_ok(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _on_any_process(flag: bool) -> bool:
+    """True when ``flag`` is true on any process (every process must call this)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 @jax.jit
@@ -220,10 +230,13 @@ class ModelCheckpoint(Callback):
         self.check_for_errors()  # an earlier background write failed: say so now
         final = trainer.should_stop or (trainer.total_steps is not None and step >= trainer.total_steps)
         validated_now = self._last_val is not None and self._last_val[0] == step
+        # A signal may have reached only some processes; should_stop is agreed by the trainer,
+        # so every process asks (a collective) only when the run stops.
+        preempted = bool(trainer.should_stop) and _on_any_process(bool(getattr(trainer, "preempted", False)))
         if (
             self._due(trainer, step)
             or (self.save_last and final)
-            or getattr(trainer, "preempted", False)
+            or preempted
             or (self.monitor is not None and validated_now)
         ):
             self.save(trainer, step)

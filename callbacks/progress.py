@@ -7,12 +7,28 @@ validation it prints the mean MAE and RMSE per variable. Only process 0 prints.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from aurora_loop.callbacks.base import Callback
+
+
+def _display_order(names: list[str]) -> list[str]:
+    """Surface fields first (as given), then atmospheric ones by variable and ascending level
+    (``z50, z250, z500`` rather than the alphabetical ``z250, z50, z500``)."""
+    surface, atmos = [], []
+    for name in names:
+        match = re.fullmatch(r"(.*[^\d.])(\d+(?:\.\d+)?)", name)
+        if match and not name[0].isdigit():
+            atmos.append((match.group(1), float(match.group(2)), name))
+        else:
+            surface.append(name)
+    variables = list(dict.fromkeys(var for var, _, _ in atmos))
+    atmos.sort(key=lambda item: (variables.index(item[0]), item[1]))
+    return surface + [name for _, _, name in atmos]
 
 
 def _clock(seconds: float) -> str:
@@ -75,7 +91,7 @@ class ProgressBar(Callback):
         if not trainer.is_main_process:
             return
         self._end_line()
-        names = [k.split("/", 1)[1] for k in metrics if k.startswith("mae/")]  # model order: surface, then by level
+        names = _display_order([k.split("/", 1)[1] for k in metrics if k.startswith("mae/")])
         lines = [f"Validation at step {step}: loss {metrics.get('loss', float('nan')):.4f}"]
         for name in names:
             lines.append(f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}")

@@ -138,3 +138,10 @@ def test_progress_bar_prints_lines_or_a_bar(run):
     assert "      2t  MAE" in text and "z500  MAE" in text and "RMSE" in text
     tty = run["tty"].getvalue()
     assert "\r[" in tty and "#" in tty
+
+
+def test_progress_lists_levels_in_ascending_order():
+    from aurora_loop.callbacks.progress import _display_order
+
+    names = ["10u", "2t", "msl", "t1000", "t250", "t50", "z1000", "z50", "z500"]
+    assert _display_order(names) == ["10u", "2t", "msl", "t50", "t250", "t1000", "z50", "z500", "z1000"]

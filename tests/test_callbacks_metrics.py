@@ -27,18 +27,25 @@ def setup():
     return task, params, batches
 
 
-def validation_scores(task, params, batches, num_devices: int) -> dict[str, float]:
-    """The trainer's validation pass on a mesh of ``num_devices`` devices."""
+@pytest.fixture(scope="module")
+def scores(setup):
+    """Per-batch metrics and the merged scores on 1 and on 4 devices (one compile each)."""
+    task, params, batches = setup
+    out = {}
+    for n in (1, 4):
+        parts = validation_parts(task, params, batches, n)
+        out[n] = (parts, parts[0].merge(parts[1]).compute())
+    return out
+
+
+def validation_parts(task, params, batches, num_devices: int) -> list[MeanMetrics]:
+    """The trainer's validation step on a mesh of ``num_devices`` devices, per batch."""
     mesh = make_mesh(num_devices)
     eval_step = make_eval_step(task, replicated(mesh), None, mesh)
     params = jax.device_put(params, replicated(mesh))
-    total = None
-    for batch in batches:
-        placed = place_batch(batch, batch_shardings(batch, mesh))
-        metrics = eval_step(params, placed)
-        assert isinstance(metrics, MeanMetrics)
-        total = metrics if total is None else total.merge(metrics)
-    return total.compute()
+    parts = [eval_step(params, place_batch(batch, batch_shardings(batch, mesh))) for batch in batches]
+    assert all(isinstance(part, MeanMetrics) for part in parts)
+    return parts
 
 
 def reference_scores(task, params, batches) -> dict[str, float]:
@@ -66,35 +73,29 @@ def reference_scores(task, params, batches) -> dict[str, float]:
     return out
 
 
-def test_same_numbers_on_one_and_four_devices(setup):
-    task, params, batches = setup
-    one = validation_scores(task, params, batches, 1)
-    four = validation_scores(task, params, batches, 4)
+def test_same_numbers_on_one_and_four_devices(scores):
+    one, four = scores[1][1], scores[4][1]
     assert set(one) == set(four)
     assert {"loss", "mae/2t", "rmse/2t", "mae/z500", "rmse/z500", "rmse/t850", "mae/msl"} <= set(one)
     for name in one:
         assert four[name] == pytest.approx(one[name], rel=1e-5), name
 
 
-def test_scores_follow_weatherbench2(setup):
+def test_scores_follow_weatherbench2(setup, scores):
     task, params, batches = setup
-    scores = validation_scores(task, params, batches, 4)
+    computed = scores[4][1]
     reference = reference_scores(task, params, batches)
-    assert set(reference) == {k for k in scores if k != "loss"}
+    assert set(reference) == {k for k in computed if k != "loss"}
     for name, value in reference.items():
-        assert scores[name] == pytest.approx(value, rel=1e-4), name
+        assert computed[name] == pytest.approx(value, rel=1e-4), name
     # RMSE >= MAE for every field, and the errors are in physical units (z500 in m2/s2).
     for name in (k[4:] for k in reference if k.startswith("mae/")):
-        assert scores[f"rmse/{name}"] >= scores[f"mae/{name}"]
-    assert scores["rmse/z500"] > 10 * scores["rmse/2t"]
+        assert computed[f"rmse/{name}"] >= computed[f"mae/{name}"]
+    assert computed["rmse/z500"] > 10 * computed["rmse/2t"]
 
 
-def test_merge_order_does_not_matter(setup):
-    task, params, batches = setup
-    mesh = make_mesh(4)
-    eval_step = make_eval_step(task, replicated(mesh), None, mesh)
-    parts = [eval_step(params, place_batch(b, batch_shardings(b, mesh))) for b in batches]
-    forward = parts[0].merge(parts[1]).compute()
+def test_merge_order_does_not_matter(scores):
+    parts, forward = scores[4]
     backward = MeanMetrics.empty().merge(parts[1]).merge(parts[0]).compute()
     for name in forward:
         assert backward[name] == pytest.approx(forward[name], rel=1e-6)
