@@ -46,7 +46,9 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     ``rollout_steps`` (1), ``history`` (2), ``seed`` (0), ``surf_vars`` / ``static_vars`` /
     ``atmos_vars`` (Aurora's full sets), ``levels`` (() = all), ``variable_map`` (None),
     ``train_start`` / ``train_end`` / ``val_start`` / ``val_end`` (ISO strings or None: with
-    none set, the last ~20% of the times validate), ``nan_policy`` ("error" or "skip").
+    none set, the last ~20% of the times validate), ``nan_policy`` ("error" or "skip"),
+    ``cache_mb`` (256: stores whose selected fields fit are read into memory once),
+    ``tfds_data_dir`` (for ``tfds:`` paths).
     The training loader shuffles with (seed, epoch); validation keeps time order.
     """
     path = getattr(config, "dataset_path", None)
@@ -60,7 +62,7 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     if str(path).startswith(TFDS_PREFIX):
         store: WeatherStore | RecordStore = open_tfds(str(path), selection, getattr(config, "tfds_data_dir", None), static_path)
     else:
-        store = WeatherStore(path, selection, static_path=static_path)
+        store = WeatherStore(path, selection, static_path=static_path, cache_mb=float(getattr(config, "cache_mb", 256)))
     train, val = split_starts(
         store.times,
         spec,

@@ -77,6 +77,7 @@ class _Field:
     scale: float | None
     offset: float | None
     fill: float | None
+    cache: np.ndarray | None = None  # (members or 1, time, [c,] h, w) decoded, oriented, levels picked
 
     def decode(self, raw: np.ndarray) -> np.ndarray:
         """Raw store values -> float32 physical values (NaN where missing)."""
@@ -129,11 +130,15 @@ class _Field:
     def read_into(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None = None, member: int = 0) -> None:
         """Write the values :meth:`read` returns into ``out`` (float32, (t, [c,] h, w)).
 
-        For float32 stores in WB2 dim order zarr decompresses into ``out`` itself; ascending
+        A cached field is copied from memory. For float32 stores in WB2 dim order zarr
+        decompresses into ``out`` itself; ascending
         latitudes cost nothing, as zarr writes into a latitude-reversed view of ``out``.
         Anything else (other dtypes, packing, reordered longitudes or levels) is read,
         decoded and copied once.
         """
+        if self.cache is not None:
+            out[...] = self.cache[member if "member" in self.roles else 0, time]
+            return
         if not self.reads_directly(levels):
             out[...] = self.read(time, levels, member)
             return
@@ -245,6 +250,8 @@ class WeatherStore:
       selection: which Aurora variables and levels to read.
       static_path: another store to take static fields from (tried first; the main store is
         the fallback). Its grid must match the main store's after orientation.
+      cache_mb: when the selected fields of all times fit in this many MiB (float32), they
+        are read into memory once, at open (``cached``); 0 never caches.
 
     Attributes:
       times: (n,) datetime64[ns], evenly spaced.
@@ -256,7 +263,7 @@ class WeatherStore:
       static: dict Aurora name -> (h, w) float32 array (read once, here).
     """
 
-    def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None, cache_mb: float = 256) -> None:
         self.path = os.fspath(path)
         self.selection = selection
         self._source = ZarrSource.open(self.path)
@@ -271,6 +278,7 @@ class WeatherStore:
         self.members = int(ds.sizes[member_dim]) if member_dim in ds.dims else 1
         self._read_levels(ds)
         self.static = self._read_static(static_path)
+        self.cached = self._cache_if_small(cache_mb)
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -302,6 +310,24 @@ class WeatherStore:
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
         sources = [self._source] if static_path is None else [ZarrSource.open(static_path), self._source]
         return check_static(read_static(self.selection, sources, self.lat, self.lon), self.path)
+
+    def _cache_if_small(self, cache_mb: float) -> bool:
+        """Read every selected field into memory once when they fit in ``cache_mb`` MiB.
+
+        Small stores (the synthetic sample, the ERA5 sample) then cost a memory copy per
+        sample instead of one zarr call per variable (milliseconds each).
+        """
+        fields = [*self.fields[SURF].values(), *self.fields[ATMOS].values()]
+        h, w = self.shape
+        per_step = sum(h * w * (len(self.levels) if f.kind == ATMOS else 1) * (self.members if "member" in f.roles else 1) for f in fields)
+        if not fields or per_step * len(self.times) * 4 > cache_mb * 2**20:
+            return False
+        everything = slice(0, len(self.times))
+        for f in fields:
+            levels = self._level_index if f.kind == ATMOS else None
+            members = range(self.members) if "member" in f.roles else range(1)
+            f.cache = np.stack([np.ascontiguousarray(f.read(everything, levels, m)) for m in members])
+        return True
 
     # -- reads ----------------------------------------------------------------------------
 

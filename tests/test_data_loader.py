@@ -29,7 +29,7 @@ def store_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def store(store_path) -> WeatherStore:
-    return WeatherStore(store_path, VariableSelection(surf=("2t", "msl"), atmos=("z", "t")))
+    return WeatherStore(store_path, VariableSelection(surf=("2t", "msl"), atmos=("z", "t")), cache_mb=0)  # zarr reads on threads
 
 
 def config(path, **kw):

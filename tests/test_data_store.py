@@ -171,21 +171,24 @@ def test_reading_into_a_batch_matches_reading(tmp_path, ds, quirk):
         ds.to_zarr(path, zarr_format=2, encoding={"temperature": {"dtype": "int16", "scale_factor": 0.01, "add_offset": 250.0, "_FillValue": -32768}})
     else:
         write_store(data, path, zarr_format=3)
-    store = WeatherStore(path, VariableSelection(levels=levels))
+    store = WeatherStore(path, VariableSelection(levels=levels), cache_mb=0)
+    cached = WeatherStore(path, VariableSelection(levels=levels))
+    assert not store.cached and cached.cached
     spec = SampleSpec(history=2, rollout_steps=2)
     member = 2 if quirk.startswith("member") else 0
     direct = store.fields["atmos"]["t"].reads_directly(store._level_index)
     assert direct == (quirk in ("wb2", "descending_lat", "level_run", "members", "member_first"))
-    arrays = BatchArrays(store, spec, size=2)
-    arrays.fill(1, start=4, member=member)
     surf, atmos = store.read(4, 8, member=member)
-    sample = arrays.sample()
-    for name in surf:
-        np.testing.assert_array_equal(sample.inputs.surf_vars[name][1], surf[name][:2])
-        np.testing.assert_array_equal(sample.targets.surf_vars[name][1], surf[name][2:])
-    for name in atmos:
-        np.testing.assert_array_equal(sample.inputs.atmos_vars[name][1], atmos[name][:2])
-        np.testing.assert_array_equal(sample.targets.atmos_vars[name][1], atmos[name][2:])
+    for source in (store, cached):
+        arrays = BatchArrays(source, spec, size=2)
+        arrays.fill(1, start=4, member=member)
+        sample = arrays.sample()
+        for name in surf:
+            np.testing.assert_array_equal(sample.inputs.surf_vars[name][1], surf[name][:2])
+            np.testing.assert_array_equal(sample.targets.surf_vars[name][1], surf[name][2:])
+        for name in atmos:
+            np.testing.assert_array_equal(sample.inputs.atmos_vars[name][1], atmos[name][:2])
+            np.testing.assert_array_equal(sample.targets.atmos_vars[name][1], atmos[name][2:])
     if quirk.startswith("member"):
         assert store.members == 3
         np.testing.assert_allclose(atmos["z"], 2.0 * aurora_view(ds, "geopotential")[4:8], rtol=1e-6)
@@ -200,3 +203,11 @@ def test_static_fields_with_nans_are_refused(tmp_path, ds):
     with pytest.raises(UsageError, match="static field 'slt' .* holds NaNs"):
         WeatherStore(path, VariableSelection())
     assert set(WeatherStore(path, VariableSelection(static=("lsm", "z"))).static) == {"lsm", "z"}
+
+
+def test_only_stores_that_fit_are_cached(tmp_path, ds):
+    path = write_store(ds, tmp_path / "s.zarr")
+    selection = VariableSelection(levels=(500,))
+    # 4 surface + 5 atmospheric fields (1 level) x 12 times x 9 x 16 float32 = 62208 bytes
+    assert WeatherStore(path, selection, cache_mb=62208 / 2**20).cached
+    assert not WeatherStore(path, selection, cache_mb=62207 / 2**20).cached
