@@ -109,10 +109,10 @@ class RecordStore:
     def _time_order(self) -> tuple[np.ndarray, np.ndarray]:
         """Record indices in time order, and the times in that order."""
         n = len(self.source)
-        probe = np.unique(np.linspace(0, n - 1, min(n, 16)).round().astype(int))
+        probe = np.unique(np.concatenate([[0, 1], np.linspace(0, n - 1, min(n, 16)).round()]).astype(int))
         probe_times = np.array([record_time(self.source[int(i)]["time"]) for i in probe])
-        step = probe_times[1] - probe_times[0] if probe[1] == 1 else None
-        if step is not None and step > np.timedelta64(0) and np.all(probe_times == probe_times[0] + probe * step):
+        step = probe_times[1] - probe_times[0]
+        if step > np.timedelta64(0) and np.all(probe_times == probe_times[0] + probe * step):
             return np.arange(n), probe_times[0] + np.arange(n) * step  # written in time order: no scan
         times = np.array([record_time(self.source[i]["time"]) for i in range(n)])
         order = np.argsort(times, kind="stable")

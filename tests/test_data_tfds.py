@@ -57,6 +57,26 @@ def test_shuffled_records_read_like_the_zarr_store(tmp_path, ds):
             np.testing.assert_array_equal(a[name], b[name])
 
 
+class CountingSource(list):
+    """A list that counts the records read."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_records_in_time_order_are_not_scanned(ds):
+    ordered = CountingSource(records(ds))
+    store = RecordStore(ordered, VariableSelection(surf=("2t",), static=(), atmos=()))
+    assert ordered.reads <= 18 < len(ordered)  # the first record and 16 probes + record 1, not all 24
+    np.testing.assert_array_equal(store.times, ds["time"].values)
+    shuffled = CountingSource(records(ds)[::-1])
+    RecordStore(shuffled, VariableSelection(surf=("2t",), static=(), atmos=()))
+    assert shuffled.reads > len(shuffled)  # out of order: every record's time is read once
+
+
 def test_bad_records_are_clear_errors(ds):
     plain = records(ds, with_coords=False)
     with pytest.raises(UsageError, match="no 'latitude'/'longitude'"):
