@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from aurora_loop.datasets.store import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
+from aurora_loop.datasets.layout import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
 from aurora_loop.errors import UsageError
 
 BASELINES = ("persistence", "climatology")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -120,15 +121,21 @@ def _restore_params(state_dir: str) -> Any:
     import jax
     import orbax.checkpoint as ocp
 
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise UsageError(f"{state_dir} does not hold a trainer state with params; pass a run dir, run/checkpoints/<step> or an exported checkpoint dir")
-    wanted = {"params": tree["params"]}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a step's item dir has no _CHECKPOINT_METADATA (it is one level up)
+    try:
+        checkpointer = ocp.PyTreeCheckpointer()
+        metadata = checkpointer.metadata(state_dir)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise UsageError(f"{state_dir} does not hold a trainer state with params; pass a run dir, run/checkpoints/<step> or an exported checkpoint dir")
+        wanted = {"params": tree["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
+    finally:
+        absl_logger.setLevel(level)
     return state["params"]
 
 
@@ -362,7 +369,8 @@ class ForecastWriter:
 
     def _units(self, kind: str, name: str) -> str | None:
         field = self.store.fields[kind][name]
-        units = self.store._source.ds[field.store_name].attrs.get("units")
+        ds = getattr(getattr(self.store, "_source", None), "ds", None)  # the store's xarray view, if it keeps one
+        units = ds[field.store_name].attrs.get("units") if ds is not None and field.store_name in ds else None
         wb2 = self.names[kind][name]
         return units or (CF_VARIABLES[wb2][0] if wb2 in CF_VARIABLES else None)
 

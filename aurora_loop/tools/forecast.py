@@ -33,6 +33,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _use_cpu_devices(count: int | None) -> None:
+    """On a CPU-only machine ``--num_devices N`` means N CPU devices (as in aurora-train); this
+    only works before JAX starts its backends and leaves accelerator backends alone."""
+    if count and "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except (AttributeError, RuntimeError):
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -42,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--num_devices must be at least 1, got {args.num_devices}")
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists; choose a new path or pass --overwrite")
+    _use_cpu_devices(args.num_devices)
     from aurora_loop.forecast import forecast_from_checkpoint
 
     path, count = forecast_from_checkpoint(
