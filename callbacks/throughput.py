@@ -172,3 +172,6 @@ class Throughput(Callback):
         step_fn = getattr(trainer, "_train_step", None)
         if isinstance(step_fn, _TimedStep):
             trainer._train_step = step_fn.jitted
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        self.on_fit_end(trainer)

@@ -145,3 +145,14 @@ def test_progress_lists_levels_in_ascending_order():
 
     names = ["10u", "2t", "msl", "t1000", "t250", "t50", "z1000", "z50", "z500"]
     assert _display_order(names) == ["10u", "2t", "msl", "t50", "t250", "t1000", "z50", "z500", "z1000"]
+
+
+def test_peak_flops_table_matches_device_kinds():
+    import types
+
+    from aurora_loop.callbacks.throughput import peak_flops
+
+    assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-40GB")) == 312e12
+    assert peak_flops(types.SimpleNamespace(device_kind="TPU v4")) == 275e12
+    assert peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
