@@ -141,8 +141,9 @@ def apply(
 def init_params(config: AuroraConfig, rng: jax.Array, batch: Batch) -> Params:
     """Fresh float32 parameters for ``config`` (``batch`` gives the shapes; any values)."""
     normalised = prepare(config, batch, jnp.float32)
-    variables = jax.jit(AuroraModule(config).init)(rng, normalised, 0)
-    return variables["params"]
+    # ``lazy_init`` only traces the forward pass: the parameters are made without running it.
+    variables = AuroraModule(config).lazy_init(rng, normalised, 0)
+    return jax.tree_util.tree_map(jnp.asarray, dict(variables["params"]))
 
 
 def next_input(batch: Batch, prediction: Batch) -> Batch:

@@ -1,0 +1,190 @@
+"""Training-step time of Aurora in JAX, side by side with the PyTorch reference.
+
+    python benchmarks/step_time.py [--reference-python /path/to/refvenv/bin/python]
+
+JAX: one training step (forward, backward, AdamW update) of AuroraSmall's architecture on
+a 64 x 128 grid with 13 pressure levels and a batch of 1, float32, jitted and timed after
+compilation (median of ``--steps`` steps). It also prints the compiled step's temporary
+memory (``compiled.memory_analysis()``) without and with per-Swin-block rematerialisation.
+
+With ``--reference-python``, that interpreter (where ``pip install torch==2.14.1
+torchvision==0.29.1 microsoft-aurora`` was run) times the reference's forward + backward on
+the same shapes in the same run, and the last line is ``jax_over_torch=<ratio>``
+(JAX step time / reference step time; below 1 means JAX is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+
+TORCH_SCRIPT = r'''
+import datetime, json, statistics, sys, time
+import torch
+from aurora import AuroraSmallPretrained, Batch, Metadata
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+h, w, levels = args["h"], args["w"], tuple(args["levels"])
+model = AuroraSmallPretrained(use_lora=False, autocast=args["bf16"])
+if args["remat"]:
+    model.configure_activation_checkpointing()
+model.train()
+batch = Batch(
+    surf_vars={k: torch.randn(1, 2, h, w) for k in ("2t", "10u", "10v", "msl")},
+    static_vars={k: torch.randn(h, w) for k in ("lsm", "z", "slt")},
+    atmos_vars={k: torch.randn(1, 2, len(levels), h, w) for k in ("z", "u", "v", "t", "q")},
+    metadata=Metadata(lat=torch.linspace(90, -90, h), lon=torch.linspace(0, 360, w + 1)[:-1],
+                      time=(datetime.datetime(2020, 1, 1, 6),), atmos_levels=levels),
+)
+def step():
+    pred = model(batch)
+    loss = sum(v.abs().mean() for v in pred.surf_vars.values()) + sum(v.abs().mean() for v in pred.atmos_vars.values())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+for _ in range(args["warmup"]):
+    step()
+times = []
+for _ in range(args["steps"]):
+    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+print(json.dumps({"median_s": statistics.median(times), "times": times, "threads": torch.get_num_threads(), "torch": torch.__version__}))
+'''
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-python", help="Python of a venv with the PyTorch reference installed")
+    parser.add_argument("--model", default="small", help="Aurora preset (tiny, small, aurora)")
+    parser.add_argument("--grid", type=int, nargs=2, default=(64, 128), metavar=("H", "W"))
+    parser.add_argument("--levels", type=int, default=13, help="pressure levels (the first N standard ones)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 backbone (autocast) on both sides")
+    parser.add_argument("--remat", action="store_true", help="time with per-block rematerialisation")
+    parser.add_argument("--no-memory", action="store_true", help="skip the remat memory comparison")
+    return parser.parse_args(argv)
+
+
+def torch_time(python: str, args: argparse.Namespace, levels: tuple[int, ...]) -> dict:
+    payload = json.dumps({"h": args.grid[0], "w": args.grid[1], "levels": levels, "steps": args.steps,
+                          "warmup": args.warmup, "bf16": args.bf16, "remat": args.remat})
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(TORCH_SCRIPT)
+        script = f.name
+    try:
+        out = subprocess.run([python, script, payload], check=True, capture_output=True, text=True)
+    finally:
+        os.unlink(script)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
+    """(jitted train step, params, opt_state, batch) for the benchmark shapes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from aurora_loop.model import AuroraConfig, Batch, Metadata, apply, init_params
+    from aurora_loop.model.normalisation import atmos_stats, surface_stats
+    from aurora_loop.tasks.aurora import weighted_mae
+
+    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat)
+    h, w = args.grid
+    rng = np.random.default_rng(0)
+
+    def physical_surf(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        loc, scale = surface_stats(name)
+        return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def physical_atmos(name: str, t: int) -> np.ndarray:
+        loc, scale = atmos_stats(name, levels)
+        return (loc[:, None, None] + scale[:, None, None] * rng.standard_normal((1, t, len(levels), h, w))).astype(np.float32)
+
+    def make_batch(t: int, time_h: float) -> Batch:
+        return Batch(
+            surf_vars={k: physical_surf(k, (1, t, h, w)) for k in config.surf_vars},
+            static_vars={k: physical_surf(k, (h, w)) for k in config.static_vars},
+            atmos_vars={k: physical_atmos(k, t) for k in config.atmos_vars},
+            metadata=Metadata(lat=np.linspace(90, -90, h), lon=np.linspace(0, 360, w, endpoint=False),
+                              time=np.array([time_h]), atmos_levels=levels),
+        )
+
+    inputs, target = make_batch(2, 438300.0), make_batch(1, 438306.0)
+    params = init_params(config, jax.random.key(0), inputs)
+    optimizer = optax.adamw(1e-4)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, inputs, target):
+        return jnp.mean(weighted_mae(apply(config, params, inputs), target))
+
+    def train_step(params, opt_state, inputs, target):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, target)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    return step, params, opt_state, inputs, target
+
+
+def jax_time(args: argparse.Namespace, levels: tuple[int, ...]) -> dict:
+    import jax
+
+    step, params, opt_state, inputs, target = build(args, levels, args.remat)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, inputs, target).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        params, opt_state, loss = compiled(params, opt_state, inputs, target)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, inputs, target)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times": times, "compile_s": compile_s, "loss": float(loss),
+            "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+
+
+def temp_memory(args: argparse.Namespace, levels: tuple[int, ...], remat: bool) -> int:
+    step, params, opt_state, inputs, target = build(args, levels, remat)
+    analysis = step.lower(params, opt_state, inputs, target).compile().memory_analysis()
+    return int(analysis.temp_size_in_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from aurora_loop.model.normalisation import STANDARD_LEVELS
+
+    levels = tuple(STANDARD_LEVELS[: args.levels])
+    desc = f"Aurora {args.model}, {args.grid[0]}x{args.grid[1]} grid, {len(levels)} levels, batch 1, {'bf16 backbone' if args.bf16 else 'float32'}"
+    print(f"# {desc}; {os.cpu_count()} CPUs; python {sys.version.split()[0]}", flush=True)
+    if not args.no_memory:
+        plain = temp_memory(args, levels, remat=False)
+        remat = temp_memory(args, levels, remat=True)
+        print(f"temp_memory_no_remat_bytes={plain}")
+        print(f"temp_memory_remat_bytes={remat}")
+        print(f"remat_temp_memory_reduction={1 - remat / plain:.3f}", flush=True)
+    reference = None
+    if args.reference_python:
+        reference = torch_time(args.reference_python, args, levels)
+        print(f"torch_step_s={reference['median_s']:.4f} (forward+backward; threads={reference['threads']}, torch {reference['torch']}; "
+              f"steps {', '.join(f'{t:.3f}' for t in reference['times'])})", flush=True)
+    ours = jax_time(args, levels)
+    print(f"jax_step_s={ours['median_s']:.4f} (forward+backward+AdamW; {ours['backend']} {ours['device']}; compile {ours['compile_s']:.1f}s; "
+          f"steps {', '.join(f'{t:.3f}' for t in ours['times'])})", flush=True)
+    if reference is not None:
+        print(f"jax_over_torch={ours['median_s'] / reference['median_s']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
