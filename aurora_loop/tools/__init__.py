@@ -18,6 +18,7 @@ from aurora_loop.errors import UsageError, report_usage_error
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("sample_data", "write a synthetic WeatherBench2-layout Zarr store (learnable weather)"),
     "convert": ("convert", "turn NetCDF/GRIB files into a WeatherBench2-layout Zarr store"),
+    "import-checkpoint": ("import_checkpoint", "convert a reference Aurora checkpoint (.ckpt/.npz/.safetensors) into encoder/backbone/decoder checkpoints"),
     "export-checkpoint": ("export_checkpoint", "write a run's checkpoint as encoder/backbone/decoder weights for handing on"),
     "forecast": ("forecast", "roll a trained model out to a WeatherBench2 forecast Zarr store"),
     "evaluate": ("evaluate", "score a forecast store against the truth: RMSE, bias, ACC vs baselines; CSV/JSON and plots"),
