@@ -233,6 +233,22 @@ def initialize_distributed(config: Any) -> bool:
     return True
 
 
+def leave_job(status: int) -> int:
+    """Return ``status``; in a multi-process job with ``status != 0``, end this process now.
+
+    For an error that only this process may have hit (e.g. bad data in its shard): a
+    normal exit would wait in JAX's shutdown barrier (up to 300 s) for processes blocked in
+    a collective this one will never join. Ending at once lets JAX's heartbeats tell them.
+    Usage: ``return leave_job(report_usage_error(err, PROG))``.
+    """
+    jax = sys.modules.get("jax")  # not imported yet: certainly a single process
+    if status != 0 and jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def _exit_promptly_on_uncaught_exception(process_index: int) -> None:
     """Make an uncaught exception end this process at once, after its traceback.
 

@@ -318,6 +318,52 @@ def test_dead_process_ends_the_job_with_an_error(death, store, tmp_path):
     print(f"{death}: process 0 exited with {p0.returncode} {elapsed:.0f} s after process 1 ended")
 
 
+LEAVE_ON_PROCESS_1 = textwrap.dedent(
+    """
+    import sys
+    from aurora_loop.cli import resolve_config
+    from aurora_loop.distributed import agree, initialize_distributed, leave_job
+
+    config, _ = resolve_config(sys.argv[1:])
+    initialize_distributed(config)
+    import jax
+
+    if jax.process_index() == 1:
+        sys.exit(leave_job(2))  # e.g. a UsageError only this process hit
+    agree(False)  # process 0 waits for a process that is gone
+    print("process 0 was never told", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_leave_job_after_a_one_sided_error_ends_the_others(tmp_path):
+    """``leave_job(status)`` skips JAX's 300 s shutdown barrier, so process 0, waiting for
+    process 1 at a decision point, learns of its end from the heartbeats."""
+    script = tmp_path / "leave_on_one.py"
+    script.write_text(LEAVE_ON_PROCESS_1)
+    started = start_processes([sys.executable, str(script)], tmp_path, env_extra={HEARTBEAT_TIMEOUT_ENV: "10"})
+    (p0, out0, err0), (p1, _, _) = started
+    try:
+        assert p1.wait(timeout=RUN_TIMEOUT_S) == 2
+        p0.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process still runs: " + err0.read_text()[-2000:])
+    finally:
+        for proc, _, _ in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert p0.returncode != 0 and "never told" not in out0.read_text()
+    assert "another task died" in err0.read_text() or "stopped sending heartbeats" in err0.read_text()
+
+
+def test_leave_job_is_a_plain_return_in_one_process():
+    from aurora_loop.distributed import leave_job
+
+    assert leave_job(2) == 2 and leave_job(0) == 0
+
+
 # --- flags and launcher detection (no JAX start-up) --------------------------------------------
 class Flags:
     """A stand-in for TrainingConfig's multi-process fields."""
