@@ -70,7 +70,7 @@ class WandbLogger(Callback):
             wandb = self._wandb()
             os.makedirs(self.save_dir, exist_ok=True)
             kwargs = dict(project=self.project, dir=self.save_dir, config=self.config, name=self.name,
-                          id=self.run_id, resume="allow" if self.run_id else None, reinit="finish_previous")
+                          id=self.run_id, resume="allow" if self.run_id else None)
             if self.mode is not None:
                 kwargs["mode"] = self.mode
             kwargs.update(self.init_kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 import types
 
 import optax
@@ -25,7 +26,10 @@ def wandb_records(path: str) -> list:
     """Records of a .wandb file (a LevelDB-style log of protobuf ``Record``s in 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 7:
+        return []
     assert data[:4] == b":W&B"
     pos, block, raw, pending = 7, 32768, [], b""
     while pos + 7 <= len(data):
@@ -34,6 +38,8 @@ def wandb_records(path: str) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
@@ -53,9 +59,20 @@ def wandb_records(path: str) -> list:
     return records
 
 
+def finished_records(path: str, wait_s: float = 120.0) -> list:
+    """The file's records once W&B's service wrote the run's exit record (it writes the file
+    in the background, sometimes after ``finish()`` returned)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def history(path: str) -> dict[int, dict]:
     rows = {}
-    for record in wandb_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
             rows.setdefault(int(row["_step"]), {}).update(row)
