@@ -283,3 +283,26 @@ def test_early_stopping_decisions():
     assert trainer.should_stop and nan_stopper.stopped_step == 1
     with pytest.raises(KeyError, match="val/loss"):
         EarlyStopping(verbose=False).on_validate(trainer, 1, {"mae/2t": 1.0})
+
+
+def test_second_signal_falls_back_to_the_previous_handler():
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        trainer = types.SimpleNamespace(should_stop=False, is_main_process=True)
+        guard = Preemption(signals=(signal.SIGTERM,), verbose=False)
+        guard.on_fit_start(trainer)
+        assert signal.getsignal(signal.SIGTERM) == guard._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.should_stop and trainer.preempted and guard.received == signal.SIGTERM and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)  # impatient: hand over to whoever was there before
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is previous
+        guard.on_fit_end(trainer)
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)

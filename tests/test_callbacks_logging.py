@@ -156,3 +156,22 @@ def test_peak_flops_table_matches_device_kinds():
     assert peak_flops(types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-40GB")) == 312e12
     assert peak_flops(types.SimpleNamespace(device_kind="TPU v4")) == 275e12
     assert peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
+
+
+def test_learning_rate_from_an_inject_hyperparams_optimizer():
+    import types
+
+    import jax.numpy as jnp
+
+    from aurora_loop.callbacks.lr_monitor import injected_learning_rate
+
+    params = {"w": jnp.ones(3)}
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=0.025))
+    state = optimizer.init(params)
+    assert injected_learning_rate(state) == pytest.approx(0.025)
+    assert injected_learning_rate(optax.adam(0.1).init(params)) is None
+    monitor = LearningRateMonitor(every_n_steps=1)
+    trainer = types.SimpleNamespace(learning_rate=lambda step: None, state=types.SimpleNamespace(opt_state=state),
+                                    is_main_process=True, callbacks=[])
+    monitor.on_step(trainer, 1, {})
+    assert monitor.history == [(1, pytest.approx(0.025))]
