@@ -74,7 +74,7 @@ def _flops_of(compiled: Any) -> float | None:
 class _TimedStep:
     """Wraps a jitted train step: AOT-compiles on the first call, then calls the executable."""
 
-    def __init__(self, jitted: Any, owner: "Throughput") -> None:
+    def __init__(self, jitted: Any, owner: Throughput) -> None:
         self.jitted = jitted
         self.owner = owner
         self.compiled = None
@@ -166,7 +166,8 @@ class Throughput(Callback):
         self.history.append({"step": float(step), **report})
         log_to_loggers(trainer, step, report)
         if self.verbose and trainer.is_main_process:
-            print("Throughput at step %d: %s" % (step, ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in report.items())), flush=True)
+            shown = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in report.items())
+            print(f"Throughput at step {step}: {shown}", flush=True)
 
     def on_fit_end(self, trainer: Any) -> None:
         step_fn = getattr(trainer, "_train_step", None)

@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from aurora_loop.callbacks import LearningRateMonitor, ProgressBar, Profiler, TensorBoardLogger, Throughput
+from aurora_loop.callbacks import LearningRateMonitor, Profiler, ProgressBar, TensorBoardLogger, Throughput
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
