@@ -375,6 +375,10 @@ def evaluate(
             field_levels = [lv for lv in field_levels if lv in levels]
         for level in field_levels:
             f = var.sel(level=level) if has_level else var
+            if has_level and "level" not in tvar.dims:
+                raise UsageError(f"{name!r} in the truth store {truth_path} has no level dim; pass a truth store with pressure levels")
+            if has_level and level not in [int(v) for v in tvar["level"].values]:
+                raise UsageError(f"level {level} hPa of {name!r} is not in the truth store {truth_path}; pass --levels from those it has")
             t = tvar.sel(level=level) if has_level else tvar
             clim = Climatology.of(t, clim_period)
             clim_text = clim.describe()

@@ -249,7 +249,7 @@ def parse_init_times(text: str, times: np.ndarray, history: int) -> np.ndarray:
     ``text``: a comma list of ISO times (``2020-01-20T00,2020-01-21T00``); ``all`` (every
     time with ``history - 1`` earlier steps); or ``START/END[/EVERY]`` (every store time in
     [START, END], every EVERY, e.g. ``2020-01-20/2020-01-25/12h``). ``times``: (n,)
-    datetime64 of the store. Returns (m,) int64 indices into ``times``, in the given order.
+    datetime64 of the store. Returns (m,) int64 indices into ``times``, ascending, no repeats.
     """
     text = text.strip()
     first_ok = history - 1
@@ -281,7 +281,7 @@ def parse_init_times(text: str, times: np.ndarray, history: int) -> np.ndarray:
         out.append(int(hit[0]))
     if not out:
         raise UsageError("--init is empty; pass ISO times like 2020-01-20T00, a range START/END, or all")
-    return np.asarray(out, dtype=np.int64)
+    return np.unique(np.asarray(out, dtype=np.int64))  # time order, each once (as WB2 stores them)
 
 
 def _datetime(text: str) -> np.datetime64:
