@@ -41,6 +41,11 @@ class TrainingConfig:
     val_start: str | None = _field(None, "first time of the validation split (ISO 8601)")
     val_end: str | None = _field(None, "last time of the validation split (ISO 8601)")
     num_workers: int = _field(4, "data-loading threads per process")
+    prefetch: int | None = _field(None, "batches read ahead per process (none: 2 x num_workers)")
+    cache_mb: float = _field(256.0, "read a store whose selected fields fit in this many MiB into memory once (0: never)")
+    nan_policy: str = _field("error", "a sample holding NaNs: error (stop with a message) or skip (replace it by the next clean one)")
+    variable_map: dict[str, str] | None = _field(None, "store variable name -> Aurora name overrides, e.g. t2m=2t,sp=msl (or a JSON object)")
+    tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
 
     # Model.
     model: str = _field("conv", "registered task: conv (a small convolutional baseline), or an Aurora configuration when installed")
@@ -103,7 +108,7 @@ class TrainingConfig:
 # Fields compared when rerunning into an existing output dir: changing any of these makes a
 # different run. The rest (epochs, max_steps, logging cadence, workers) may change on resume.
 RESUME_INSENSITIVE = frozenset(
-    {"epochs", "max_steps", "num_workers", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
+    {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir"}
 )
 
@@ -118,6 +123,8 @@ def field_type(field: dataclasses.Field) -> tuple[type, bool]:
         hint = args[0]
     if typing.get_origin(hint) is tuple:
         return tuple[typing.get_args(hint)[0], ...], optional
+    if typing.get_origin(hint) is dict:
+        return hint, optional
     return hint, optional
 
 
@@ -129,6 +136,22 @@ def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
         if optional:
             return None
         raise UsageError(f"{source}: {name} cannot be empty; give a value ({field.metadata['help']})")
+    if typing.get_origin(base) is dict:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    raise UsageError(f"{source}: {name} is not a valid JSON object: {value!r}") from None
+            else:
+                pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise UsageError(f"{source}: {name} must be NAME=NAME pairs separated by commas, e.g. t2m=2t,sp=msl")
+                value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise UsageError(f"{source}: {name} must map names to names, got {value!r}")
+        return dict(value)
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         if isinstance(value, str):
@@ -210,5 +233,9 @@ def validate(config: TrainingConfig) -> None:
         raise UsageError(f"weight_decay must not be negative, got {config.weight_decay}")
     if config.grad_clip_norm is not None and config.grad_clip_norm <= 0:
         raise UsageError(f"grad_clip_norm must be positive (or none), got {config.grad_clip_norm}")
+    if config.nan_policy not in ("error", "skip"):
+        raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
+    if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):
+        raise UsageError("cache_mb must not be negative and prefetch must be at least 1 (or none)")
     if not (config.surf_vars or config.atmos_vars):
         raise UsageError("no variables to forecast: give --surf_vars and/or --atmos_vars")
