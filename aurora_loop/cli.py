@@ -144,6 +144,49 @@ def _use_cpu_devices(config: TrainingConfig) -> None:
             pass
 
 
+def default_callbacks(config: TrainingConfig, out: str, checkpoint_dir: str, tensorboard_dir: str,
+                      user_callbacks: list[Any]) -> list[Any]:
+    """The callbacks of an ``aurora-train`` run, in hook order.
+
+    ModelCheckpoint comes last so the callback states it saves already hold that step's
+    decisions (EarlyStopping counters, ...).
+    """
+    from aurora_loop.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        Preemption,
+        Profiler,
+        ProgressBar,
+        TensorBoardLogger,
+        TerminateOnNaN,
+        Throughput,
+        WandbLogger,
+    )
+
+    every = config.log_every_n_steps
+    callbacks = [
+        Preemption(),
+        TerminateOnNaN(),
+        ProgressBar(every_n_steps=every),
+        LearningRateMonitor(every_n_steps=every),
+        Throughput(every_n_steps=max(every, 50)),
+        TensorBoardLogger(tensorboard_dir, log_every_n_steps=every, hparams=config.to_json_dict()),
+    ]
+    if config.use_wandb:
+        callbacks.append(WandbLogger(project=config.wandb_project, save_dir=out, config=config.to_json_dict(), log_every_n_steps=every))
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=config.monitor or "val/loss", patience=config.early_stopping_patience,
+                                       min_delta=config.early_stopping_min_delta, mode=config.mode))
+    if config.profile_steps is not None:
+        start, _, count = config.profile_steps.partition(":")
+        callbacks.append(Profiler(tensorboard_dir, start_step=int(start), num_steps=int(count)))
+    callbacks += user_callbacks
+    callbacks.append(ModelCheckpoint(checkpoint_dir, every_n_steps=config.save_every_n_steps, max_to_keep=config.max_to_keep,
+                                     monitor=config.monitor, mode=config.mode, save_top_k=config.save_top_k))
+    return callbacks
+
+
 def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False,
         callback_specs: tuple[str, ...] = ()) -> int:
     """Train according to ``config``; returns the exit status.
@@ -158,8 +201,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     initialize_distributed(config)  # before anything touches devices
     import jax
 
-    from aurora_loop.callbacks import ModelCheckpoint, ProgressBar, TensorBoardLogger
-    from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, Preemption, was_preempted
+    from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
     from aurora_loop.parallel import check_batch_divisible, make_mesh
     from aurora_loop.plugins import load_callbacks
     from aurora_loop.step import learning_rate_schedule, make_optimizer
@@ -195,13 +237,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
 
     checkpoint_dir = os.path.join(out, "checkpoints")
     tensorboard_dir = os.path.join(out, "tensorboard")
-    callbacks = [
-        ProgressBar(every_n_steps=config.log_every_n_steps),
-        TensorBoardLogger(tensorboard_dir, log_every_n_steps=config.log_every_n_steps),
-        ModelCheckpoint(checkpoint_dir, every_n_steps=config.save_every_n_steps, max_to_keep=config.max_to_keep),
-        Preemption(),
-        *user_callbacks,
-    ]
+    callbacks = default_callbacks(config, out, checkpoint_dir, tensorboard_dir, user_callbacks)
     trainer = Trainer(
         callbacks=callbacks,
         optimizer=optimizer,

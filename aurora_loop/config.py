@@ -83,6 +83,12 @@ class TrainingConfig:
     max_to_keep: int | None = _field(3, "keep at most this many step checkpoints (none: all)")
     val_every_n_steps: int | None = _field(None, "validate every this many steps (none: at the end of each epoch)")
     log_every_n_steps: int = _field(10, "write training scalars every this many steps")
+    monitor: str | None = _field(None, "validation score that picks the best checkpoints, e.g. val/loss (none: keep only the newest)")
+    mode: str = _field("min", "min or max: which way --monitor improves")
+    save_top_k: int = _field(1, "with --monitor, keep this many best checkpoints besides the newest")
+    early_stopping_patience: int | None = _field(None, "stop after this many validations without improvement of --monitor (default val/loss); none: never")
+    early_stopping_min_delta: float = _field(0.0, "smallest change of the monitored score that counts as an improvement")
+    profile_steps: str | None = _field(None, "START:N: trace N steps after step START with jax.profiler into output_dir/tensorboard")
     use_wandb: bool = _field(False, "also log to Weights & Biases (extra 'wandb')")
     wandb_project: str | None = _field(None, "Weights & Biases project name")
 
@@ -109,7 +115,8 @@ class TrainingConfig:
 # different run. The rest (epochs, max_steps, logging cadence, workers) may change on resume.
 RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
-     "val_every_n_steps", "use_wandb", "wandb_project", "output_dir"}
+     "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
+     "early_stopping_patience", "early_stopping_min_delta", "profile_steps"}
 )
 
 
@@ -233,6 +240,14 @@ def validate(config: TrainingConfig) -> None:
         raise UsageError(f"weight_decay must not be negative, got {config.weight_decay}")
     if config.grad_clip_norm is not None and config.grad_clip_norm <= 0:
         raise UsageError(f"grad_clip_norm must be positive (or none), got {config.grad_clip_norm}")
+    if config.mode not in ("min", "max"):
+        raise UsageError(f"mode must be min or max, got {config.mode!r}")
+    if config.save_top_k < 1 or (config.early_stopping_patience is not None and config.early_stopping_patience < 1):
+        raise UsageError("save_top_k and early_stopping_patience must be at least 1")
+    if config.profile_steps is not None:
+        start, sep, count = config.profile_steps.partition(":")
+        if not (sep and start.isdigit() and count.isdigit() and int(count) > 0):
+            raise UsageError(f"profile_steps must be START:N with whole numbers, got {config.profile_steps!r}; e.g. --profile_steps 10:5")
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

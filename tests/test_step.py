@@ -95,3 +95,21 @@ def test_gradient_clipping_reaches_adam_moments():
 
     assert first_moment(make_optimizer(lambda _: 1e-3, grad_clip_norm=1.0)) == pytest.approx(0.1, rel=1e-5)
     assert first_moment(make_optimizer(lambda _: 1e-3)) == pytest.approx(20.0, rel=1e-5)
+
+
+def test_conv_task_is_independent_of_variable_order():
+    """Eager and jitted calls see dicts in different key orders; channels must not move."""
+    sample = stack_samples(make_samples(2))
+    task = ConvTask()
+    params = task.init(jax.random.PRNGKey(0), sample)
+    params = jax.tree.map(lambda x: x + 0.01, params)  # the zero-initialised head must matter
+
+    def reorder(batch):
+        return batch.replace(surf_vars=dict(reversed(list(batch.surf_vars.items()))),
+                             atmos_vars=dict(reversed(list(batch.atmos_vars.items()))))
+
+    shuffled = type(sample)(reorder(sample.inputs), reorder(sample.targets))
+    eager = task.predict(params, shuffled)
+    jitted = jax.jit(task.predict)(params, sample)
+    for name in sample.targets.surf_vars:
+        np.testing.assert_allclose(eager.surf_vars[name], jitted.surf_vars[name], rtol=1e-5, atol=1e-3)

@@ -23,19 +23,21 @@ from aurora_loop.task import register_task
 
 def _stack_fields(batch: Batch) -> jax.Array:
     """All dynamic fields as channels: (b, t, h, w, C), surface first then atmos by level."""
-    parts = [v[..., None] for v in batch.surf_vars.values()]
-    parts += [jnp.moveaxis(v, 2, -1) for v in batch.atmos_vars.values()]
+    # Sorted names: jit flattens dicts in sorted key order, so insertion order would differ
+    # between jitted and eager calls and scramble the channels of a trained model.
+    parts = [batch.surf_vars[k][..., None] for k in sorted(batch.surf_vars)]
+    parts += [jnp.moveaxis(batch.atmos_vars[k], 2, -1) for k in sorted(batch.atmos_vars)]
     return jnp.concatenate(parts, axis=-1)
 
 
 def _unstack_fields(channels: jax.Array, like: Batch) -> Batch:
     """Inverse of :func:`_stack_fields` for a (b, h, w, C) array -> Batch with t = 1."""
     surf, atmos, i = {}, {}, 0
-    for name in like.surf_vars:
+    for name in sorted(like.surf_vars):
         surf[name] = channels[:, None, :, :, i]
         i += 1
     levels = len(like.metadata.atmos_levels)
-    for name in like.atmos_vars:
+    for name in sorted(like.atmos_vars):
         atmos[name] = jnp.moveaxis(channels[:, None, :, :, i : i + levels], -1, 2)
         i += levels
     return like.replace(surf_vars=surf, atmos_vars=atmos)
@@ -89,7 +91,7 @@ class ConvTask:
     def _static(self, batch: Batch) -> jax.Array | None:
         if not batch.static_vars:
             return None
-        static = jnp.stack([v.astype(jnp.float32) for v in batch.static_vars.values()], axis=-1)
+        static = jnp.stack([batch.static_vars[k].astype(jnp.float32) for k in sorted(batch.static_vars)], axis=-1)
         static = (static - static.mean((0, 1))) / (static.std((0, 1)) + 1e-6)
         return jnp.broadcast_to(static, (batch.batch_size,) + static.shape)
 
