@@ -36,6 +36,11 @@ class TerminateOnNaN(Callback):
         self.nonfinite_step: int | None = None
         self.values: dict[str, float] = {}
 
+    def on_fit_start(self, trainer: Any) -> None:
+        # A new fit (e.g. a rerun that resumed from the last good checkpoint) starts clean.
+        self.nonfinite_step, self.values = None, {}
+        trainer.nonfinite_step = None
+
     def wants_metrics(self, trainer: Any, step: int) -> bool:
         return self.nonfinite_step is None and step % self.every_n_steps == 0
 
@@ -54,3 +59,6 @@ class TerminateOnNaN(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_step": self.nonfinite_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # informational only: a resumed run starts from a good checkpoint
