@@ -200,6 +200,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
 
     initialize_distributed(config)  # before anything touches devices
     import jax
+    import numpy as np
 
     from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
     from aurora_loop.parallel import check_batch_divisible, make_mesh
@@ -227,6 +228,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     from aurora_loop.datasets import build_loaders
 
     train_loader, val_loader = build_loaders(config)
+    if config.timestep_hours is None and getattr(train_loader, "time_step", None) is not None:
+        # The model steps as far as the data does (Aurora's default is 6 h; ERA5 samples may be 12 h).
+        config = config.replace(timestep_hours=float(train_loader.time_step / np.timedelta64(1, "h")))
     task = make_task(config.model, config)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs

@@ -53,6 +53,7 @@ class TrainingConfig:
     checkpoint_encoder: str | None = _field(None, "pretrained encoder checkpoint (overrides checkpoint_dir/encoder)")
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
     checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
+    timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
     bf16: bool = _field(False, "compute in bfloat16 where the model supports it (parameters stay float32)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
 
@@ -66,6 +67,7 @@ class TrainingConfig:
     max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide)")
     rollout_steps: int = _field(1, "autoregressive steps per sample, each with its own target")
     average_rollout_loss: bool = _field(True, "average the loss over roll-out steps (else: the last step's loss)")
+    rollout_mode: str = _field("full", "roll-out fine-tuning: full (back-propagate through every step) or pushforward (only the last step; earlier predictions fed back without gradients, loss on the last step)")
     seed: int = _field(0, "seed for parameters, shuffling and any stochastic layers")
 
     # Devices.
@@ -248,6 +250,12 @@ def validate(config: TrainingConfig) -> None:
         start, sep, count = config.profile_steps.partition(":")
         if not (sep and start.isdigit() and count.isdigit() and int(count) > 0):
             raise UsageError(f"profile_steps must be START:N with whole numbers, got {config.profile_steps!r}; e.g. --profile_steps 10:5")
+    if config.timestep_hours is not None and not config.timestep_hours > 0:
+        raise UsageError(f"timestep_hours must be positive, got {config.timestep_hours}")
+    if config.rollout_mode == "replay":
+        raise UsageError("rollout_mode replay (the paper's replay buffer) is not implemented yet; use --rollout_mode full or pushforward")
+    if config.rollout_mode not in ("full", "pushforward"):
+        raise UsageError(f"rollout_mode must be full or pushforward, got {config.rollout_mode!r}")
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):
