@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fixtures import aurora_data as fx
 from aurora_loop.model import load_reference_params, rollout
+from tests.fixtures import aurora_data as fx
 
 
 def _relative(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 Array = Any  # numpy or jax array
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def hours_since_epoch(times: Sequence[dt.datetime] | Any) -> np.ndarray:
@@ -40,7 +40,7 @@ def hours_since_epoch(times: Sequence[dt.datetime] | Any) -> np.ndarray:
             out.append(t.astype("datetime64[s]").astype(np.int64) / 3600.0)
             continue
         if t.tzinfo is None:
-            t = t.replace(tzinfo=dt.timezone.utc)
+            t = t.replace(tzinfo=dt.UTC)
         out.append((t - _EPOCH).total_seconds() / 3600.0)
     return np.asarray(out, dtype=np.float64)
 

@@ -2,7 +2,8 @@
 
 Every patch (``p x p`` grid points) is described by the centre of its latitudes and of its
 longitudes (degrees) and by the square root of its area on a sphere of radius 6371 km
-(km). These scalars are Fourier-encoded (:mod:`aurora_loop.model.fourier`).
+(km; like the reference we use ``R^2 * pi * |d sin(lat)| * d lon`` for the area, which is pi
+times the spherical area). These scalars are Fourier-encoded (:mod:`aurora_loop.model.fourier`).
 
 The reference evaluates them in float32 with a fixed order of operations, and the scale
 encoding reaches wavelengths of ~1e-4 km: one float32 ulp of a patch's size changes its
