@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -60,11 +59,9 @@ def _json_ok(value: Any) -> bool:
 
 def _on_any_process(flag: bool) -> bool:
     """True when ``flag`` is true on any process (every process must call this)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
+    from aurora_loop.distributed import agree
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return agree(flag)
 
 
 @jax.jit

@@ -11,7 +11,9 @@ can tell "requeue me" from success or failure; rerunning the same command resume
 A second signal while the first is being honoured falls back to the handler that was
 installed before (default SIGINT: ``KeyboardInterrupt``; default SIGTERM: terminate now).
 Handlers can only be installed in the main thread; elsewhere this callback warns and
-does nothing. The previous handlers are restored when ``fit`` ends.
+does nothing. The previous handlers are restored when ``fit`` ends. In a multi-process job
+a signal that reached only some processes still stops all of them at the same step (the
+trainer agrees on ``should_stop``), and at the end every process reports ``preempted``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ class Preemption(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         self._restore()
         self._trainer = None
+        # A signal may have reached only some processes; all of them stopped together (the
+        # trainer agrees on should_stop), so all report preemption and exit alike.
+        from aurora_loop.distributed import agree
+
+        trainer.preempted = agree(bool(getattr(trainer, "preempted", False)))
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
         self._restore()

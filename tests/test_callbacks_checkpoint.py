@@ -306,3 +306,65 @@ def test_second_signal_falls_back_to_the_previous_handler():
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+PREEMPT_ONE_PROCESS = '''
+import os, signal, sys
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+import optax
+from aurora_loop.callbacks import Callback, ModelCheckpoint, Preemption
+from aurora_loop.data import ArrayLoader
+from aurora_loop.model.batch import stack_samples
+from aurora_loop.parallel import make_mesh
+from aurora_loop.tasks.conv import ConvTask
+from aurora_loop.trainer import Trainer
+from tests.synthetic import make_samples
+
+
+class SignalOnProcessOne(Callback):
+    def on_step(self, trainer, step, metrics):
+        if step == 3 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+samples = make_samples(12, grid=(8, 16))
+checkpoint = ModelCheckpoint(out, every_n_steps=100, save_last=False, verbose=False)
+trainer = Trainer([SignalOnProcessOne(), Preemption(verbose=False), checkpoint], optimizer=optax.adam(1e-3),
+                  max_epochs=3, mesh=make_mesh())
+trainer.fit(ConvTask(features=8, depth=2), ArrayLoader(samples[:8], 2, stack_samples, seed=0))
+print(f"RESULT {pid} {trainer.global_step} {trainer.preempted} {checkpoint.saved_steps}", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_signal_on_one_process_stops_and_saves_on_all(tmp_path):
+    """Two processes (1 CPU device each): SIGTERM reaches process 1 only. Both stop at the
+    same step, write one checkpoint together (an orbax save is collective) and report
+    preemption, instead of one process waiting forever in the other's save."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "preempt_one.py"
+    script.write_text(PREEMPT_ONE_PROCESS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    out = str(tmp_path / "ckpt")
+    procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port), out], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = sorted(line for text in outputs for line in text.splitlines() if line.startswith("RESULT"))
+    assert results == ["RESULT 0 4 True [4]", "RESULT 1 4 True [4]"], "\n".join(o[-2000:] for o in outputs)
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert ModelCheckpoint(out).all_steps() == [4]
