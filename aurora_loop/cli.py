@@ -27,6 +27,7 @@ from aurora_loop.config import (
     load_config_file,
     validate,
 )
+from aurora_loop.distributed import barrier, leave_job
 from aurora_loop.errors import UsageError, report_usage_error
 
 PROG = "aurora-train"
@@ -220,9 +221,10 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         from aurora_loop.datasets.sample_data import write_sample_store
 
         sample_path = os.path.join(out, "sample_data.zarr")
-        if not os.path.exists(sample_path):
+        if jax.process_index() == 0 and not os.path.exists(sample_path):
             print(f"No --dataset_path given: writing a synthetic WeatherBench2-layout sample to {sample_path}", flush=True)
             write_sample_store(sample_path, levels=config.levels or (50, 250, 500, 850, 1000))
+        barrier("sample_data")  # the other processes read it next
         config = config.replace(dataset_path=sample_path)
 
     from aurora_loop.datasets import build_loaders
@@ -262,6 +264,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
     if main:
         write_run_config(requested, clear_previous)
+    barrier("run_config")  # an --overwrite cleared old checkpoints before anyone looks for one
     trainer.fit(task, train_loader, val_loader, resume=resume)
     if was_preempted(trainer):
         if main:
@@ -284,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
         return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback))
     except UsageError as err:
-        return report_usage_error(err, PROG)
+        return leave_job(report_usage_error(err, PROG))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return leave_job(130)
 
 
 if __name__ == "__main__":
