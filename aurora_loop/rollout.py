@@ -32,6 +32,9 @@ def advance_history(inputs: Batch, prediction: Batch, time: jax.Array) -> Batch:
     )
 
 
+ROLLOUT_MODES = ("full", "pushforward")
+
+
 def rollout_scan(
     predict: Predictor,
     sample: Sample,
@@ -49,6 +52,12 @@ def rollout_scan(
     convolutions inside a while-loop body about 10x slower (measured: the conv task's
     gradient took 300 ms with scan and 30 ms unrolled), and scan elsewhere.
     """
+    return _rollout(predict, sample, per_step, remat, use_scan)[1]
+
+
+def _rollout(predict: Predictor, sample: Sample, per_step, remat: bool, use_scan: bool | None, first_step: int = 0):
+    """:func:`rollout_scan` that also returns the final history (the carry); the steps are
+    numbered from ``first_step`` (``predict`` sees that index; times still start at the targets')."""
     if use_scan is None:
         use_scan = jax.default_backend() != "cpu"
     targets = sample.targets
@@ -65,22 +74,21 @@ def rollout_scan(
         target = targets.replace(
             surf_vars=surf,
             atmos_vars=atmos,
-            metadata=targets.metadata.replace(time=first_time + step.astype(first_time.dtype) * step_hours),
+            metadata=targets.metadata.replace(time=first_time + (step - first_step).astype(first_time.dtype) * step_hours),
         )
         prediction = predict(inputs, step)
         return advance_history(inputs, prediction, target.metadata.time), per_step(prediction, target)
 
     if remat:
         body = jax.checkpoint(body)
-    steps = jnp.arange(targets.num_steps, dtype=jnp.int32)
+    steps = jnp.arange(first_step, first_step + targets.num_steps, dtype=jnp.int32)
     if not use_scan:
         carry, outs = sample.inputs, []
         for k in range(targets.num_steps):
             carry, out = body(carry, jax.tree.map(lambda x, k=k: x[k], (steps, fields)))
             outs.append(out)
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    _, out = jax.lax.scan(body, sample.inputs, (steps, fields))
-    return out
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return jax.lax.scan(body, sample.inputs, (steps, fields))
 
 
 def rollout_loss(
@@ -90,11 +98,36 @@ def rollout_loss(
     average: bool = True,
     remat: bool = False,
     use_scan: bool | None = None,
+    mode: str = "full",
 ) -> tuple[jax.Array, jax.Array]:
     """The roll-out training loss: (loss, per-step losses of shape (rollout_steps,)).
 
-    ``loss`` is the mean over steps when ``average`` (``average_rollout_loss``), else the
-    last step's loss; gradients flow through every step either way.
+    ``mode="full"``: ``loss`` is the mean over steps when ``average``
+    (``average_rollout_loss``), else the last step's loss; gradients flow through every step.
+
+    ``mode="pushforward"`` (the Aurora paper's roll-out fine-tuning trick): the first
+    ``rollout_steps - 1`` steps run without gradients (their predictions are fed back under
+    ``lax.stop_gradient``) and ``loss`` is the last step's loss only, whatever ``average``;
+    memory and backward cost are those of one step. The earlier steps' losses are still
+    returned (detached) for logging. With one roll-out step both modes agree when
+    ``average`` is off (and, with one step, also when it is on).
     """
-    losses = rollout_scan(predict, sample, step_loss, remat=remat, use_scan=use_scan)
-    return (jnp.mean(losses) if average else losses[-1]), losses
+    if mode == "full":
+        losses = rollout_scan(predict, sample, step_loss, remat=remat, use_scan=use_scan)
+        return (jnp.mean(losses) if average else losses[-1]), losses
+    if mode != "pushforward":
+        raise ValueError(f"rollout mode must be one of {ROLLOUT_MODES}, got {mode!r}")
+    steps = sample.targets.num_steps
+    inputs, head_losses = sample.inputs, None
+    if steps > 1:
+        head = Sample(sample.inputs, sample.targets.time_slice(0, steps - 1))
+        inputs, head_losses = jax.lax.stop_gradient(_rollout(predict, head, step_loss, remat, use_scan))
+    first_time = jnp.asarray(sample.targets.metadata.time)
+    step_hours = first_time - jnp.asarray(sample.inputs.metadata.time)
+    last_target = sample.targets.time_slice(steps - 1, steps)
+    last_target = last_target.replace(
+        metadata=last_target.metadata.replace(time=first_time + (steps - 1) * step_hours)
+    )
+    last = _rollout(predict, Sample(inputs, last_target), step_loss, remat, use_scan, first_step=steps - 1)[1]
+    losses = last if head_losses is None else jnp.concatenate([head_losses, last])
+    return losses[-1], losses

@@ -61,10 +61,11 @@ class AuroraTask:
     """
 
     def __init__(self, config: AuroraConfig, name: str = "aurora", rollout_average: bool = True,
-                 pretrained: Mapping[str, str] | None = None) -> None:
+                 pretrained: Mapping[str, str] | None = None, rollout_mode: str = "full") -> None:
         self.config = config
         self.name = name
         self.rollout_average = rollout_average
+        self.rollout_mode = rollout_mode  # full | pushforward (aurora_loop.rollout.rollout_loss)
         self.pretrained = dict(pretrained or {})
 
     # -- helpers -----------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class AuroraTask:
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = self._crop(batch)
-        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average)
+        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average, mode=self.rollout_mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
@@ -160,7 +161,8 @@ def _factory(preset: str):
         if paths is None:
             directory = getattr(config, "checkpoint_dir", None)
             paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
-        return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths)
+        return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths,
+                          rollout_mode=getattr(config, "rollout_mode", "full"))
 
     return make
 

@@ -68,10 +68,11 @@ class ConvTask:
 
     name = "conv"
 
-    def __init__(self, features: int = 32, depth: int = 3, rollout_average: bool = True) -> None:
+    def __init__(self, features: int = 32, depth: int = 3, rollout_average: bool = True, rollout_mode: str = "full") -> None:
         self.features = features
         self.depth = depth
         self.rollout_average = rollout_average
+        self.rollout_mode = rollout_mode  # full | pushforward (aurora_loop.rollout.rollout_loss)
 
     def _net(self, channels: int) -> ConvNet:
         return ConvNet(self.features, channels, self.depth)
@@ -118,7 +119,7 @@ class ConvTask:
             scale = jnp.std(truth, axis=(2, 3), keepdims=True) + 1e-6
             return jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale)
 
-        loss, per_step = rollout_loss(self._predict_fn(params), step_loss, batch, average=self.rollout_average)
+        loss, per_step = rollout_loss(self._predict_fn(params), step_loss, batch, average=self.rollout_average, mode=self.rollout_mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def predict(self, params: Any, sample: Sample) -> Batch:
@@ -151,5 +152,5 @@ class ConvTask:
 
 @register_task("conv")
 def make_conv_task(config: Any) -> ConvTask:
-    return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True))
+    return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True), rollout_mode=getattr(config, "rollout_mode", "full"))
 
