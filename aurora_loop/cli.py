@@ -19,6 +19,7 @@ import shutil
 import sys
 from typing import Any
 
+from aurora_loop.callbacks.base import Callback
 from aurora_loop.config import (
     RESUME_INSENSITIVE,
     TrainingConfig,
@@ -90,7 +91,7 @@ def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:
     """Make sure output_dir is usable for this config; True when an older run must be cleared.
 
     A directory holding another run's config is refused unless ``overwrite``. Nothing in
-    it is changed here (see :func:`write_run_config`).
+    it is changed here (config.json is written once the run has started).
     """
     out = os.path.abspath(config.output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -120,17 +121,31 @@ def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:
     return False
 
 
-def write_run_config(config: TrainingConfig, clear_previous: bool) -> None:
-    """Write output_dir/config.json (atomically), first clearing an overwritten run."""
-    out = os.path.abspath(config.output_dir)
-    if clear_previous:
-        for part in ("checkpoints", "tensorboard"):
-            shutil.rmtree(os.path.join(out, part), ignore_errors=True)
-    config_path = os.path.join(out, "config.json")
+def clear_previous_run(output_dir: str) -> None:
+    """Delete an overwritten run's checkpoints and logs (``--overwrite``)."""
+    for part in ("checkpoints", "tensorboard"):
+        shutil.rmtree(os.path.join(os.path.abspath(output_dir), part), ignore_errors=True)
+
+
+def write_run_config(config: TrainingConfig) -> None:
+    """Write output_dir/config.json atomically."""
+    config_path = os.path.join(os.path.abspath(config.output_dir), "config.json")
     tmp = config_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(config.to_json_dict(), fh, indent=2, sort_keys=True)
     os.replace(tmp, config_path)
+
+
+class RunConfigWriter(Callback):
+    """Writes config.json once the run has started (state built or restored), so a run that
+    fails before that leaves the output dir as it was."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        self.config = config
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if trainer.is_main_process:
+            write_run_config(self.config)
 
 
 def _use_cpu_devices(config: TrainingConfig) -> None:
@@ -206,7 +221,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
     from aurora_loop.parallel import check_batch_divisible, make_mesh
     from aurora_loop.plugins import load_callbacks
-    from aurora_loop.step import learning_rate_schedule, make_optimizer
+    from aurora_loop.step import is_lora_param, learning_rate_schedule, make_optimizer
     from aurora_loop.task import available_tasks, make_task
     from aurora_loop.trainer import Trainer
 
@@ -239,11 +254,11 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     schedule = learning_rate_schedule(config.learning_rate, total_steps, config.warmup_steps)
-    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm)
+    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, trainable=is_lora_param if config.lora_only else None)
 
     checkpoint_dir = os.path.join(out, "checkpoints")
     tensorboard_dir = os.path.join(out, "tensorboard")
-    callbacks = default_callbacks(config, out, checkpoint_dir, tensorboard_dir, user_callbacks)
+    callbacks = [RunConfigWriter(requested), *default_callbacks(config, out, checkpoint_dir, tensorboard_dir, user_callbacks)]
     trainer = Trainer(
         callbacks=callbacks,
         optimizer=optimizer,
@@ -253,6 +268,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         val_every_n_steps=config.val_every_n_steps,
         mesh=mesh,
         seed=config.seed,
+        fsdp=config.fsdp,
     )
     main = jax.process_index() == 0
     if main:
@@ -262,9 +278,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
               f"learning rate: {config.learning_rate:g}   rollout steps: {config.rollout_steps}")
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
-    if main:
-        write_run_config(requested, clear_previous)
-    barrier("run_config")  # an --overwrite cleared old checkpoints before anyone looks for one
+    if main and clear_previous:
+        clear_previous_run(out)
+    barrier("clear_previous")  # an --overwrite cleared old checkpoints before anyone looks for one
     trainer.fit(task, train_loader, val_loader, resume=resume)
     if was_preempted(trainer):
         if main:

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from aurora_loop.callbacks.base import Callback
+from aurora_loop.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,15 @@ class ModelCheckpoint(Callback):
         step = self.latest_step()
         if step is None:
             return None
-        state, meta = self.restore(step, abstract_state)
+        path = os.path.join(self.directory, str(step))
+        try:
+            state, meta = self.restore(step, abstract_state)
+        except Exception as err:  # noqa: BLE001 - any failure to read is a damaged or foreign checkpoint
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UsageError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); move it aside to resume "
+                "from an earlier checkpoint, or start over with --no-resume or a new --output_dir"
+            ) from err
         if self.verbose and trainer.is_main_process:
             print(f"Resuming from checkpoint {os.path.join(self.directory, str(step))} (step {step}, epoch {meta['epoch']})", flush=True)
         return state, meta

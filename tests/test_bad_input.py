@@ -1,0 +1,153 @@
+"""Bad input: exit status 2, one line naming the problem and the fix, nothing changed.
+
+Each case runs ``aurora-train``'s ``main`` in-process against real files (Zarr stores
+written by xarray, real orbax checkpoints) and checks that every file that existed before
+is byte-for-byte the same afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from aurora_loop.cli import main
+
+BASE = ["--model", "conv", "--batch_size", "2", "--num_gpus", "1", "--levels", "500,850", "--max_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from aurora_loop.datasets.sample_data import write_sample_store
+
+    path = tmp_path_factory.mktemp("data") / "sample.zarr"
+    write_sample_store(str(path), grid=(16, 32), times=40, levels=(500, 850))
+    return str(path)
+
+
+def snapshot(root) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def expect_refusal(args, message, capsys, watch=None) -> str:
+    before = snapshot(watch) if watch else None
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert message in err, err
+    if watch:
+        assert snapshot(watch) == before
+    return err
+
+
+def test_dataset_path_missing(tmp_path, capsys):
+    expect_refusal(["--dataset_path", str(tmp_path / "nope.zarr"), "--output_dir", str(tmp_path / "o"), *BASE],
+                   "does not exist", capsys)
+
+
+def test_dataset_path_not_zarr(tmp_path, capsys):
+    not_zarr = tmp_path / "plain"
+    not_zarr.mkdir()
+    (not_zarr / "readme.txt").write_text("hello")
+    expect_refusal(["--dataset_path", str(not_zarr), "--output_dir", str(tmp_path / "o"), *BASE], "Zarr", capsys, watch=tmp_path)
+
+
+def test_variable_missing(store, tmp_path, capsys):
+    expect_refusal(["--dataset_path", store, "--output_dir", str(tmp_path / "o"), *BASE, "--surf_vars", "2t,sst"],
+                   "sst", capsys, watch=store)
+
+
+def test_variable_with_wrong_shape(tmp_path, capsys):
+    times = np.arange(np.datetime64("2020-01-01T00"), np.datetime64("2020-01-08T00"), np.timedelta64(6, "h")).astype("datetime64[ns]")
+    lat, lon = np.linspace(-90, 90, 8), np.arange(16) * 22.5
+    ds = xr.Dataset(
+        {
+            "2m_temperature": (("time", "latitude", "longitude"), np.full((len(times), 8, 16), 280.0, np.float32)),
+            # A surface variable stored with a level dim: wrong shape for a surface field.
+            "mean_sea_level_pressure": (("time", "level", "latitude", "longitude"), np.full((len(times), 2, 8, 16), 1e5, np.float32)),
+        },
+        coords={"time": times, "latitude": lat, "longitude": lon, "level": [500, 850]},
+    )
+    path = tmp_path / "bad.zarr"
+    ds.to_zarr(path)
+    expect_refusal(["--dataset_path", str(path), "--output_dir", str(tmp_path / "o"), "--model", "conv", "--num_gpus", "1",
+                    "--surf_vars", "2t,msl", "--static_vars", "", "--atmos_vars", ""], "mean_sea_level_pressure", capsys, watch=path)
+
+
+def test_too_few_time_steps(tmp_path, capsys):
+    from aurora_loop.datasets.sample_data import write_sample_store
+
+    path = tmp_path / "short.zarr"
+    write_sample_store(str(path), grid=(8, 16), times=3, levels=(500, 850))
+    expect_refusal(["--dataset_path", str(path), "--output_dir", str(tmp_path / "o"), *BASE], "time", capsys, watch=path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch_size", "3", "--num_gpus", "2"], "batch size 3 is not divisible by the 2 devices"),
+        (["--num_gpus", "64"], "more devices than the 4 visible"),
+        (["--learning_rate", "0"], "learning_rate must be positive"),
+        (["--learning_rate=-1e-4"], "learning_rate must be positive"),
+        (["--rollout_steps", "0"], "rollout_steps must be at least 1"),
+        (["--epochs", "two"], "epochs must be an integer"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+        (["--model", "nope"], "--model nope is not a known model"),
+    ],
+)
+def test_bad_values(store, tmp_path, capsys, args, message):
+    expect_refusal(["--dataset_path", store, "--output_dir", str(tmp_path / "o"), *BASE, *args], message, capsys)
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_output_dir_not_writable(store, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    expect_refusal(["--dataset_path", store, "--output_dir", str(blocker / "run"), *BASE], "--output_dir", capsys, watch=tmp_path)
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 2\nlearnin_rate: 1e-4\n")
+    expect_refusal(["--config", str(path), "--output_dir", str(tmp_path / "o")], "unknown setting 'learnin_rate'", capsys, watch=tmp_path)
+
+
+def test_config_file_wrong_type(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"epochs": "many"}))
+    expect_refusal(["--config", str(path), "--output_dir", str(tmp_path / "o")], "epochs must be an integer", capsys, watch=tmp_path)
+
+
+def test_output_dir_of_a_different_run(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"batch_size": 4, "learning_rate": 1e-4}))
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "keep.txt").write_text("x")
+    expect_refusal(["--dataset_path", store, "--output_dir", str(out), *BASE], "holds a different run", capsys, watch=out)
+
+
+def test_corrupt_checkpoint(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--dataset_path", store, "--output_dir", str(out), *BASE, "--save_every_n_steps", "1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    # Damage every file of the newest checkpoint's state.
+    state_dir = out / "checkpoints" / "2" / "state"
+    for dirpath, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(dirpath, name), "wb") as fh:
+                fh.write(b"garbage")
+    expect_refusal(args + ["--max_steps", "3"], "checkpoint", capsys, watch=out)
