@@ -60,14 +60,16 @@ class Forecaster:
 def forecast_maps(
     prediction: Any, target: Any, fields: Sequence[str] | None, lead: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(prediction, target) maps of shape (h, w) for example 0 at roll-out step ``lead``."""
+    """(prediction, target) maps of shape (h, w) for example 0 at roll-out step ``lead``
+    (0-based; clipped to the last step the batch has, see :func:`lead_step`)."""
     pred, true = per_field(prediction), per_field(target)
-    out = {}
-    for name in choose_fields(list(true), fields):
-        steps = np.asarray(true[name]).shape[1]
-        k = min(lead, steps - 1)
-        out[name] = (np.asarray(pred[name])[0, k], np.asarray(true[name])[0, k])
-    return out
+    k = lead_step(target, lead)
+    return {name: (np.asarray(pred[name])[0, k], np.asarray(true[name])[0, k]) for name in choose_fields(list(true), fields)}
+
+
+def lead_step(target: Any, lead: int) -> int:
+    """The roll-out step drawn for a wished ``lead``: at most the targets' last step."""
+    return max(0, min(lead, int(target.num_steps) - 1))
 
 
 def render_maps(name: str, prediction: np.ndarray, target: np.ndarray, lat: Any = None, lon: Any = None, title: str = "") -> np.ndarray:

@@ -150,7 +150,7 @@ class TensorBoardLogger(Callback):
             return
         if not callable(getattr(trainer.task, "predict", None)):
             return
-        from aurora_loop.callbacks.maps import Forecaster, forecast_maps, render_maps
+        from aurora_loop.callbacks.maps import Forecaster, forecast_maps, lead_step, render_maps
 
         batch = self._first_val_batch(trainer)
         if batch is None or not hasattr(batch, "targets"):
@@ -161,7 +161,7 @@ class TensorBoardLogger(Callback):
         maps = forecast_maps(prediction, batch.targets, self.image_fields, self.image_lead)
         lat, lon = batch.targets.metadata.lat, batch.targets.metadata.lon
         for name, (pred, true) in maps.items():
-            image = render_maps(name, pred, true, lat, lon, title=f"step {step}, lead step {self.image_lead + 1}")
+            image = render_maps(name, pred, true, lat, lon, title=f"step {step}, lead step {lead_step(batch.targets, self.image_lead) + 1}")
             writer.add_image(f"val/maps/{name}", image, step, dataformats="HWC")
 
     # --- shutdown --------------------------------------------------------------------------
