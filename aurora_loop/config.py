@@ -56,6 +56,8 @@ class TrainingConfig:
     timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
     bf16: bool = _field(False, "compute in bfloat16 where the model supports it (parameters stay float32)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
+    lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
+    fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
 
     # Optimisation.
     batch_size: int = _field(2, "global batch size, split over all devices of the mesh")

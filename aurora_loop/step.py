@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aurora_loop.parallel import replicated
+from aurora_loop.errors import UsageError
+from aurora_loop.parallel import DATA_AXIS, replicated
 from aurora_loop.task import Task
 
 
@@ -53,21 +54,70 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> 
     )
 
 
+def is_lora_param(path: tuple) -> bool:
+    """Whether a parameter's key path names a LoRA weight (Aurora's ``lora_qkv`` /
+    ``lora_proj`` modules hold ``lora_A`` / ``lora_B``): the path contains "lora"."""
+    return "lora" in jax.tree_util.keystr(path).lower()
+
+
 def make_optimizer(
-    schedule: optax.Schedule, weight_decay: float = 0.0, grad_clip_norm: float | None = None
+    schedule: optax.Schedule,
+    weight_decay: float = 0.0,
+    grad_clip_norm: float | None = None,
+    trainable: Callable[[tuple], bool] | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW on ``schedule``, optionally after clipping gradients to a global norm."""
+    """AdamW on ``schedule``, optionally after clipping gradients to a global norm.
+
+    ``trainable(key_path) -> bool`` (e.g. :func:`is_lora_param` for ``--lora_only``): only
+    those parameters are optimised (clipping sees only their gradients); the others get
+    zero updates and keep no Adam state (``optax.multi_transform`` with ``set_to_zero``).
+    """
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))
-    return optax.chain(*parts)
+    optimizer = optax.chain(*parts)
+    if trainable is None:
+        return optimizer
+
+    def labels(params: Any) -> Any:
+        out = jax.tree_util.tree_map_with_path(lambda path, _: "train" if trainable(path) else "frozen", params)
+        if "train" not in jax.tree.leaves(out):
+            raise UsageError("no parameter is trainable (--lora_only on a model without LoRA weights?); "
+                             "use an Aurora model with LoRA (use_lora) or drop --lora_only")
+        return out
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    """Replicate every leaf of the train state over the mesh."""
+def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) -> TrainState:
+    """Shardings of the train state: every leaf replicated over the mesh, or with ``fsdp``
+    every parameter and optimizer-state leaf with ndim >= 1 split over the ``data`` axis on
+    its largest dimension divisible by that axis's size (replicated when none is).
+
+    FSDP-style (ZeRO-3): each device holds 1/n of the weights and Adam moments; XLA gathers a
+    layer's weights where the computation needs them and reduce-scatters the gradients.
+    ``step`` and ``rng`` stay replicated.
+    """
     sharding = replicated(mesh)
-    return jax.tree.map(lambda _: sharding, abstract_state)
+    if not fsdp:
+        return jax.tree.map(lambda _: sharding, abstract_state)
+    size = mesh.shape[DATA_AXIS]
+
+    def leaf(x: Any) -> NamedSharding:
+        shape = tuple(getattr(x, "shape", ()))
+        dims = [d for d, n in enumerate(shape) if n % size == 0 and n >= size]
+        if not dims:
+            return sharding
+        d = max(dims, key=lambda d: (shape[d], -d))  # largest; the first of equals
+        return NamedSharding(mesh, PartitionSpec(*([None] * d + [DATA_AXIS])))
+
+    return abstract_state.replace(
+        step=sharding,
+        rng=sharding,
+        params=jax.tree.map(leaf, abstract_state.params),
+        opt_state=jax.tree.map(leaf, abstract_state.opt_state),
+    )
 
 
 def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int) -> Callable[[Any], TrainState]:

@@ -117,6 +117,7 @@ class Trainer:
       mesh: the device mesh with a ``data`` axis; or ``num_devices`` to build one
         (``None``: all visible devices).
       seed: seeds parameter initialisation and the per-step RNG.
+      fsdp: shard parameters and optimizer state over the ``data`` axis (``state_shardings``).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Trainer:
         mesh: Mesh | None = None,
         num_devices: int | None = None,
         seed: int = 0,
+        fsdp: bool = False,
     ) -> None:
         keys = [cb.state_key for cb in callbacks]
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
@@ -144,6 +146,7 @@ class Trainer:
         self.mesh = mesh
         self.num_devices = num_devices
         self.seed = seed
+        self.fsdp = fsdp
 
         self.state: TrainState | None = None
         self.task: Task | None = None
@@ -256,7 +259,7 @@ class Trainer:
 
         init_fn = make_init_fn(self.task, self.optimizer, self.seed)
         abstract = jax.eval_shape(init_fn, example)
-        shardings = state_shardings(abstract, self.mesh)
+        shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
         self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh)
         self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh)
 

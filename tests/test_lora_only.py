@@ -1,0 +1,87 @@
+"""``--lora_only``: the optimizer moves only LoRA parameters (optax.multi_transform)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aurora_loop.config import TrainingConfig
+from aurora_loop.errors import UsageError
+from aurora_loop.model import AuroraConfig, stack_samples
+from aurora_loop.step import is_lora_param, make_optimizer
+from aurora_loop.tasks.aurora import AuroraTask
+from tests.synthetic import make_samples
+
+
+def _params():
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    return {
+        "encoder": {"kernel": jax.random.normal(k[0], (4, 3)), "bias": jnp.ones(3)},
+        "block": {
+            "qkv": {"kernel": jax.random.normal(k[1], (3, 3))},
+            "lora_qkv": {"lora_A": jax.random.normal(k[2], (2, 3, 2)), "lora_B": jax.random.normal(k[3], (2, 2, 3))},
+        },
+    }
+
+
+def test_only_lora_leaves_change():
+    params = _params()
+    optimizer = make_optimizer(optax.constant_schedule(1e-2), weight_decay=0.1, grad_clip_norm=1.0, trainable=is_lora_param)
+    opt_state = optimizer.init(params)
+
+    def loss(p):
+        return sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(p))
+
+    @jax.jit
+    def update(p, s):
+        grads = jax.grad(loss)(p)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    new = params
+    for _ in range(3):
+        new, opt_state = update(new, opt_state)
+    changed = jax.tree_util.tree_map_with_path(lambda path, a, b: (jax.tree_util.keystr(path), bool(np.any(np.asarray(a) != np.asarray(b)))), params, new)
+    for name, moved in jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple)):
+        assert moved == ("lora" in name), name
+    # Frozen leaves keep no Adam moments: the state holds exactly the two LoRA arrays twice (mu, nu).
+    arrays = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+    assert sorted(x.shape for x in arrays) == sorted([(2, 3, 2), (2, 2, 3)] * 2)
+
+
+def test_nothing_trainable_is_refused():
+    optimizer = make_optimizer(optax.constant_schedule(1e-2), trainable=is_lora_param)
+    with pytest.raises(UsageError, match="lora_only"):
+        optimizer.init({"kernel": jnp.ones(3)})
+
+
+def test_config_field():
+    assert TrainingConfig().lora_only is False
+    assert TrainingConfig(lora_only=True).lora_only is True
+
+
+def test_aurora_lora_parameters_are_the_trainable_ones():
+    """On a small Aurora with LoRA (abstract shapes only: no compile of the gradient), the
+    trainable set is exactly the lora_A / lora_B weights and only they get Adam state."""
+    sample = stack_samples(make_samples(1, grid=(16, 32), rollout_steps=1))
+    config = AuroraConfig(
+        encoder_depths=(1, 1), encoder_num_heads=(2, 4), decoder_depths=(1, 1), decoder_num_heads=(4, 2),
+        embed_dim=16, num_heads=2, window_size=(2, 2, 4), latent_levels=2, use_lora=True, lora_mode="all", lora_steps=2,
+        surf_vars=("2t", "msl"), static_vars=("lsm", "z"), atmos_vars=("z", "t"),
+    )
+    params = jax.eval_shape(lambda: AuroraTask(config).init(jax.random.PRNGKey(0), sample))
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    lora = [n for n in names if is_lora_param_name(n)]
+    assert lora and len(lora) < len(names)
+    assert all(n.endswith(("'lora_A']", "'lora_B']")) for n in lora)
+    optimizer = make_optimizer(optax.constant_schedule(1e-3), trainable=is_lora_param)
+    state = jax.eval_shape(optimizer.init, params)
+    n_state = sum(1 for x in jax.tree.leaves(state) if len(x.shape) > 0)
+    assert n_state == 2 * len(lora)
+
+
+def is_lora_param_name(name: str) -> bool:
+    return "lora" in name.lower()
