@@ -74,14 +74,10 @@ def test_aurora_lora_parameters_are_the_trainable_ones():
     )
     params = jax.eval_shape(lambda: AuroraTask(config).init(jax.random.PRNGKey(0), sample))
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    lora = [n for n in names if is_lora_param_name(n)]
+    lora = [n for n in names if "lora" in n.lower()]
     assert lora and len(lora) < len(names)
     assert all(n.endswith(("'lora_A']", "'lora_B']")) for n in lora)
     optimizer = make_optimizer(optax.constant_schedule(1e-3), trainable=is_lora_param)
     state = jax.eval_shape(optimizer.init, params)
     n_state = sum(1 for x in jax.tree.leaves(state) if len(x.shape) > 0)
     assert n_state == 2 * len(lora)
-
-
-def is_lora_param_name(name: str) -> bool:
-    return "lora" in name.lower()

@@ -18,7 +18,7 @@ from aurora_loop.tasks.conv import ConvTask, make_conv_task
 from tests.synthetic import make_samples
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(rollout_steps: int):
     sample = jax.tree.map(jnp.asarray, stack_samples(make_samples(2, rollout_steps=rollout_steps)))
     task = ConvTask(features=8, depth=2)
