@@ -38,9 +38,15 @@ class AuroraModule(nn.Module):
     config: AuroraConfig
 
     def setup(self) -> None:
-        self.encoder = Perceiver3DEncoder(self.config)
-        self.backbone = Swin3DBackbone(self.config)
-        self.decoder = Perceiver3DDecoder(self.config)
+        encoder_cls, decoder_cls = Perceiver3DEncoder, Perceiver3DDecoder
+        if self.config.remat:
+            # Like the reference's activation checkpointing: the encoder and decoder (as well as
+            # every Swin block, see ``SwinStage``) keep only their inputs for the backward pass.
+            encoder_cls = nn.remat(Perceiver3DEncoder, static_argnums=(6,))
+            decoder_cls = nn.remat(Perceiver3DDecoder, static_argnums=(2, 3, 4, 5, 6))
+        self.encoder = encoder_cls(self.config, name="encoder")
+        self.backbone = Swin3DBackbone(self.config, name="backbone")
+        self.decoder = decoder_cls(self.config, name="decoder")
 
     def __call__(self, batch: Batch, rollout_step: int | Array = 0) -> tuple[dict[str, Array], dict[str, Array]]:
         """``batch``: normalised fields whose (H, W) divide by the patch size; static fields
