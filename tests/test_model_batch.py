@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora_loop.model import AuroraConfig, Batch, Metadata
-from aurora_loop.model import fourier, posenc, windows
+from aurora_loop.model import AuroraConfig, Batch, Metadata, fourier, posenc, windows
 from aurora_loop.model.normalisation import atmos_stats
 
 
