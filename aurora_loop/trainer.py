@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -157,7 +159,12 @@ class Trainer:
         self.should_stop = False
         self.last_val_metrics: dict[str, float] = {}
         self.resumed_from: int | None = None
+        # Set by callbacks: Preemption (a signal stopped the run) and TerminateOnNaN (the
+        # first step whose loss or gradient norm was not finite).
+        self.preempted = False
+        self.nonfinite_step: int | None = None
         self._sharding_cache: dict[Any, Any] = {}
+        self._lr_table: np.ndarray | None = None
 
     # --- helpers for callbacks -------------------------------------------------------------
     @property
@@ -170,7 +177,26 @@ class Trainer:
         lr = self._learning_rate
         if lr is None:
             return None
-        return float(lr(step - 1)) if callable(lr) else float(lr)
+        if not callable(lr):
+            return float(lr)
+        if self._lr_table is not None and 0 < step <= len(self._lr_table):
+            return float(self._lr_table[step - 1])
+        return float(lr(step - 1))
+
+    def _tabulate_learning_rate(self) -> None:
+        """Evaluate the schedule for every step once, before the loop.
+
+        Evaluating an optax schedule is a device computation: done per step inside the loop,
+        reading it would wait for the queued train step and leave the device idle.
+        """
+        lr, total = self._learning_rate, self.total_steps
+        self._lr_table = None
+        if not callable(lr) or total is None:
+            return
+        try:
+            self._lr_table = np.asarray(jax.device_get(jax.jit(jax.vmap(lr))(jnp.arange(total))), np.float64)
+        except Exception:  # noqa: BLE001 - a schedule that cannot be vmapped is evaluated per step
+            log.debug("learning-rate schedule not tabulated", exc_info=True)
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -280,6 +306,7 @@ class Trainer:
             self.state = jax.jit(init_fn, out_shardings=shardings)(example)
             self.global_step = 0
             self.epoch = 0
+        self._tabulate_learning_rate()
 
     def _shardings_of(self, placed: Any) -> Any:
         return jax.tree.map(lambda x: x.sharding, placed)

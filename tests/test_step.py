@@ -113,3 +113,12 @@ def test_conv_task_is_independent_of_variable_order():
     jitted = jax.jit(task.predict)(params, sample)
     for name in sample.targets.surf_vars:
         np.testing.assert_allclose(eager.surf_vars[name], jitted.surf_vars[name], rtol=1e-5, atol=1e-3)
+
+
+def test_learning_rate_is_tabulated_before_the_loop():
+    schedule = learning_rate_schedule(1e-3, total_steps=6, warmup_steps=2)
+    trainer = Trainer([], optimizer=make_optimizer(schedule), learning_rate=schedule, max_steps=6, max_epochs=5, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), ArrayLoader(make_samples(4), 2, stack_samples))
+    assert trainer._lr_table is not None and len(trainer._lr_table) == 6
+    for step in range(1, 7):
+        assert trainer.learning_rate(step) == pytest.approx(float(schedule(step - 1)), rel=1e-6)
