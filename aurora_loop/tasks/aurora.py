@@ -67,6 +67,7 @@ class AuroraTask:
         self.rollout_average = rollout_average
         self.rollout_mode = rollout_mode  # full | pushforward (aurora_loop.rollout.rollout_loss)
         self.pretrained = dict(pretrained or {})
+        self._host_parts = self._read_pretrained() if self.pretrained else {}
 
     # -- helpers -----------------------------------------------------------------------------
     def _crop(self, sample: Sample) -> Sample:
@@ -84,29 +85,37 @@ class AuroraTask:
 
     # -- the Task protocol --------------------------------------------------------------------
     def init(self, rng: jax.Array, example_batch: Sample) -> Any:
+        """Fresh parameters, with the pretrained parts swapped in. Traceable: the trainer
+        calls it under ``jit``; the pretrained arrays (read on the host when the task was
+        made) enter through a host callback rather than as compiled-in constants."""
         params = init_params(self.config, rng, self._crop(example_batch).inputs)
-        if self.pretrained:
-            params = {**params, **self._load_parts(params)}
+        if self._host_parts:
+            host = self._host_parts
+            shapes = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), host)
+            loaded = jax.pure_callback(lambda: host, shapes)
+            params = {**params, **loaded}
         return params
 
-    def _load_parts(self, fresh: Any) -> dict[str, Any]:
-        """The pretrained parts, checked against the freshly initialised ones."""
+    def _read_pretrained(self) -> dict[str, Any]:
+        """The pretrained parts as float32 numpy trees, checked against the config."""
+        import numpy as np
         import orbax.checkpoint as ocp
 
-        from aurora_loop.model.checkpoint import _check_against
+        from aurora_loop.model.checkpoint import _check_against, param_shapes
 
+        expected = param_shapes(self.config)
         out = {}
         for part, path in self.pretrained.items():
-            if part not in fresh:
-                raise UsageError(f"unknown model part {part!r}; parts are {', '.join(fresh)}")
+            if part not in expected:
+                raise UsageError(f"unknown model part {part!r}; parts are {', '.join(expected)}")
             if not os.path.isdir(path):
                 raise UsageError(f"no {part} checkpoint at {path}; write one with aurora-loop import-checkpoint")
             restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
             try:
-                _check_against({part: restored}, {part: fresh[part]})
+                _check_against({part: restored}, {part: expected[part]})
             except CheckpointError as err:
                 raise UsageError(f"the pretrained {part} checkpoint {path} does not fit the model: {err}") from err
-            out[part] = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), restored)
+            out[part] = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), restored)
         return out
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
