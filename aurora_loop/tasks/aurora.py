@@ -150,6 +150,8 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
     """The AuroraConfig for a TrainingConfig: a checkpoint's ``config.json`` when
     ``checkpoint_dir`` has one, else the preset on the data's variables."""
     overrides = {"autocast": bool(getattr(config, "bf16", False)), "remat": bool(getattr(config, "remat", False))}
+    if getattr(config, "timestep_hours", None):  # the data's step (aurora-train fills it in)
+        overrides["timestep_hours"] = float(config.timestep_hours)
     directory = getattr(config, "checkpoint_dir", None)
     if directory and os.path.isfile(os.path.join(directory, "config.json")):
         return load_config(directory).replace(**overrides)
