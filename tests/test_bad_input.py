@@ -151,3 +151,44 @@ def test_corrupt_checkpoint(store, tmp_path, capsys):
             with open(os.path.join(dirpath, name), "wb") as fh:
                 fh.write(b"garbage")
     expect_refusal(args + ["--max_steps", "3"], "checkpoint", capsys, watch=out)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory, store):
+    """encoder/backbone/decoder checkpoints of the tiny Aurora on the sample store's variables."""
+    import jax
+
+    from aurora_loop.config import TrainingConfig
+    from aurora_loop.model.checkpoint import param_shapes, save_params
+    from aurora_loop.tasks.aurora import model_config
+
+    config = model_config("tiny", TrainingConfig())
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(config))
+    path = tmp_path_factory.mktemp("pretrained") / "tiny"
+    save_params(str(path), config, params)
+    return path
+
+
+def test_checkpoint_dir_missing_a_part(store, pretrained_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "pretrained"
+    shutil.copytree(pretrained_dir, broken)
+    shutil.rmtree(broken / "backbone")
+    args = ["--dataset_path", store, "--output_dir", str(tmp_path / "o"), "--model", "tiny", "--num_gpus", "1",
+            "--levels", "500,850", "--checkpoint_dir", str(broken)]
+    expect_refusal(args, "no backbone checkpoint", capsys, watch=broken)
+
+
+def test_checkpoint_dir_with_mismatched_shapes(store, pretrained_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "pretrained"
+    shutil.copytree(pretrained_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["embed_dim"] *= 2  # the config no longer fits the saved weights
+    (broken / "config.json").write_text(json.dumps(config))
+    args = ["--dataset_path", store, "--output_dir", str(tmp_path / "o"), "--model", "tiny", "--num_gpus", "1",
+            "--levels", "500,850", "--checkpoint_dir", str(broken)]
+    err = expect_refusal(args, "does not fit the model: parameter encoder/", capsys, watch=broken)
+    assert "the config expects" in err

@@ -69,6 +69,11 @@ class AuroraTask:
         self.pretrained = dict(pretrained or {})
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
+    @property
+    def model_config(self) -> AuroraConfig:
+        """The model's configuration (``export-checkpoint`` writes it as ``config.json``)."""
+        return self.config
+
     # -- helpers -----------------------------------------------------------------------------
     def _crop(self, sample: Sample) -> Sample:
         p = self.config.patch_size
@@ -154,7 +159,15 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
         overrides["timestep_hours"] = float(config.timestep_hours)
     directory = getattr(config, "checkpoint_dir", None)
     if directory and os.path.isfile(os.path.join(directory, "config.json")):
-        return load_config(directory).replace(**overrides)
+        try:
+            loaded = load_config(directory)
+        except (TypeError, ValueError, KeyError) as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+            raise UsageError(
+                f"{os.path.join(directory, 'config.json')} is not an Aurora model configuration ({first}); "
+                "point --checkpoint_dir at a directory written by aurora-loop import-checkpoint or export-checkpoint"
+            ) from None
+        return loaded.replace(**overrides)
     for name in ("surf_vars", "static_vars", "atmos_vars"):
         value = getattr(config, name, None)
         if value is not None:
