@@ -18,10 +18,10 @@ For each it prints the per-device ``argument`` (parameters + optimizer state + b
 ``fsdp_memory_ratio=<(argument + temp) per device, 4-device FSDP / 1-device>``.
 
 Measured (2 CPU cores, jax 0.10, defaults: 1.3 B ``aurora``, 64 x 128, 4 levels, LoRA,
-remat, bf16 backbone; about 4 to 5 minutes of compilation per layout):
-1.259e9 parameters; 1 device: argument 14.07 GiB + temp 8.36 GiB = 22.43 GiB;
-4 devices with FSDP: argument 3.52 GiB + temp 5.64 GiB = 9.16 GiB per device;
-fsdp_argument_ratio=0.250, fsdp_temp_ratio=0.674, fsdp_memory_ratio=0.408.
+remat of the Swin blocks, encoder and decoder, bf16 backbone; 3.5 to 4.5 minutes of
+compilation per layout): 1.259e9 parameters; 1 device: argument 14.07 GiB + temp 8.36 GiB
+= 22.44 GiB; 4 devices with FSDP: argument 3.52 GiB + temp 5.56 GiB = 9.08 GiB per device;
+fsdp_argument_ratio=0.250, fsdp_temp_ratio=0.665, fsdp_memory_ratio=0.405.
 """
 
 from __future__ import annotations
