@@ -50,14 +50,14 @@ def run_to_end(store: str, out) -> subprocess.CompletedProcess:
     return result
 
 
-def run_and_signal_at(store: str, out, step: int, signum: int) -> tuple[int, str]:
-    """Start the run, send ``signum`` once its progress line for ``step`` appears."""
+def run_and_signal_at(store: str, out, step: int, signum: int, pattern: str = r"step (\d+)/") -> tuple[int, str]:
+    """Start the run, send ``signum`` once a line matching ``pattern`` names ``step`` or later."""
     proc = subprocess.Popen(command(store, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            match = re.search(r"step (\d+)/", line)
+            match = re.search(pattern, line)
             if match and int(match.group(1)) >= step:
                 proc.send_signal(signum)
                 break
@@ -110,5 +110,18 @@ def test_sigterm_saves_at_the_step_boundary_and_rerun_continues(store, reference
     assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
     rerun = run_to_end(store, tmp_path)
     assert f"(step {stopped_at}" in rerun.stdout
+    for got, want in zip(final_params(tmp_path), reference, strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_sigkill_during_an_async_checkpoint_write(store, reference, tmp_path):
+    """Killed the moment a save of step 6 begins (its files are being written in the
+    background): the rerun starts from a complete checkpoint, never the torn one."""
+    code, output = run_and_signal_at(store, tmp_path, 6, signal.SIGKILL, pattern=r"Saving checkpoint .*/(\d+)$")
+    assert code == -signal.SIGKILL, output[-2000:]
+    complete = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+    assert complete and complete[-1] >= 4
+    rerun = run_to_end(store, tmp_path)
+    assert f"(step {complete[-1]}" in rerun.stdout
     for got, want in zip(final_params(tmp_path), reference, strict=True):
         assert np.array_equal(got, want)
