@@ -47,7 +47,7 @@ def main() -> None:
         write_sample_store(path, grid=(h, w), times=a.times, levels=WB2_LEVELS[-a.levels:], seed=0)
         print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
     spec = SampleSpec(2, 1)
-    store = WeatherStore(path, VariableSelection())
+    store = WeatherStore(path, VariableSelection(), cache_mb=0)  # read from disk, as for a large store
     starts = valid_starts(store.times, spec)
     n = (starts.size // a.batch) * a.batch
     group = zarr.open_group(path, mode="r")
