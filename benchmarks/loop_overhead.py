@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -35,10 +37,8 @@ from aurora_loop.trainer import Trainer
 
 
 def synthetic_batches(count: int, batch_size: int, grid: tuple[int, int]):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    """``count`` global batches of ``batch_size`` in-memory samples on a ``grid`` (h, w)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ is not installed
     from tests.synthetic import make_samples
 
     samples = make_samples(count * batch_size, grid=grid)
