@@ -249,7 +249,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         # The model steps as far as the data does (Aurora's default is 6 h; ERA5 samples may be 12 h).
         config = config.replace(timestep_hours=float(train_loader.time_step / np.timedelta64(1, "h")))
     task = make_task(config.model, config)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) * int(getattr(task, "batch_every", 1))  # replay: steps per batch
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)

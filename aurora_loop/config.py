@@ -68,8 +68,14 @@ class TrainingConfig:
     epochs: int = _field(20, "passes over the training split")
     max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide)")
     rollout_steps: int = _field(1, "autoregressive steps per sample, each with its own target")
+    loss_surf_weights: dict[str, float] | None = _field(None, "Aurora loss: surface variable weights over the paper's (2t 3.0, 10u 0.77, 10v 0.66, msl 1.5; others 1), e.g. 2t=1,msl=2")
+    loss_atmos_weights: dict[str, float] | None = _field(None, "Aurora loss: atmospheric variable weights over the paper's (z 2.8, q 0.78, t 1.7, u 0.87, v 0.6; others 1), e.g. z=3.5")
+    loss_gamma: float = _field(1.0, "Aurora loss: the dataset weight gamma (the paper used 2.0 for ERA5 in pre-training; with one dataset it only rescales the loss)")
+    latitude_weighted_loss: bool = _field(False, "Aurora loss: weight each grid row by its area (WeatherBench2's latitude weights, mean 1); the paper's loss is unweighted")
     average_rollout_loss: bool = _field(True, "average the loss over roll-out steps (else: the last step's loss)")
-    rollout_mode: str = _field("full", "roll-out fine-tuning: full (back-propagate through every step) or pushforward (only the last step; earlier predictions fed back without gradients, loss on the last step)")
+    rollout_mode: str = _field("full", "roll-out fine-tuning: full (back-propagate through every step), pushforward (only the last step; earlier predictions fed back without gradients, loss on the last step) or replay (the paper's replay buffer: one step per optimizer step from a buffer of the model's own forecasts, up to rollout_steps ahead)")
+    replay_buffer_size: int = _field(4, "replay mode: slots in the replay buffer, each one global batch of roll-out states")
+    replay_refresh_every: int = _field(2, "replay mode: a fresh dataset batch enters the buffer every this many steps (1..rollout_steps; the loader yields one batch per this many steps)")
     seed: int = _field(0, "seed for parameters, shuffling and any stochastic layers")
 
     # Devices.
@@ -139,6 +145,20 @@ def field_type(field: dataclasses.Field) -> tuple[type, bool]:
     return hint, optional
 
 
+def _float_mapping(value: Any, name: str, source: str) -> dict[str, float]:
+    """A name -> non-negative number mapping (loss weights), or raise UsageError."""
+    try:
+        if not isinstance(value, Mapping):
+            raise ValueError
+        out = {str(k): float(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: {name} must map variable names to numbers, e.g. 2t=3.0,msl=1.5; got {value!r}") from None
+    negative = [k for k, v in out.items() if not v >= 0]
+    if negative:
+        raise UsageError(f"{source}: {name} gives {negative[0]} a weight of {out[negative[0]]}; weights must be numbers >= 0")
+    return out
+
+
 def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     """Convert a value from a flag string or a config file to the field's type, or raise UsageError."""
     base, optional = field_type(field)
@@ -158,8 +178,11 @@ def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
             else:
                 pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
                 if any(len(p) != 2 for p in pairs):
-                    raise UsageError(f"{source}: {name} must be NAME=NAME pairs separated by commas, e.g. t2m=2t,sp=msl")
+                    example = "2t=3.0,msl=1.5" if typing.get_args(base)[1] is float else "t2m=2t,sp=msl"
+                    raise UsageError(f"{source}: {name} must be NAME=VALUE pairs separated by commas, e.g. {example}")
                 value = {k.strip(): v.strip() for k, v in pairs}
+        if typing.get_args(base)[1] is float:
+            return _float_mapping(value, name, source)
         if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise UsageError(f"{source}: {name} must map names to names, got {value!r}")
         return dict(value)
@@ -254,10 +277,26 @@ def validate(config: TrainingConfig) -> None:
             raise UsageError(f"profile_steps must be START:N with whole numbers, got {config.profile_steps!r}; e.g. --profile_steps 10:5")
     if config.timestep_hours is not None and not config.timestep_hours > 0:
         raise UsageError(f"timestep_hours must be positive, got {config.timestep_hours}")
+    loss_settings = [n for n in ("loss_surf_weights", "loss_atmos_weights") if getattr(config, n)]
+    loss_settings += ["loss_gamma"] * (config.loss_gamma != 1.0) + ["latitude_weighted_loss"] * config.latitude_weighted_loss
+    if config.model == "conv" and loss_settings:
+        raise UsageError(f"--{loss_settings[0]} sets the Aurora loss; the conv model has its own: use --model tiny, small or aurora, or drop it")
+    if not config.loss_gamma > 0:
+        raise UsageError(f"loss_gamma must be positive, got {config.loss_gamma}")
+    for name, variables in (("loss_surf_weights", config.surf_vars), ("loss_atmos_weights", config.atmos_vars)):
+        unknown = sorted(set(getattr(config, name) or {}) - set(variables))
+        if unknown:
+            raise UsageError(f"{name} names {unknown[0]}, which is not among the variables trained ({', '.join(variables) or 'none'})")
+    if config.rollout_mode not in ("full", "pushforward", "replay"):
+        raise UsageError(f"rollout_mode must be full, pushforward or replay, got {config.rollout_mode!r}")
     if config.rollout_mode == "replay":
-        raise UsageError("rollout_mode replay (the paper's replay buffer) is not implemented yet; use --rollout_mode full or pushforward")
-    if config.rollout_mode not in ("full", "pushforward"):
-        raise UsageError(f"rollout_mode must be full or pushforward, got {config.rollout_mode!r}")
+        if config.replay_buffer_size < 1:
+            raise UsageError(f"replay_buffer_size must be at least 1, got {config.replay_buffer_size}")
+        if not 1 <= config.replay_refresh_every <= config.rollout_steps:
+            raise UsageError(
+                f"replay_refresh_every ({config.replay_refresh_every}) must be between 1 and rollout_steps ({config.rollout_steps}): "
+                "a buffered sample is used up after rollout_steps steps; raise --rollout_steps or lower --replay_refresh_every"
+            )
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aurora_loop.errors import UsageError
-from aurora_loop.parallel import DATA_AXIS, replicated
+from aurora_loop.parallel import DATA_AXIS, batch_shardings, replicated
 from aurora_loop.task import Task
 
 
@@ -28,13 +28,16 @@ class TrainState:
 
     ``step``: int32 scalar, optimizer steps taken. ``rng``: a raw uint32 PRNG key of shape
     (2,); step ``s`` uses ``fold_in(rng, s)`` so randomness depends only on (seed, step) and
-    a resumed run draws the same numbers.
+    a resumed run draws the same numbers. ``task_state``: a stateful task's own arrays
+    (e.g. the replay buffer, :mod:`aurora_loop.replay`), checkpointed with the rest;
+    ``None`` for ordinary tasks.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    task_state: Any = None
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -97,11 +100,13 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) 
 
     FSDP-style (ZeRO-3): each device holds 1/n of the weights and Adam moments; XLA gathers a
     layer's weights where the computation needs them and reduce-scatters the gradients.
-    ``step`` and ``rng`` stay replicated.
+    ``step`` and ``rng`` stay replicated. A task state is split like a batch (its own
+    ``partition_specs()``, see :func:`aurora_loop.parallel.batch_shardings`).
     """
     sharding = replicated(mesh)
+    task_state = None if abstract_state.task_state is None else batch_shardings(abstract_state.task_state, mesh)
     if not fsdp:
-        return jax.tree.map(lambda _: sharding, abstract_state)
+        return jax.tree.map(lambda _: sharding, abstract_state.replace(task_state=None)).replace(task_state=task_state)
     size = mesh.shape[DATA_AXIS]
 
     def leaf(x: Any) -> NamedSharding:
@@ -117,11 +122,13 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) 
         rng=sharding,
         params=jax.tree.map(leaf, abstract_state.params),
         opt_state=jax.tree.map(leaf, abstract_state.opt_state),
+        task_state=task_state,
     )
 
 
 def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int) -> Callable[[Any], TrainState]:
-    """``init(batch) -> TrainState``: parameters from the task, fresh optimizer state."""
+    """``init(batch) -> TrainState``: parameters from the task, fresh optimizer state, and
+    the task's own state when it has one (``task.init_state(batch)``)."""
 
     def init(batch: Any) -> TrainState:
         rng = jax.random.PRNGKey(seed)
@@ -132,6 +139,7 @@ def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int)
             params=params,
             opt_state=optimizer.init(params),
             rng=step_rng,
+            task_state=task.init_state(batch) if hasattr(task, "init_state") else None,
         )
 
     return init
@@ -148,22 +156,46 @@ def make_train_step(
 
     ``metrics`` holds scalars: ``loss``, ``grad_norm`` (global L2 norm of the averaged
     gradient, before clipping) and whatever the task's loss reports.
+
+    With ``batch_sharding=None`` the step takes no batch (``train_step(state)``): for a
+    stateful task's steps between dataset batches (``task.batch_every > 1``).
     """
+    step_fn = _train_step_fn(task, optimizer)
+    metric_sharding = NamedSharding(mesh, PartitionSpec())
+    if batch_sharding is None:
+        return jax.jit(
+            lambda state: step_fn(state, None),
+            in_shardings=(state_sharding,),
+            out_shardings=(state_sharding, metric_sharding),
+            donate_argnums=(0,),
+        )
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, metric_sharding),
+        donate_argnums=(0,),
+    )
+
+
+def _train_step_fn(task: Task, optimizer: optax.GradientTransformation):
+    """The pure step. A task with a state (``TrainState.task_state`` not ``None``) is scored
+    by ``task.stateful_loss(params, task_state, batch, rng)``, which also returns the next
+    task state; every other task by ``task.loss(params, batch, rng)``."""
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, task_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+        task_state = state.task_state
+        if task_state is None:
+            (loss, task_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+        else:
+            stateful = jax.value_and_grad(task.stateful_loss, has_aux=True)
+            (loss, (task_metrics, task_state)), grads = stateful(state.params, task_state, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": _global_norm(grads), **task_metrics}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, task_state=task_state), metrics
 
-    return jax.jit(
-        train_step,
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,),
-    )
+    return train_step
 
 
 def make_eval_step(task: Task, param_sharding: Any, batch_sharding: Any, mesh: Mesh) -> Callable[[Any, Any], Any]:

@@ -40,6 +40,12 @@ class Task(Protocol):
       tasks a Sample: a Batch shaped like ``batch.targets``, one time step per roll-out
       step). Callbacks that show forecasts (TensorBoardLogger's validation maps) use it
       when present, jitted on one device.
+    - A stateful task (e.g. replay mode, :class:`aurora_loop.replay.ReplayTraining`) adds
+      ``init_state(example_batch) -> task_state | None`` (arrays kept in
+      ``TrainState.task_state``, checkpointed, split over the mesh by their own
+      ``partition_specs()``), ``stateful_loss(params, task_state, batch, rng) -> (loss,
+      (metrics, new_task_state))`` with ``batch`` ``None`` on steps without data, and
+      ``batch_every``: the trainer takes a dataset batch only every that many steps.
     """
 
     name: str

@@ -99,6 +99,47 @@ class _ListLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+NO_BATCH = None  # what _EveryNth yields for a step that takes no dataset batch
+
+
+class _EveryNth:
+    """A Loader yielding each batch of ``loader`` followed by ``n - 1`` ``NO_BATCH`` markers.
+
+    For stateful tasks that train ``n`` steps per dataset batch (replay mode). Its position
+    includes the markers still owed, so a checkpoint between two batches resumes there.
+    """
+
+    def __init__(self, loader: Loader, n: int) -> None:
+        self.loader = loader
+        self.n = n
+        self.owed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+        self.owed = 0
+
+    def __len__(self) -> int:
+        return len(self.loader) * self.n  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        while self.owed > 0:  # resumed between two batches
+            self.owed -= 1
+            yield NO_BATCH
+        for batch in self.loader:
+            self.owed = self.n - 1
+            yield batch
+            while self.owed > 0:
+                self.owed -= 1
+                yield NO_BATCH
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "steps_owed": self.owed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.owed = int(state["steps_owed"])
+
+
 def _as_loader(data: Any) -> Loader | None:
     if data is None or isinstance(data, Loader):
         return data
@@ -244,6 +285,9 @@ class Trainer:
         """
         self.task = task
         self.train_data = _as_loader(train_data)
+        steps_per_batch = int(getattr(task, "batch_every", 1))
+        if steps_per_batch > 1:
+            self.train_data = _EveryNth(self.train_data, steps_per_batch)
         self.val_data = _as_loader(val_data)
         self.should_stop = False
         if self.mesh is None:
@@ -287,6 +331,7 @@ class Trainer:
         abstract = jax.eval_shape(init_fn, example)
         shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
         self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh)
+        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh)
         self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh)
 
         restored = None
@@ -329,7 +374,10 @@ class Trainer:
         while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.should_stop:
             epoch_ended = True
             for local_batch in loader:
-                self.state, device_metrics = self._train_step(self.state, self.place(local_batch))
+                if local_batch is NO_BATCH:  # a stateful task's step between dataset batches
+                    self.state, device_metrics = self._train_step_without_batch(self.state)
+                else:
+                    self.state, device_metrics = self._train_step(self.state, self.place(local_batch))
                 self.global_step += 1
                 step = self.global_step
                 metrics = LazyMetrics(device_metrics)

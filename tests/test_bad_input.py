@@ -105,6 +105,9 @@ def test_too_few_time_steps(tmp_path, capsys):
         (["--epochs", "two"], "epochs must be an integer"),
         (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
         (["--model", "nope"], "--model nope is not a known model"),
+        (["--rollout_mode", "replay", "--rollout_steps", "1"], "replay_refresh_every (2) must be between 1 and rollout_steps (1)"),
+        (["--latitude_weighted_loss"], "--latitude_weighted_loss sets the Aurora loss"),
+        (["--model", "tiny", "--loss_surf_weights", "2t=heavy"], "loss_surf_weights must map variable names to numbers"),
     ],
 )
 def test_bad_values(store, tmp_path, capsys, args, message):

@@ -45,6 +45,33 @@ def test_weighted_mae_weights() -> None:
     np.testing.assert_allclose(np.asarray(value), 0.25 * 3.0 / n_vars, rtol=1e-4)
 
 
+def test_loss_settings_from_the_config() -> None:
+    """Weights from the config replace the paper's for the variables named; gamma scales;
+    latitude weighting makes an error near the equator cost more than one near a pole."""
+    batch = stack_samples(make_samples(1, grid=(16, 32))).targets
+    scale_2t = 21.22036
+    n_vars = len(batch.surf_vars) + len(batch.atmos_vars)
+    off = batch.replace(surf_vars={**batch.surf_vars, "2t": batch.surf_vars["2t"] + scale_2t})
+    task = make_task("tiny", _config(loss_surf_weights={"2t": 1.0}, loss_gamma=2.0))
+    np.testing.assert_allclose(np.asarray(task.loss_fn(off, batch)), 2.0 * 0.25 * 1.0 / n_vars, rtol=1e-4)
+    assert task.loss_fn.atmos_weight("z") == 2.8 and task.loss_fn.surface_weight("msl") == 1.5
+
+    rows = np.zeros((16, 1), np.float32)
+    equator, pole = rows.copy(), rows.copy()
+    equator[7:9] = scale_2t  # the two rows nearest the equator
+    pole[[0, 15]] = scale_2t  # the two polar rows
+    weighted = make_task("tiny", _config(latitude_weighted_loss=True)).loss_fn
+    plain = make_task("tiny", _config()).loss_fn
+    errors = {}
+    for where, shift in (("equator", equator), ("pole", pole)):
+        shifted = batch.replace(surf_vars={**batch.surf_vars, "2t": batch.surf_vars["2t"] + shift})
+        errors[where] = (float(plain(shifted, batch)[0]), float(weighted(shifted, batch)[0]))
+    np.testing.assert_allclose(errors["equator"][0], errors["pole"][0], rtol=1e-5)  # unweighted: the same
+    assert errors["equator"][1] > 5 * errors["pole"][1]  # area weights: cos(lat) ~ 1 vs ~ 0.1
+    # Mean-1 weights: a uniform error costs the same either way.
+    np.testing.assert_allclose(float(weighted(off, batch)[0]), float(plain(off, batch)[0]), rtol=1e-5)
+
+
 def test_loss_gradients_and_evaluation(sample, tmp_path) -> None:
     task = AuroraTask(_micro(use_lora=True, lora_mode="from_second"), name="micro")
     key = jax.random.key(0)

@@ -115,9 +115,12 @@ def test_one_step_full_last_equals_pushforward():
 def test_config_rollout_mode():
     validate(TrainingConfig(rollout_mode="pushforward"))
     assert make_conv_task(TrainingConfig(rollout_mode="pushforward")).rollout_mode == "pushforward"
-    with pytest.raises(UsageError, match="not implemented"):
-        validate(TrainingConfig(rollout_mode="replay"))
-    with pytest.raises(UsageError, match="full or pushforward"):
+    validate(TrainingConfig(rollout_mode="replay", rollout_steps=2, replay_refresh_every=2))
+    with pytest.raises(UsageError, match="replay_refresh_every"):
+        validate(TrainingConfig(rollout_mode="replay", rollout_steps=1, replay_refresh_every=2))
+    with pytest.raises(UsageError, match="replay_buffer_size"):
+        validate(TrainingConfig(rollout_mode="replay", rollout_steps=2, replay_buffer_size=0))
+    with pytest.raises(UsageError, match="full, pushforward or replay"):
         validate(TrainingConfig(rollout_mode="sideways"))
     with pytest.raises(ValueError):
         rollout_loss(lambda i, s: i, lambda p, t: 0.0, make_samples(1)[0], mode="sideways")

@@ -1,10 +1,9 @@
 """``tiny`` / ``small`` / ``aurora``: the Aurora model as a trainable task.
 
 The loss is the Aurora paper's weighted mean absolute error on *normalised* variables
-(Bodnar et al. 2025, supplementary D): per variable the MAE over the grid (and levels), with
-the pre-training variable weights, surface terms scaled by ``alpha = 1/4`` and atmospheric
-ones by ``beta = 1``, divided by the number of variables. Validation reports that loss as
-``loss`` plus latitude-weighted ``mae/<var>`` and ``rmse/<var>`` in physical units.
+(:mod:`aurora_loop.losses`; its weights, ``gamma`` and latitude weighting are settings).
+Validation reports that loss as ``loss`` plus latitude-weighted ``mae/<var>`` and
+``rmse/<var>`` in physical units.
 """
 
 from __future__ import annotations
@@ -17,39 +16,22 @@ import jax
 import jax.numpy as jnp
 
 from aurora_loop.errors import UsageError
+from aurora_loop.losses import WeightedMAE
 from aurora_loop.metrics import MeanMetrics, weather_errors
 from aurora_loop.model.aurora import apply, init_params
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.model.checkpoint import CheckpointError, load_config
 from aurora_loop.model.config import AuroraConfig
+from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
 from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
 
-# Pre-training weights of the paper (variables not listed weigh 1).
-SURFACE_WEIGHTS = {"2t": 3.0, "10u": 0.77, "10v": 0.66, "msl": 1.5}
-ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}
-ALPHA, BETA = 0.25, 1.0
-
-
 def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
-    """The paper's loss per example, shape (b,): weighted MAE of normalised fields.
-
-    ``prediction`` and ``target``: Batches with the same variables, fields (b, t, [c,] h, w)
-    in physical units (normalised here with the model's statistics).
-    """
-    pred = prediction.normalise(surf_stats)
-    true = target.normalise(surf_stats)
-    terms = []
-    for name, truth in true.surf_vars.items():
-        err = jnp.abs(pred.surf_vars[name].astype(jnp.float32) - truth.astype(jnp.float32))
-        terms.append(ALPHA * SURFACE_WEIGHTS.get(name, 1.0) * jnp.mean(err, axis=tuple(range(1, err.ndim))))
-    for name, truth in true.atmos_vars.items():
-        err = jnp.abs(pred.atmos_vars[name].astype(jnp.float32) - truth.astype(jnp.float32))
-        terms.append(BETA * ATMOS_WEIGHTS.get(name, 1.0) * jnp.mean(err, axis=tuple(range(1, err.ndim))))
-    return sum(terms) / len(terms)
+    """The paper's loss with its default weights, per example (b,) (:class:`WeightedMAE`)."""
+    return WeightedMAE()(prediction, target, surf_stats)
 
 
-class AuroraTask:
+class AuroraTask(ReplayTraining):
     """Aurora on ``Sample`` batches (inputs: t = history steps; targets: t = roll-out steps).
 
     Args:
@@ -58,14 +40,21 @@ class AuroraTask:
       rollout_average: average the loss over roll-out steps (else the last step's).
       pretrained: part name -> orbax directory (``encoder`` / ``backbone`` / ``decoder``)
         to start from; parts not given are freshly initialised.
+      loss: the training loss (default: the paper's weights, :class:`WeightedMAE`).
+      rollout_mode: ``full`` or ``pushforward`` (:func:`aurora_loop.rollout.rollout_loss`;
+        ``full`` recomputes each step's activations in the backward pass when
+        ``config.remat``), or ``replay`` (:mod:`aurora_loop.replay`, with ``replay``).
     """
 
     def __init__(self, config: AuroraConfig, name: str = "aurora", rollout_average: bool = True,
-                 pretrained: Mapping[str, str] | None = None, rollout_mode: str = "full") -> None:
+                 pretrained: Mapping[str, str] | None = None, rollout_mode: str = "full",
+                 replay: ReplayConfig | None = None, loss: WeightedMAE | None = None) -> None:
         self.config = config
+        self.loss_fn = loss or WeightedMAE()
         self.name = name
         self.rollout_average = rollout_average
-        self.rollout_mode = rollout_mode  # full | pushforward (aurora_loop.rollout.rollout_loss)
+        self.rollout_mode = rollout_mode
+        self.replay = (replay or ReplayConfig()) if rollout_mode == "replay" else None
         self.pretrained = dict(pretrained or {})
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
@@ -79,6 +68,8 @@ class AuroraTask:
         p = self.config.patch_size
         return Sample(sample.inputs.crop(p), sample.targets.crop(p))
 
+    _prepare = _crop  # what the replay buffer stores
+
     def _predict_fn(self, params: Any):
         def predict(inputs: Batch, step: jax.Array) -> Batch:
             return apply(self.config, params, inputs, rollout_step=step)
@@ -86,7 +77,7 @@ class AuroraTask:
         return predict
 
     def _step_loss(self, prediction: Batch, target: Batch) -> jax.Array:
-        return jnp.mean(weighted_mae(prediction, target, self.config.surf_stats_dict))
+        return jnp.mean(self.loss_fn(prediction, target, self.config.surf_stats_dict))
 
     # -- the Task protocol --------------------------------------------------------------------
     def init(self, rng: jax.Array, example_batch: Sample) -> Any:
@@ -125,14 +116,17 @@ class AuroraTask:
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = self._crop(batch)
-        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average, mode=self.rollout_mode)
+        # Replay mode trains through stateful_loss; scored statelessly it is pushforward.
+        mode = "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
+        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average,
+                                      remat=self.config.remat and mode == "full", mode=mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
         batch = self._crop(batch)
 
         def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
-            return {"loss": weighted_mae(prediction, target, self.config.surf_stats_dict), **weather_errors(prediction, target)}
+            return {"loss": self.loss_fn(prediction, target, self.config.surf_stats_dict), **weather_errors(prediction, target)}
 
         scores = rollout_scan(self._predict_fn(params), batch, per_step)  # each (steps, b)
         return MeanMetrics.from_values({k: jnp.mean(v, axis=0) for k, v in scores.items()})
@@ -175,6 +169,16 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
     return AuroraConfig.preset(preset, **overrides)
 
 
+def loss_config(config: Any) -> WeightedMAE:
+    """The training loss of a TrainingConfig-like object (the paper's when nothing is set)."""
+    return WeightedMAE(
+        surf_weights=dict(getattr(config, "loss_surf_weights", None) or {}),
+        atmos_weights=dict(getattr(config, "loss_atmos_weights", None) or {}),
+        gamma=float(getattr(config, "loss_gamma", 1.0)),
+        latitude_weighted=bool(getattr(config, "latitude_weighted_loss", False)),
+    )
+
+
 def _factory(preset: str):
     def make(config: Any) -> AuroraTask:
         try:
@@ -186,7 +190,8 @@ def _factory(preset: str):
             directory = getattr(config, "checkpoint_dir", None)
             paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
         return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths,
-                          rollout_mode=getattr(config, "rollout_mode", "full"))
+                          rollout_mode=getattr(config, "rollout_mode", "full"), replay=replay_config(config),
+                          loss=loss_config(config))
 
     return make
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from aurora_loop.metrics import MeanMetrics, weather_errors
 from aurora_loop.model.batch import Batch, Sample
+from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
 from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
 
@@ -63,16 +64,22 @@ class ConvNet(nn.Module):
         return nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros)(h)
 
 
-class ConvTask:
-    """The ``conv`` baseline implementing the Task protocol on ``Sample`` batches."""
+class ConvTask(ReplayTraining):
+    """The ``conv`` baseline implementing the Task protocol on ``Sample`` batches.
+
+    ``rollout_mode``: ``full`` or ``pushforward`` (:func:`aurora_loop.rollout.rollout_loss`),
+    or ``replay`` with ``replay`` settings (:mod:`aurora_loop.replay`).
+    """
 
     name = "conv"
 
-    def __init__(self, features: int = 32, depth: int = 3, rollout_average: bool = True, rollout_mode: str = "full") -> None:
+    def __init__(self, features: int = 32, depth: int = 3, rollout_average: bool = True, rollout_mode: str = "full",
+                 replay: ReplayConfig | None = None) -> None:
         self.features = features
         self.depth = depth
         self.rollout_average = rollout_average
-        self.rollout_mode = rollout_mode  # full | pushforward (aurora_loop.rollout.rollout_loss)
+        self.rollout_mode = rollout_mode
+        self.replay = (replay or ReplayConfig()) if rollout_mode == "replay" else None
 
     def _net(self, channels: int) -> ConvNet:
         return ConvNet(self.features, channels, self.depth)
@@ -112,14 +119,17 @@ class ConvTask:
         features = history if static is None else jnp.concatenate([history, static], axis=-1)
         return self._net(newest.shape[-1]).init(rng, features)
 
-    def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        def step_loss(prediction: Batch, target: Batch) -> jax.Array:
-            # MAE in units of each field's spatial spread in the target.
-            truth = _stack_fields(target).astype(jnp.float32)
-            scale = jnp.std(truth, axis=(2, 3), keepdims=True) + 1e-6
-            return jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale)
+    @staticmethod
+    def _step_loss(prediction: Batch, target: Batch) -> jax.Array:
+        """MAE in units of each field's spatial spread in the target (a scalar)."""
+        truth = _stack_fields(target).astype(jnp.float32)
+        scale = jnp.std(truth, axis=(2, 3), keepdims=True) + 1e-6
+        return jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale)
 
-        loss, per_step = rollout_loss(self._predict_fn(params), step_loss, batch, average=self.rollout_average, mode=self.rollout_mode)
+    def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        # Replay mode trains through stateful_loss; scored statelessly it is pushforward.
+        mode = "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
+        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average, mode=mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def predict(self, params: Any, sample: Sample) -> Batch:
@@ -152,5 +162,6 @@ class ConvTask:
 
 @register_task("conv")
 def make_conv_task(config: Any) -> ConvTask:
-    return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True), rollout_mode=getattr(config, "rollout_mode", "full"))
+    return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True), rollout_mode=getattr(config, "rollout_mode", "full"),
+                    replay=replay_config(config))
 

@@ -1,0 +1,209 @@
+"""Roll-out fine-tuning with a replay buffer (the Aurora paper's ``replay`` mode).
+
+Long roll-outs cannot be back-propagated through, and even the pushforward trick costs
+``rollout_steps`` forward passes per optimizer step. The paper instead keeps a buffer of
+model states: every optimizer step takes one state from the buffer, predicts *one* step
+from it, scores that prediction against the ground truth at its lead time, and puts the
+prediction back as the state's new newest history step. Fresh samples from the dataset
+enter only every ``refresh_every`` steps, so the model trains on its own, ever longer
+forecasts at the cost of one forward and backward pass per step.
+
+Our buffer (:class:`ReplayBuffer`) lives on the device inside the train state, so it is
+saved in every checkpoint and a resumed run continues with the same buffer and the same
+random choices. It has ``D`` slots; a slot holds one *batch* of ``B`` examples (the global
+batch, split over the mesh like any batch): their current history, the sample's
+``rollout_steps = K`` targets, and the lead (how many steps the slot has rolled out).
+
+- Insertion (every ``refresh_every`` steps, the step that brings a dataset batch): the
+  fresh batch, at lead 0, goes into an empty slot, or else evicts the slot rolled out
+  furthest (lowest index on ties).
+- Each step: one non-empty slot is drawn uniformly with the step's RNG; the model
+  predicts step ``lead + 1`` from its history (LoRA sees ``rollout_step = lead``); the
+  loss is the task's one-step loss against target ``lead``; the prediction is fed back
+  under ``stop_gradient`` and the lead grows by one. A slot that has used all ``K``
+  targets is empty again.
+
+``refresh_every <= K`` guarantees a non-empty slot at every step: a fresh batch needs K
+draws to be used up, and only ``refresh_every`` draws happen before the next one arrives.
+
+Memory: the buffer holds ``D x (history + K)`` states of the global batch (split over the
+devices), e.g. D = 4, K = 8, history 2: 40 batches' worth of fields per device share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from aurora_loop.model.batch import Batch, Sample
+from aurora_loop.rollout import Predictor, StepLoss, advance_history
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """The replay mode's two knobs.
+
+    ``buffer_size``: slots ``D``, each one global batch. ``refresh_every``: a dataset batch
+    enters the buffer every this many optimizer steps (the data loader yields one batch per
+    ``refresh_every`` steps); at most ``rollout_steps``.
+    """
+
+    buffer_size: int = 4
+    refresh_every: int = 1
+
+    def check(self, rollout_steps: int) -> None:
+        """Raise ValueError unless the buffer can always offer a state to train on."""
+        if self.buffer_size < 1:
+            raise ValueError(f"the replay buffer needs at least 1 slot, got {self.buffer_size}")
+        if not 1 <= self.refresh_every <= rollout_steps:
+            raise ValueError(
+                f"replay_refresh_every must be between 1 and rollout_steps ({rollout_steps}), got {self.refresh_every}: "
+                "a sample is used up after rollout_steps draws, so fresher data is needed at least that often"
+            )
+
+
+@flax.struct.dataclass
+class ReplayBuffer:
+    """``D`` slots of roll-out states (device arrays, part of the train state).
+
+    ``slots``: a Sample whose every leaf has a leading slot axis: ``slots.inputs`` the
+    current history of each slot, surface fields (D, B, history, h, w), atmospheric ones
+    (D, B, history, c, h, w), ``metadata.time`` (D, B) hours since 1970 of the newest
+    history step; ``slots.targets`` the sample's K targets, (D, B, K, ...), with
+    ``metadata.time`` of the first target. ``step_hours``: (D, B) hours between roll-out
+    steps. ``lead``: (D,) int32, steps already taken from each slot; K marks an empty slot.
+    """
+
+    slots: Sample
+    step_hours: jax.Array
+    lead: jax.Array
+
+    def partition_specs(self, axis: str | tuple[str, ...] = "data") -> ReplayBuffer:
+        """Examples split over ``axis`` like a batch's; the slot axis stays whole on every device."""
+        per_slot = self.slots.partition_specs(axis)
+        slots = jax.tree.map(lambda spec: PartitionSpec(None, *spec), per_slot, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        return ReplayBuffer(slots=slots, step_hours=PartitionSpec(None, axis), lead=PartitionSpec())
+
+
+def _targets_per_sample(sample: Sample) -> int:
+    for field in (sample.targets.surf_vars, sample.targets.atmos_vars):
+        for value in field.values():
+            return int(value.shape[1])
+    raise ValueError("the sample has no surface or atmospheric targets")
+
+
+def empty_buffer(example: Sample, config: ReplayConfig) -> ReplayBuffer:
+    """A buffer with every slot empty, shaped for batches like ``example`` (traceable)."""
+    steps = _targets_per_sample(example)
+    config.check(steps)
+    depth = config.buffer_size
+    slots = jax.tree.map(lambda x: jnp.zeros((depth,) + jnp.shape(x), jnp.asarray(x).dtype), example)
+    step_hours = jnp.zeros((depth, example.batch_size), jnp.asarray(example.inputs.metadata.time).dtype)
+    return ReplayBuffer(slots=slots, step_hours=step_hours, lead=jnp.full((depth,), steps, jnp.int32))
+
+
+def insert(buffer: ReplayBuffer, fresh: Sample) -> ReplayBuffer:
+    """Put ``fresh`` (lead 0) into an empty slot, else over the slot rolled out furthest."""
+    slot = jnp.argmax(buffer.lead)  # the first of the largest: empty slots (lead K) come first
+    first_time = jnp.asarray(fresh.targets.metadata.time)
+    step_hours = first_time - jnp.asarray(fresh.inputs.metadata.time).astype(first_time.dtype)
+    return ReplayBuffer(
+        slots=jax.tree.map(lambda buf, new: buf.at[slot].set(jnp.asarray(new).astype(buf.dtype)), buffer.slots, fresh),
+        step_hours=buffer.step_hours.at[slot].set(step_hours.astype(buffer.step_hours.dtype)),
+        lead=buffer.lead.at[slot].set(0),
+    )
+
+
+def _target_at(targets: Batch, lead: jax.Array, step_hours: jax.Array) -> Batch:
+    """Target ``lead`` (traced) of a slot's targets: fields with t = 1 and its valid time."""
+    pick = lambda v: jax.lax.dynamic_slice_in_dim(v, lead, 1, axis=1)  # noqa: E731
+    first = jnp.asarray(targets.metadata.time)
+    return targets.replace(
+        surf_vars={k: pick(v) for k, v in targets.surf_vars.items()},
+        atmos_vars={k: pick(v) for k, v in targets.atmos_vars.items()},
+        metadata=targets.metadata.replace(time=first + lead.astype(first.dtype) * step_hours.astype(first.dtype)),
+    )
+
+
+def replay_loss(
+    predict: Predictor,
+    step_loss: StepLoss,
+    buffer: ReplayBuffer,
+    rng: jax.Array,
+    fresh: Sample | None = None,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
+    """One replay step: ``(loss, (metrics, new_buffer))``, differentiable in ``predict``'s
+    parameters (the buffer update carries no gradient).
+
+    ``fresh``: this step's dataset batch, inserted before drawing, or ``None``.
+    ``metrics``: ``replay_lead`` (the lead in steps of the scored prediction, 1..K) and
+    ``replay_slots_used`` (non-empty slots after the step).
+    """
+    if fresh is not None:
+        buffer = insert(buffer, fresh)
+    steps = _targets_per_sample(jax.tree.map(lambda x: x[0], buffer.slots))
+    available = buffer.lead < steps
+    slot = jax.random.categorical(rng, jnp.where(available, 0.0, -jnp.inf))
+    sample = jax.tree.map(lambda x: x[slot], buffer.slots)
+    lead = buffer.lead[slot]
+    target = _target_at(sample.targets, lead, buffer.step_hours[slot])
+    prediction = predict(sample.inputs, lead)
+    loss = step_loss(prediction, target)
+    history = advance_history(sample.inputs, jax.lax.stop_gradient(prediction), target.metadata.time)
+    inputs = jax.tree.map(lambda buf, new: buf.at[slot].set(new.astype(buf.dtype)), buffer.slots.inputs, history)
+    new_lead = buffer.lead.at[slot].add(1)
+    updated = buffer.replace(slots=Sample(inputs, buffer.slots.targets), lead=new_lead)
+    metrics = {
+        "replay_lead": (lead + 1).astype(jnp.float32),
+        "replay_slots_used": jnp.sum(new_lead < steps).astype(jnp.float32),
+    }
+    return loss, (metrics, updated)
+
+
+class ReplayTraining:
+    """The stateful-Task extension for replay mode, for tasks on ``Sample`` batches.
+
+    A task mixing this in sets ``self.replay`` (a :class:`ReplayConfig`, or ``None`` when
+    not in replay mode) and provides ``_predict_fn(params) -> Predictor``,
+    ``_step_loss(prediction, target) -> scalar`` and ``_prepare(sample) -> sample`` (e.g. a
+    crop). The Trainer then keeps the buffer in ``TrainState.task_state`` and fetches a
+    dataset batch only every ``batch_every`` steps.
+    """
+
+    replay: ReplayConfig | None = None
+
+    @property
+    def batch_every(self) -> int:
+        """Optimizer steps per dataset batch (1 unless in replay mode)."""
+        return self.replay.refresh_every if self.replay is not None else 1
+
+    def _prepare(self, sample: Sample) -> Sample:
+        return sample
+
+    def init_state(self, example_batch: Sample) -> ReplayBuffer | None:
+        """The task's own part of the train state: an empty buffer, or ``None``."""
+        if self.replay is None:
+            return None
+        return empty_buffer(self._prepare(example_batch), self.replay)
+
+    def stateful_loss(
+        self, params: Any, task_state: ReplayBuffer, batch: Sample | None, rng: jax.Array
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
+        """``(loss, (metrics, new_task_state))``; ``batch`` is ``None`` on steps without data."""
+        fresh = None if batch is None else self._prepare(batch)
+        return replay_loss(self._predict_fn(params), self._step_loss, task_state, rng, fresh)
+
+
+def replay_config(config: Any) -> ReplayConfig | None:
+    """The ReplayConfig of a TrainingConfig-like object in replay mode, else ``None``."""
+    if getattr(config, "rollout_mode", "full") != "replay":
+        return None
+    return ReplayConfig(
+        buffer_size=int(getattr(config, "replay_buffer_size", ReplayConfig.buffer_size)),
+        refresh_every=int(getattr(config, "replay_refresh_every", ReplayConfig.refresh_every)),
+    )
