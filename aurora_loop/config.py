@@ -48,7 +48,7 @@ class TrainingConfig:
     tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
 
     # Model.
-    model: str = _field("conv", "registered task: conv (a small convolutional baseline), or Aurora as tiny, small or aurora")
+    model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora, or conv (a small convolutional baseline)")
     checkpoint_dir: str | None = _field(None, "directory with pretrained encoder/, backbone/, decoder/ checkpoints to start from")
     checkpoint_encoder: str | None = _field(None, "pretrained encoder checkpoint (overrides checkpoint_dir/encoder)")
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")

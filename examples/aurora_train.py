@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_path")
     parser.add_argument("--output_dir", default="outputs/example")
-    parser.add_argument("--model", default="conv")
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--learning_rate", type=float, default=1e-3)

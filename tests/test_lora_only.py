@@ -81,3 +81,40 @@ def test_aurora_lora_parameters_are_the_trainable_ones():
     state = jax.eval_shape(optimizer.init, params)
     n_state = sum(1 for x in jax.tree.leaves(state) if len(x.shape) > 0)
     assert n_state == 2 * len(lora)
+
+
+def test_lora_only_update_of_an_aurora_moves_only_the_adapters_in_use():
+    """One real optimizer step of a small Aurora with ``--lora_only`` (LoRA mode ``all``, 3
+    adapters, a 2-step roll-out): no base weight moves, and of the adapters only those of
+    roll-out steps 0 and 1 do. ``lora_B`` starts at zero, so ``lora_A`` has no gradient yet
+    and the B slices tell which adapters were used."""
+    sample = jax.tree.map(jnp.asarray, stack_samples(make_samples(2, grid=(16, 32), rollout_steps=2)))
+    config = AuroraConfig(
+        encoder_depths=(1, 1), encoder_num_heads=(2, 4), decoder_depths=(1, 1), decoder_num_heads=(4, 2),
+        embed_dim=16, num_heads=2, window_size=(2, 2, 4), latent_levels=2, use_lora=True, lora_mode="all", lora_steps=3,
+        surf_vars=("2t", "msl"), static_vars=("lsm", "z"), atmos_vars=("z", "t"),
+    )
+    task = AuroraTask(config)
+    optimizer = make_optimizer(optax.constant_schedule(1e-2), trainable=is_lora_param)
+
+    @jax.jit
+    def init_and_step(key):
+        params = task.init(key, sample)
+        # Fresh adaptive-norm modulations are zero, which gates the attention branches (and
+        # their LoRA) off; perturb the base weights so every branch carries gradient.
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        keys = jax.random.split(key, len(leaves))
+        params = treedef.unflatten([x if is_lora_param(path) else x + 0.05 * jax.random.normal(k, x.shape) for (path, x), k in zip(leaves, keys)])
+        grads = jax.grad(lambda p: task.loss(p, sample, key)[0])(params)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return params, optax.apply_updates(params, updates)
+
+    before, after = init_and_step(jax.random.PRNGKey(0))
+    moved_b = []
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("'lora_B']"):
+            moved_b.append([bool(np.any(np.asarray(o) != np.asarray(n))) for o, n in zip(old, new)])  # per adapter
+        else:  # base weights are frozen; lora_A has no gradient while B = 0
+            np.testing.assert_array_equal(np.asarray(old), np.asarray(new), err_msg=name)
+    assert moved_b and all(m == [True, True, False] for m in moved_b), moved_b
