@@ -18,15 +18,13 @@ For each it prints the per-device ``argument`` (parameters + optimizer state + b
 ``fsdp_memory_ratio=<(argument + temp) per device, 4-device FSDP / 1-device>``.
 
 Measured (2 CPU cores, jax 0.10, defaults: 1.3 B ``aurora``, 64 x 128, 4 levels, LoRA,
-remat of the Swin blocks, encoder and decoder, bf16 backbone; 2.5 and 7 minutes of
-compilation): 1.259e9 parameters; 1 device: argument 14.07 GiB + temp 0.86 GiB = 14.94 GiB;
-4 devices with FSDP: argument 3.52 GiB + temp 1.70 GiB = 5.22 GiB per device;
-fsdp_argument_ratio=0.250, fsdp_temp_ratio=1.978, fsdp_memory_ratio=0.350. (Before the Swin
-blocks' remat waited for their cotangents, ``swin.remat_after_cotangent``: temp 8.36 and
-5.56 GiB, ratio 0.405.) The roll-out's outer ``jax.checkpoint`` (``remat`` with ``full``
-roll-outs) runs the forward pass a second time even for one step; under FSDP the compiled
-step then also copies the donated sharded parameters. Measured without that outer
-checkpoint: temp 0.65 GiB on 1 device and 1.01 GiB per device with FSDP, ratio 0.307.
+remat, bf16 backbone; 2 and 5 minutes of compilation): 1.259e9 parameters; 1 device:
+argument 14.07 GiB + temp 0.65 GiB = 14.73 GiB; 4 devices with FSDP: argument 3.52 GiB +
+temp 1.01 GiB = 4.53 GiB per device; fsdp_argument_ratio=0.250, fsdp_temp_ratio=1.543,
+fsdp_memory_ratio=0.307. (Before the Swin blocks' remat waited for their cotangents,
+``swin.remat_after_cotangent``: temp 8.36 and 5.56 GiB, ratio 0.405; with it but with the
+roll-out's outer ``jax.checkpoint`` also around one-step roll-outs: 0.86 and 1.70 GiB,
+ratio 0.350.)
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ class AuroraTask(ReplayTraining):
         to start from; parts not given are freshly initialised.
       loss: the training loss (default: the paper's weights, :class:`WeightedMAE`).
       rollout_mode: ``full`` or ``pushforward`` (:func:`aurora_loop.rollout.rollout_loss`;
-        ``full`` recomputes each step's activations in the backward pass when
-        ``config.remat``), or ``replay`` (:mod:`aurora_loop.replay`, with ``replay``).
+        with ``config.remat`` and several steps, ``full`` also keeps only each step's input
+        for the backward pass; one step relies on the per-block remat alone, since an outer
+        checkpoint would only add a forward pass), or ``replay`` (:mod:`aurora_loop.replay`, with ``replay``).
     """
 
     def __init__(self, config: AuroraConfig, name: str = "aurora", rollout_average: bool = True,
@@ -119,7 +120,7 @@ class AuroraTask(ReplayTraining):
         # Replay mode trains through stateful_loss; scored statelessly it is pushforward.
         mode = "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
         loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average,
-                                      remat=self.config.remat and mode == "full", mode=mode)
+                                      remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
