@@ -80,7 +80,6 @@ class Perceiver3DDecoder(nn.Module):
         surf_fields = unpatchify(surf, h, w, p)  # (B, V, H, W)
 
         queries = dense(d2, "atmos_levels_embed")(jnp.asarray(levels_encoding(levels, d2), x.dtype))  # (C, 2D)
-        queries = jnp.broadcast_to(queries, (b * length, *queries.shape))
         context = x[:, :, 1:].reshape(b * length, lat_levels - 1, d2)
         atmos = PerceiverResampler(
             cfg.dec_depth, d2 // cfg.num_heads, cfg.num_heads, cfg.dec_mlp_ratio, cfg.perceiver_ln_eps,

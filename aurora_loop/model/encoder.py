@@ -111,7 +111,6 @@ class Perceiver3DEncoder(nn.Module):
         # Aggregate the C pressure levels into latent levels, independently for every patch.
         latents = self.param("atmos_latents", trunc, (cfg.latent_levels - 1, d)).astype(dtype)
         context = tokens_atmos.transpose(0, 2, 1, 3).reshape(b * length, c, d)
-        latents = jnp.broadcast_to(latents, (b * length, *latents.shape))
         agg = PerceiverResampler(
             cfg.enc_depth, d // cfg.num_heads, cfg.num_heads, cfg.mlp_ratio, cfg.perceiver_ln_eps,
             ln_k_q=cfg.stabilise_level_agg, name="level_agg",

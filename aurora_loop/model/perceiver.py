@@ -13,7 +13,11 @@ Array = Any
 
 
 class PerceiverAttention(nn.Module):
-    """Cross-attention of latents (N, L1, D) to a context (N, L2, D) -> (N, L1, D)."""
+    """Cross-attention of latents (N, L1, D) to a context (N, L2, D) -> (N, L1, D).
+
+    Latents shared by all N (e.g. learnt queries) may be passed once, as (L1, D): they are
+    projected once and only then broadcast, instead of projecting N identical copies.
+    """
 
     head_dim: int
     num_heads: int
@@ -27,6 +31,7 @@ class PerceiverAttention(nn.Module):
         if self.ln_k_q:
             k = layer_norm("ln_k")(k)
             q = layer_norm("ln_q")(q)
+        q = jnp.broadcast_to(q, (*context.shape[:-2], *q.shape[-2:]))
 
         def heads(t: Array) -> Array:  # (N, L, H*Dh) -> (N, H, L, Dh)
             return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
@@ -55,7 +60,7 @@ class PerceiverBlock(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """``depth`` Perceiver blocks; latents (N, L1, D), context (N, L2, D) -> (N, L1, D)."""
+    """``depth`` Perceiver blocks; latents (N, L1, D) or shared (L1, D), context (N, L2, D) -> (N, L1, D)."""
 
     depth: int
     head_dim: int
@@ -72,4 +77,4 @@ class PerceiverResampler(nn.Module):
                 ln_k_q=self.ln_k_q and i == 0, name=f"layers_{i}",
             )
             latents = block(latents, context)
-        return latents
+        return jnp.broadcast_to(latents, (*context.shape[:-2], *latents.shape[-2:]))
