@@ -311,7 +311,12 @@ def test_dead_process_ends_the_job_with_an_error(death, store, tmp_path):
                 proc.wait()
     assert p0.returncode != 0
     message = err0.read_text()
-    assert "another task died" in message or "stopped sending heartbeats" in message, message[-2000:]
+    reasons = ["another task died", "stopped sending heartbeats"]
+    if death == "killed":
+        # A peer killed mid-collective can leave a torn message on the gloo transport; the
+        # survivor's gloo then aborts on it, which ends the job just as promptly.
+        reasons.append("gloo")
+    assert any(reason in message for reason in reasons), message[-2000:]
     if death == "exception":
         assert p1.returncode == 1
         assert "boom on process 1" in err1.read_text() and "ending it now" in err1.read_text()
