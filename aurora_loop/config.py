@@ -290,13 +290,12 @@ def validate(config: TrainingConfig) -> None:
     if config.rollout_mode not in ("full", "pushforward", "replay"):
         raise UsageError(f"rollout_mode must be full, pushforward or replay, got {config.rollout_mode!r}")
     if config.rollout_mode == "replay":
-        if config.replay_buffer_size < 1:
-            raise UsageError(f"replay_buffer_size must be at least 1, got {config.replay_buffer_size}")
-        if not 1 <= config.replay_refresh_every <= config.rollout_steps:
-            raise UsageError(
-                f"replay_refresh_every ({config.replay_refresh_every}) must be between 1 and rollout_steps ({config.rollout_steps}): "
-                "a buffered sample is used up after rollout_steps steps; raise --rollout_steps or lower --replay_refresh_every"
-            )
+        from aurora_loop.replay import replay_config  # imports jax: only when replay is asked for
+
+        try:
+            replay_config(config).check(config.rollout_steps)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

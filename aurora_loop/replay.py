@@ -59,11 +59,11 @@ class ReplayConfig:
     def check(self, rollout_steps: int) -> None:
         """Raise ValueError unless the buffer can always offer a state to train on."""
         if self.buffer_size < 1:
-            raise ValueError(f"the replay buffer needs at least 1 slot, got {self.buffer_size}")
+            raise ValueError(f"replay_buffer_size must be at least 1, got {self.buffer_size}")
         if not 1 <= self.refresh_every <= rollout_steps:
             raise ValueError(
-                f"replay_refresh_every must be between 1 and rollout_steps ({rollout_steps}), got {self.refresh_every}: "
-                "a sample is used up after rollout_steps draws, so fresher data is needed at least that often"
+                f"replay_refresh_every ({self.refresh_every}) must be between 1 and rollout_steps ({rollout_steps}): "
+                "a buffered sample is used up after rollout_steps steps; raise --rollout_steps or lower --replay_refresh_every"
             )
 
 
@@ -176,6 +176,18 @@ class ReplayTraining:
     """
 
     replay: ReplayConfig | None = None
+    rollout_mode: str = "full"
+
+    def _set_rollout_mode(self, mode: str, replay: ReplayConfig | None) -> None:
+        """``rollout_mode`` (full | pushforward | replay) and, in replay mode, its settings."""
+        self.rollout_mode = mode
+        self.replay = (replay or ReplayConfig()) if mode == "replay" else None
+
+    @property
+    def _stateless_mode(self) -> str:
+        """The :func:`aurora_loop.rollout.rollout_loss` mode of the stateless ``loss``: replay
+        mode trains through ``stateful_loss``; scored statelessly it is pushforward."""
+        return "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
 
     @property
     def batch_every(self) -> int:

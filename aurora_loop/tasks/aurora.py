@@ -26,6 +26,7 @@ from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
 from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
 
+
 def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
     """The paper's loss with its default weights, per example (b,) (:class:`WeightedMAE`)."""
     return WeightedMAE()(prediction, target, surf_stats)
@@ -54,8 +55,7 @@ class AuroraTask(ReplayTraining):
         self.loss_fn = loss or WeightedMAE()
         self.name = name
         self.rollout_average = rollout_average
-        self.rollout_mode = rollout_mode
-        self.replay = (replay or ReplayConfig()) if rollout_mode == "replay" else None
+        self._set_rollout_mode(rollout_mode, replay)
         self.pretrained = dict(pretrained or {})
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
@@ -117,8 +117,7 @@ class AuroraTask(ReplayTraining):
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = self._crop(batch)
-        # Replay mode trains through stateful_loss; scored statelessly it is pushforward.
-        mode = "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
+        mode = self._stateless_mode
         loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average,
                                       remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode)
         return loss, {"rollout_loss_last": per_step[-1]}

@@ -78,8 +78,7 @@ class ConvTask(ReplayTraining):
         self.features = features
         self.depth = depth
         self.rollout_average = rollout_average
-        self.rollout_mode = rollout_mode
-        self.replay = (replay or ReplayConfig()) if rollout_mode == "replay" else None
+        self._set_rollout_mode(rollout_mode, replay)
 
     def _net(self, channels: int) -> ConvNet:
         return ConvNet(self.features, channels, self.depth)
@@ -127,8 +126,7 @@ class ConvTask(ReplayTraining):
         return jnp.mean(jnp.abs(_stack_fields(prediction) - truth) / scale)
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        # Replay mode trains through stateful_loss; scored statelessly it is pushforward.
-        mode = "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
+        mode = self._stateless_mode
         loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average, mode=mode)
         return loss, {"rollout_loss_last": per_step[-1]}
 
