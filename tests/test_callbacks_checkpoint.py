@@ -151,6 +151,8 @@ def test_preemption_inside_validation_abandons_it_and_saves(tmp_path):
     train, val = loaders()
     rec = Losses()
     ckpt_dir = str(tmp_path / "ckpt")
+    # Python's default handler, or SIG_IGN when the test process was started in the background
+    handler_before = signal.getsignal(signal.SIGINT)
     trainer = Trainer([rec, Preemption(), ModelCheckpoint(ckpt_dir, every_n_steps=100, verbose=False)],
                       optimizer=optax.adam(1e-3), max_epochs=3, val_every_n_steps=2, mesh=make_mesh(1))
     trainer.fit(task(), train, SignalDuringIteration(val))
@@ -158,7 +160,7 @@ def test_preemption_inside_validation_abandons_it_and_saves(tmp_path):
     assert trainer.global_step == 2
     assert rec.validated == []  # the interrupted validation emitted nothing
     assert ModelCheckpoint(ckpt_dir).all_steps() == [2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
 
 
 def test_best_n_by_monitor_and_latest_are_kept(tmp_path):
