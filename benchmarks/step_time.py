@@ -6,7 +6,7 @@ JAX: one training step (forward, backward, AdamW update) of AuroraSmall's archit
 a 64 x 128 grid with 13 pressure levels and a batch of 1, float32, jitted and timed after
 compilation (median of ``--steps`` steps). It also prints the compiled step's temporary
 memory (``compiled.memory_analysis()``) of the loss-and-gradient computation without and
-with per-Swin-block rematerialisation.
+with rematerialisation (encoder, every Swin block, decoder).
 
 With ``--reference-python``, that interpreter (where ``pip install torch==2.14.1
 torchvision==0.29.1 microsoft-aurora`` was run) times the reference's forward + backward on

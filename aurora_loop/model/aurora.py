@@ -26,7 +26,7 @@ from aurora_loop.model.config import AuroraConfig
 from aurora_loop.model.decoder import Perceiver3DDecoder
 from aurora_loop.model.encoder import Perceiver3DEncoder
 from aurora_loop.model.fourier import lead_time_encoding
-from aurora_loop.model.swin import Swin3DBackbone
+from aurora_loop.model.swin import Swin3DBackbone, remat_after_cotangent
 
 Array = Any
 Params = Any
@@ -38,21 +38,20 @@ class AuroraModule(nn.Module):
     config: AuroraConfig
 
     def setup(self) -> None:
-        encoder_cls, decoder_cls = Perceiver3DEncoder, Perceiver3DDecoder
-        if self.config.remat:
-            # Like the reference's activation checkpointing: the encoder and decoder (as well as
-            # every Swin block, see ``SwinStage``) keep only their inputs for the backward pass.
-            encoder_cls = nn.remat(Perceiver3DEncoder, static_argnums=(6,))
-            decoder_cls = nn.remat(Perceiver3DDecoder, static_argnums=(2, 3, 4, 5, 6))
-        self.encoder = encoder_cls(self.config, name="encoder")
+        self.encoder = Perceiver3DEncoder(self.config, name="encoder")
         self.backbone = Swin3DBackbone(self.config, name="backbone")
-        self.decoder = decoder_cls(self.config, name="decoder")
+        self.decoder = Perceiver3DDecoder(self.config, name="decoder")
 
     def __call__(self, batch: Batch, rollout_step: int | Array = 0) -> tuple[dict[str, Array], dict[str, Array]]:
         """``batch``: normalised fields whose (H, W) divide by the patch size; static fields
         (H, W). Returns the next step's normalised fields: surf name -> (B, H, W), atmos
         name -> (B, C, H, W). Encoder and backbone outputs are sown as intermediates
-        ``encoder_out`` (B, L', D) and ``backbone_out`` (B, L', 2D)."""
+        ``encoder_out`` (B, L', D) and ``backbone_out`` (B, L', 2D).
+
+        With ``config.remat`` the encoder and the decoder, like every Swin block (see
+        ``SwinStage``), keep only their inputs for the backward pass, as the reference's
+        activation checkpointing does (:func:`~aurora_loop.model.swin.remat_after_cotangent`).
+        """
         cfg = self.config
         b, t = batch.batch_size, batch.num_steps
         h, w = batch.spatial_shape
@@ -64,12 +63,36 @@ class AuroraModule(nn.Module):
         for name, field in batch.static_vars.items():
             surf[name] = jnp.broadcast_to(field, (b, t, h, w))
         patch_res = (cfg.latent_levels, h // p, w // p)
+        meta = batch.metadata
+        checkpointed = cfg.remat and not self.is_initializing()
 
-        x = self.encoder(surf, dict(batch.atmos_vars), batch.metadata.lat, batch.metadata.lon, batch.metadata.time, levels)
+        if checkpointed:
+            encoder = self._detached(self.encoder)
+
+            def encode(params: Params, fields: tuple, lat: Array, lon: Array, time: Array) -> Array:
+                return encoder.apply({"params": params}, *fields, lat, lon, time, levels)
+
+            x = remat_after_cotangent(encode)(self.variables["params"]["encoder"], (surf, dict(batch.atmos_vars)),
+                                              meta.lat, meta.lon, meta.time)
+        else:
+            x = self.encoder(surf, dict(batch.atmos_vars), meta.lat, meta.lon, meta.time, levels)
         self.sow("intermediates", "encoder_out", x)
         x = self.backbone(x, lead_time_encoding(cfg.timestep_hours, cfg.embed_dim), patch_res, rollout_step)
         self.sow("intermediates", "backbone_out", x)
-        return self.decoder(x, tuple(batch.surf_vars), tuple(batch.atmos_vars), levels, patch_res, (h, w))
+        decode_args = (tuple(batch.surf_vars), tuple(batch.atmos_vars), levels, patch_res, (h, w))
+        if checkpointed:
+            decoder = self._detached(self.decoder)
+
+            def decode(params: Params, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+                return decoder.apply({"params": params}, x, *decode_args)
+
+            return remat_after_cotangent(decode)(self.variables["params"]["decoder"], x)
+        return self.decoder(x, *decode_args)
+
+    @staticmethod
+    def _detached(module: nn.Module) -> nn.Module:
+        """An unbound copy of a submodule, to apply as a pure function of its parameters."""
+        return module.clone(parent=None, name=None)
 
 
 def params_dtype(params: Params) -> Any:

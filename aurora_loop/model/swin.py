@@ -144,15 +144,16 @@ class SwinBlock(nn.Module):
         return x + AdaptiveLayerNorm(self.dtype, name="norm2")(y, c)
 
 
-def after(tree: Any, signal: Array) -> Any:
+def after(tree: Any, signal: Any) -> Any:
     """``tree`` (arrays of any shape) unchanged, but computed only once ``signal`` exists.
 
-    Adds to every leaf a zero derived from one element of ``signal``. XLA can neither fold
-    it (it is not a constant) nor schedule the leaves' users before ``signal``.
-    ``min(|s|, 0)`` is 0 for every finite or infinite ``s`` (only a NaN passes through, and
-    then the computation it orders is poisoned already); ``x + 0`` is exact.
+    Adds to every leaf a zero derived from one element of ``signal`` (an array, or a pytree
+    whose first leaf is used). XLA can neither fold it (it is not a constant) nor schedule
+    the leaves' users before ``signal``. ``min(|s|, 0)`` is 0 for every finite or infinite
+    ``s`` (only a NaN passes through, and then the computation it orders is poisoned
+    already); ``x + 0`` is exact.
     """
-    s = jnp.abs(jnp.ravel(signal)[0])
+    s = jnp.abs(jnp.ravel(jax.tree_util.tree_leaves(signal)[0])[0])
 
     def tie(x: Array) -> Array:
         return x + jnp.minimum(s.astype(x.dtype), jnp.zeros((), x.dtype))
@@ -160,8 +161,11 @@ def after(tree: Any, signal: Array) -> Any:
     return jax.tree_util.tree_map(tie, tree)
 
 
-def remat_after_cotangent(fn: Callable[..., Array]) -> Callable[..., Array]:
+def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Activation checkpointing of ``fn(params, x, *rest) -> y`` that survives XLA:CPU.
+
+    ``x`` and ``y`` may be pytrees of floating arrays (the encoder takes dicts of fields,
+    the decoder returns them); ``rest`` holds arrays.
 
     The forward pass keeps only the arguments; the backward pass recomputes ``fn`` and its
     VJP. ``jax.checkpoint`` does the same, but on XLA:CPU its recomputation depends only on
