@@ -1,7 +1,8 @@
 """Activation rematerialisation (``AuroraConfig.remat``): same numbers, less memory.
 
-The Swin blocks are checkpointed with :func:`aurora_loop.model.swin.remat_after_cotangent`,
-whose recomputation waits for the block's cotangent. These tests check that the parameter
+The encoder, the Swin blocks and the decoder are checkpointed with
+:func:`aurora_loop.model.swin.remat_after_cotangent`, whose recomputation waits for the
+block's cotangent. These tests check that the parameter
 tree, the loss and the gradients are those of the plain model, and that the compiled
 gradient really needs fewer temporaries (which ``nn.remat`` did not achieve on XLA:CPU).
 """

@@ -26,7 +26,7 @@ from aurora_loop.model.config import AuroraConfig
 from aurora_loop.model.decoder import Perceiver3DDecoder
 from aurora_loop.model.encoder import Perceiver3DEncoder
 from aurora_loop.model.fourier import lead_time_encoding
-from aurora_loop.model.swin import Swin3DBackbone, remat_after_cotangent
+from aurora_loop.model.swin import Swin3DBackbone, detached, remat_after_cotangent
 
 Array = Any
 Params = Any
@@ -67,7 +67,7 @@ class AuroraModule(nn.Module):
         checkpointed = cfg.remat and not self.is_initializing()
 
         if checkpointed:
-            encoder = self._detached(self.encoder)
+            encoder = detached(self.encoder)
 
             def encode(params: Params, fields: tuple, lat: Array, lon: Array, time: Array) -> Array:
                 return encoder.apply({"params": params}, *fields, lat, lon, time, levels)
@@ -81,18 +81,13 @@ class AuroraModule(nn.Module):
         self.sow("intermediates", "backbone_out", x)
         decode_args = (tuple(batch.surf_vars), tuple(batch.atmos_vars), levels, patch_res, (h, w))
         if checkpointed:
-            decoder = self._detached(self.decoder)
+            decoder = detached(self.decoder)
 
             def decode(params: Params, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
                 return decoder.apply({"params": params}, x, *decode_args)
 
             return remat_after_cotangent(decode)(self.variables["params"]["decoder"], x)
         return self.decoder(x, *decode_args)
-
-    @staticmethod
-    def _detached(module: nn.Module) -> nn.Module:
-        """An unbound copy of a submodule, to apply as a pure function of its parameters."""
-        return module.clone(parent=None, name=None)
 
 
 def params_dtype(params: Params) -> Any:

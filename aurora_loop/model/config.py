@@ -115,7 +115,8 @@ class AuroraConfig:
     """Compute the backbone in bfloat16 (parameters stay float32), as the reference's
     ``autocast``."""
     remat: bool = False
-    """Rematerialise every Swin block in the backward pass (activation checkpointing)."""
+    """Rematerialise the encoder, every Swin block and the decoder in the backward pass
+    (activation checkpointing)."""
 
     def __init__(self, **kwargs: Any) -> None:
         fields = {f.name: f for f in dataclasses.fields(type(self))}

@@ -161,6 +161,11 @@ def after(tree: Any, signal: Any) -> Any:
     return jax.tree_util.tree_map(tie, tree)
 
 
+def detached(module: nn.Module) -> nn.Module:
+    """An unbound copy of a submodule, to apply as a pure function of its parameters."""
+    return module.clone(parent=None, name=None)
+
+
 def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Activation checkpointing of ``fn(params, x, *rest) -> y`` that survives XLA:CPU.
 
@@ -296,10 +301,10 @@ class SwinStage(nn.Module):
         the whole block is one pure function of (params, x, c) for the custom VJP.
         """
         params = self.variables["params"][block.name]
-        detached = block.clone(parent=None, name=None)
+        unbound = detached(block)
 
         def run(params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
-            return detached.apply({"params": params}, x, c, res, step)
+            return unbound.apply({"params": params}, x, c, res, step)
 
         if isinstance(rollout_step, int):  # a Python step stays static (LoRA picks its adapter)
             return remat_after_cotangent(run)(params, x, c)
