@@ -84,7 +84,9 @@ def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(k for k in new if k not in RESUME_INSENSITIVE and old.get(k) != new[k])
+    # An unset lr_schedule_steps is resolved when the run starts: it matches any recorded value.
+    unset = {"lr_schedule_steps"} if new.get("lr_schedule_steps") is None else set()
+    return sorted(k for k in new if k not in RESUME_INSENSITIVE | unset and old.get(k) != new[k])
 
 
 def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:
@@ -119,6 +121,28 @@ def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:
                 )
             return True
     return False
+
+
+def inherit_schedule(config: TrainingConfig, resume: bool) -> TrainingConfig:
+    """On a resume, the learning-rate schedule of the run being resumed.
+
+    Without ``--lr_schedule_steps``, a run that has checkpoints in ``output_dir`` keeps the
+    schedule length its ``config.json`` recorded, so changing ``--epochs`` / ``--max_steps``
+    to extend or shorten it never bends the schedule mid-run.
+    """
+    if config.lr_schedule_steps is not None or not resume:
+        return config
+    out = os.path.abspath(config.output_dir)
+    from aurora_loop.tools.export_checkpoint import checkpoint_steps
+
+    if not checkpoint_steps(os.path.join(out, "checkpoints")):
+        return config
+    try:
+        with open(os.path.join(out, "config.json"), encoding="utf-8") as fh:
+            recorded = json.load(fh).get("lr_schedule_steps")
+    except (OSError, ValueError, AttributeError):
+        return config
+    return config.replace(lr_schedule_steps=int(recorded)) if isinstance(recorded, int) else config
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -253,7 +277,10 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    schedule = learning_rate_schedule(config.learning_rate, total_steps, config.warmup_steps)
+    # The schedule is fixed when a run starts (config.json records it; a resume inherits it).
+    schedule_steps = config.lr_schedule_steps or total_steps
+    requested = requested.replace(lr_schedule_steps=schedule_steps)
+    schedule = learning_rate_schedule(config.learning_rate, schedule_steps, config.warmup_steps)
     optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, trainable=is_lora_param if config.lora_only else None)
 
     checkpoint_dir = os.path.join(out, "checkpoints")
@@ -269,6 +296,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         mesh=mesh,
         seed=config.seed,
         fsdp=config.fsdp,
+        trainable=is_lora_param if config.lora_only else None,
     )
     main = jax.process_index() == 0
     if main:
@@ -276,7 +304,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es))")
         print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // mesh.size} per device)")
         print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
-              f"learning rate: {config.learning_rate:g}   rollout steps: {config.rollout_steps}")
+              f"learning rate: {config.learning_rate:g} (schedule: {schedule_steps} steps)   rollout steps: {config.rollout_steps}")
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
     if main and clear_previous:
         clear_previous_run(out)
@@ -300,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, args = resolve_config(argv)
+        config = inherit_schedule(config, resume=args.resume and not args.overwrite)
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
         return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback))
     except UsageError as err:

@@ -58,6 +58,7 @@ class TrainingConfig:
     remat: bool = _field(False, "rematerialise activations per block to save memory")
     lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
     fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
+    model_kwargs: dict[str, Any] | None = _field(None, "JSON object of keyword arguments of the reference's Aurora constructor, applied over the preset (or over --checkpoint_dir's config.json), e.g. '{\"use_lora\": true, \"lora_mode\": \"all\", \"lora_steps\": 4}'; variables, bf16, remat and the time step keep their own flags")
 
     # Optimisation.
     batch_size: int = _field(2, "global batch size, split over all devices of the mesh")
@@ -65,8 +66,9 @@ class TrainingConfig:
     warmup_steps: int = _field(100, "linear warm-up steps; then cosine decay to learning_rate / 10 at the last step")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip_norm: float | None = _field(None, "clip gradients to this global norm (none: no clipping)")
-    epochs: int = _field(20, "passes over the training split")
-    max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide)")
+    epochs: int = _field(20, "passes over the training split (may change on resume; the learning-rate schedule does not, see --lr_schedule_steps)")
+    max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide; may change on resume, the learning-rate schedule does not)")
+    lr_schedule_steps: int | None = _field(None, "length in steps of the learning-rate schedule (warm-up, then cosine decay; past its end the final rate holds); none: the run's length from --epochs/--max_steps when it starts. A resumed run keeps the schedule it started with, whatever --epochs/--max_steps say now; passing a different value is a different run")
     rollout_steps: int = _field(1, "autoregressive steps per sample, each with its own target")
     loss_surf_weights: dict[str, float] | None = _field(None, "Aurora loss: surface variable weights over the paper's (2t 3.0, 10u 0.77, 10v 0.66, msl 1.5; others 1), e.g. 2t=1,msl=2")
     loss_atmos_weights: dict[str, float] | None = _field(None, "Aurora loss: atmospheric variable weights over the paper's (z 2.8, q 0.78, t 1.7, u 0.87, v 0.6; others 1), e.g. z=3.5")
@@ -159,6 +161,19 @@ def _float_mapping(value: Any, name: str, source: str) -> dict[str, float]:
     return out
 
 
+def _json_object(value: Any, name: str, source: str) -> dict[str, Any]:
+    """A JSON object given as text (a flag) or as a mapping (a config file), or raise UsageError."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise UsageError(f"{source}: {name} is not valid JSON ({err.msg} at column {err.colno}); "
+                             f"write e.g. --{name} '{{\"use_lora\": true}}'") from None
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{source}: {name} must be a JSON object of keyword arguments, got {value!r}")
+    return {str(k): v for k, v in value.items()}
+
+
 def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     """Convert a value from a flag string or a config file to the field's type, or raise UsageError."""
     base, optional = field_type(field)
@@ -167,6 +182,8 @@ def coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
         if optional:
             return None
         raise UsageError(f"{source}: {name} cannot be empty; give a value ({field.metadata['help']})")
+    if typing.get_origin(base) is dict and typing.get_args(base)[1] is Any:
+        return _json_object(value, name, source)
     if typing.get_origin(base) is dict:
         if isinstance(value, str):
             text = value.strip()
@@ -257,7 +274,7 @@ def validate(config: TrainingConfig) -> None:
             raise UsageError(f"{name} must be at least 1, got {getattr(config, name)}; e.g. {example}")
     if not config.learning_rate > 0:
         raise UsageError(f"learning_rate must be positive, got {config.learning_rate}; e.g. --learning_rate 5e-5")
-    for name in ("max_steps", "val_every_n_steps", "num_gpus", "max_to_keep"):
+    for name in ("max_steps", "val_every_n_steps", "num_gpus", "max_to_keep", "lr_schedule_steps"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (or none), got {value}")
@@ -287,6 +304,8 @@ def validate(config: TrainingConfig) -> None:
         unknown = sorted(set(getattr(config, name) or {}) - set(variables))
         if unknown:
             raise UsageError(f"{name} names {unknown[0]}, which is not among the variables trained ({', '.join(variables) or 'none'})")
+    if config.model == "conv" and config.model_kwargs:
+        raise UsageError("--model_kwargs sets Aurora's constructor arguments; the conv model takes none: use --model tiny, small or aurora, or drop it")
     if config.rollout_mode not in ("full", "pushforward", "replay"):
         raise UsageError(f"rollout_mode must be full, pushforward or replay, got {config.rollout_mode!r}")
     if config.rollout_mode == "replay":

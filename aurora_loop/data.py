@@ -26,6 +26,10 @@ class Loader(Protocol):
     - ``__len__()``: batches per epoch.
     - ``state_dict()`` -> ``{"epoch": int, "position": int, ...}`` (JSON-able);
       ``load_state_dict(state)`` restores it, so the next ``__iter__`` continues there.
+
+    Optional: ``example_batch()`` returns one batch shaped like every batch without moving
+    the position (the trainer builds the state from it; without it the trainer reads the
+    first batch of epoch 0 and resets the epoch).
     """
 
     def set_epoch(self, epoch: int) -> None: ...

@@ -8,7 +8,7 @@ devices (it inserts the all-reduce); no ``pmean`` by hand.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -151,16 +151,19 @@ def make_train_step(
     state_sharding: TrainState,
     batch_sharding: Any,
     mesh: Mesh,
+    trainable: Callable[[tuple], bool] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     ``metrics`` holds scalars: ``loss``, ``grad_norm`` (global L2 norm of the averaged
-    gradient, before clipping) and whatever the task's loss reports.
+    gradient of the ``trainable`` parameters, all by default, before clipping),
+    ``learning_rate`` when the optimizer injects it (``optax.inject_hyperparams``), and
+    whatever the task's loss reports.
 
     With ``batch_sharding=None`` the step takes no batch (``train_step(state)``): for a
     stateful task's steps between dataset batches (``task.batch_every > 1``).
     """
-    step_fn = _train_step_fn(task, optimizer)
+    step_fn = _train_step_fn(task, optimizer, trainable)
     metric_sharding = NamedSharding(mesh, PartitionSpec())
     if batch_sharding is None:
         return jax.jit(
@@ -177,7 +180,7 @@ def make_train_step(
     )
 
 
-def _train_step_fn(task: Task, optimizer: optax.GradientTransformation):
+def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainable: Callable[[tuple], bool] | None = None):
     """The pure step. A task with a state (``TrainState.task_state`` not ``None``) is scored
     by ``task.stateful_loss(params, task_state, batch, rng)``, which also returns the next
     task state; every other task by ``task.loss(params, batch, rng)``."""
@@ -192,7 +195,11 @@ def _train_step_fn(task: Task, optimizer: optax.GradientTransformation):
             (loss, (task_metrics, task_state)), grads = stateful(state.params, task_state, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": _global_norm(grads), **task_metrics}
+        watched = grads if trainable is None else _trainable_leaves(grads, trainable)
+        metrics = {"loss": loss, "grad_norm": _global_norm(watched), **task_metrics}
+        lr = injected_hyperparam(opt_state, "learning_rate")
+        if lr is not None:
+            metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, task_state=task_state), metrics
 
     return train_step
@@ -210,3 +217,33 @@ def make_eval_step(task: Task, param_sharding: Any, batch_sharding: Any, mesh: M
 def _global_norm(tree: Any) -> jax.Array:
     """L2 norm over all leaves of a pytree (float32 accumulation)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _trainable_leaves(grads: Any, trainable: Callable[[tuple], bool]) -> list[jax.Array]:
+    """The gradient leaves of the parameters ``trainable(key_path)`` selects."""
+    return [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if trainable(path)]
+
+
+def injected_hyperparam(opt_state: Any, name: str) -> Any:
+    """Hyper-parameter ``name`` of the first ``optax.inject_hyperparams`` state found in
+    ``opt_state`` (after an update: the value that update used), else ``None``."""
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if found:
+            return
+        hyper = getattr(node, "hyperparams", None)
+        if isinstance(hyper, Mapping) and name in hyper:
+            found.append(hyper[name])
+            return
+        if isinstance(node, Mapping):
+            children = node.values()
+        elif isinstance(node, (tuple, list)):
+            children = node
+        else:
+            children = [getattr(node, f) for f in ("inner_states", "inner_state") if hasattr(node, f)]
+        for child in children:
+            visit(child)
+
+    visit(opt_state)
+    return found[0] if found else None

@@ -13,7 +13,7 @@ there the hooks run before the next dispatch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from aurora_loop.callbacks.base import Callback
 from aurora_loop.data import Loader
-from aurora_loop.distributed import agree, agree_any
+from aurora_loop.distributed import agree_any
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.step import (
     TrainState,
@@ -85,6 +85,9 @@ class _ListLoader:
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
+    def example_batch(self) -> Any:
+        return next(iter(self.batches))
+
     def __iter__(self) -> Iterator[Any]:
         for i, batch in enumerate(self.batches):
             if i < self.position:
@@ -121,6 +124,14 @@ class _EveryNth:
     def __len__(self) -> int:
         return len(self.loader) * self.n  # type: ignore[arg-type]
 
+    def example_batch(self) -> Any:
+        return _example_batch(self.loader)
+
+    @property
+    def steps_into_epoch(self) -> int:
+        """Steps of the current epoch already taken (for checkpoints that predate ``epoch_step``)."""
+        return int(self.loader.state_dict()["position"]) * self.n - self.owed
+
     def __iter__(self) -> Iterator[Any]:
         while self.owed > 0:  # resumed between two batches
             self.owed -= 1
@@ -140,10 +151,67 @@ class _EveryNth:
         self.owed = int(state["steps_owed"])
 
 
+class _OneShotLoader:
+    """Adapts a one-shot iterable (a generator, an iterator) to the Loader protocol.
+
+    It can be read once: the first epoch yields every batch, later epochs none. The first
+    batch is peeked at for the shapes (``example_batch``) and still yielded.
+    """
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.epoch = self.position = 0
+        self._peeked: list[Any] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def example_batch(self) -> Any:
+        if not self._peeked:
+            self._peeked.append(next(self.iterator))
+        return self._peeked[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        while self._peeked:
+            self.position += 1
+            yield self._peeked.pop()
+        for batch in self.iterator:
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        # A resumed run skips the batches the saved run had consumed.
+        for _ in range(int(state["position"]) - self.position):
+            self.example_batch()
+            self._peeked.pop()
+            self.position += 1
+
+
 def _as_loader(data: Any) -> Loader | None:
     if data is None or isinstance(data, Loader):
         return data
+    if iter(data) is data:  # an iterator: it can be read only once
+        return _OneShotLoader(data)
     return _ListLoader(data)
+
+
+def _example_batch(loader: Any) -> Any:
+    """One process-local batch shaped like all of ``loader``'s, without moving its position:
+    the loader's own ``example_batch()`` when it has one (a prefetching loader reads just
+    that batch), else the first batch of epoch 0."""
+    if callable(getattr(loader, "example_batch", None)):
+        return loader.example_batch()
+    loader.set_epoch(0)
+    iterator = iter(loader)
+    try:
+        return next(iterator)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+        loader.set_epoch(0)
 
 
 class Trainer:
@@ -156,11 +224,16 @@ class Trainer:
         ``learning_rate(step)`` to loggers; the optimizer itself is what trains.
       max_epochs: passes over the training data.
       max_steps: stop after this many optimizer steps in total (``None``: epochs decide).
-      val_every_n_steps: validate every N steps; ``None``: at the end of each epoch.
+      val_every_n_steps: validate every N steps; ``None``: at the end of each epoch. Either
+        way the run ends with a validation of the parameters it hands over (unless a signal
+        or a non-finite step stopped it).
       mesh: the device mesh with a ``data`` axis; or ``num_devices`` to build one
         (``None``: all visible devices).
       seed: seeds parameter initialisation and the per-step RNG.
       fsdp: shard parameters and optimizer state over the ``data`` axis (``state_shardings``).
+      trainable: ``trainable(key_path) -> bool`` names the parameters the optimizer updates
+        (e.g. :func:`aurora_loop.step.is_lora_param`); ``grad_norm`` (and so the NaN guard)
+        covers only those, and XLA can drop the frozen ones' gradients. ``None``: all.
     """
 
     def __init__(
@@ -175,6 +248,7 @@ class Trainer:
         num_devices: int | None = None,
         seed: int = 0,
         fsdp: bool = False,
+        trainable: Callable[[tuple], bool] | None = None,
     ) -> None:
         keys = [cb.state_key for cb in callbacks]
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
@@ -190,15 +264,23 @@ class Trainer:
         self.num_devices = num_devices
         self.seed = seed
         self.fsdp = fsdp
+        self.trainable = trainable
 
         self.state: TrainState | None = None
+        self.state_shardings: TrainState | None = None
         self.task: Task | None = None
         self.train_data: Loader | None = None
         self.val_data: Loader | None = None
         self.global_step = 0
         self.epoch = 0
+        self.epoch_step = 0  # steps taken in the current epoch
+        # should_stop / preempted: requests, set by callbacks and signal handlers at any time
+        # and on any one process; the loop acts on their agreed values (``stopping``).
         self.should_stop = False
+        self._stop_agreed = False
+        self._preempt_agreed = False
         self.last_val_metrics: dict[str, float] = {}
+        self.last_validated_step: int | None = None
         self.resumed_from: int | None = None
         # Set by callbacks: Preemption (a signal stopped the run) and TerminateOnNaN (the
         # first step whose loss or gradient norm was not finite).
@@ -212,6 +294,35 @@ class Trainer:
     def is_main_process(self) -> bool:
         """True on process 0, which writes logs and checkpoints' metadata."""
         return jax.process_index() == 0
+
+    @property
+    def stopping(self) -> bool:
+        """The run stops at this step boundary: ``should_stop`` as agreed by every process.
+
+        Callbacks that take collective actions (saving, validating) branch on this, never on
+        ``should_stop``, which a signal may have set on one process only.
+        """
+        return self._stop_agreed
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """``preempted`` as agreed by every process (a Preemption signal reached one of them)."""
+        return self._preempt_agreed
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Agree on the stop requests (and ``flags``) over all processes.
+
+        A request that a signal handler raises while the processes exchange their flags is
+        kept (never overwritten) and joins the next agreement.
+        """
+        stop, preempted, *rest = agree_any(self.should_stop, self.preempted, *flags)
+        if stop:
+            self.should_stop = True
+            self._stop_agreed = True
+        if preempted:
+            self.preempted = True
+            self._preempt_agreed = True
+        return tuple(rest)
 
     def learning_rate(self, step: int) -> float | None:
         """The learning rate the optimizer used at ``step`` (1-based), if known."""
@@ -260,6 +371,8 @@ class Trainer:
         return {
             "step": self.global_step,
             "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "last_validated_step": self.last_validated_step,
             "train_loader": self.train_data.state_dict() if self.train_data is not None else None,
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
         }
@@ -267,8 +380,15 @@ class Trainer:
     def load_meta_state(self, meta: Mapping[str, Any]) -> None:
         self.global_step = int(meta["step"])
         self.epoch = int(meta["epoch"])
+        self.last_validated_step = meta.get("last_validated_step")
         if self.train_data is not None and meta.get("train_loader") is not None:
             self.train_data.load_state_dict(meta["train_loader"])
+        if meta.get("epoch_step") is not None:
+            self.epoch_step = int(meta["epoch_step"])
+        elif isinstance(self.train_data, _EveryNth):  # a checkpoint from before epoch_step was saved
+            self.epoch_step = self.train_data.steps_into_epoch
+        elif meta.get("train_loader") is not None:
+            self.epoch_step = int(meta["train_loader"].get("position", 0))
         saved = meta.get("callbacks", {})
         for cb in self.callbacks:
             if cb.state_key in saved:
@@ -278,10 +398,10 @@ class Trainer:
     def fit(self, task: Task, train_data: Any, val_data: Any = None, resume: bool = True) -> TrainState:
         """Train ``task`` on ``train_data``; returns the final TrainState.
 
-        ``train_data`` / ``val_data``: Loaders (see ``aurora_loop.data``) or re-iterables of
-        batches. With ``resume``, a callback offering ``restore_latest`` (ModelCheckpoint)
-        restores the newest checkpoint: parameters, optimizer, step, data position and
-        every callback's state.
+        ``train_data`` / ``val_data``: Loaders (see ``aurora_loop.data``), re-iterables of
+        batches, or (read once) iterators. With ``resume``, a callback offering
+        ``restore_latest`` (ModelCheckpoint) restores the newest checkpoint: parameters,
+        optimizer, step, data position and every callback's state.
         """
         self.task = task
         self.train_data = _as_loader(train_data)
@@ -289,7 +409,8 @@ class Trainer:
         if steps_per_batch > 1:
             self.train_data = _EveryNth(self.train_data, steps_per_batch)
         self.val_data = _as_loader(val_data)
-        self.should_stop = False
+        self.should_stop = self._stop_agreed = self._preempt_agreed = False
+        self.last_validated_step = None
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
         try:
@@ -319,19 +440,15 @@ class Trainer:
         return place_batch(local_batch, self._shardings(local_batch))
 
     def _setup(self, resume: bool) -> None:
-        loader = self.train_data
-        loader.set_epoch(0)
-        iterator = iter(loader)
-        example = self.place(next(iterator))
-        if hasattr(iterator, "close"):
-            iterator.close()  # only its shapes were needed
-        loader.set_epoch(0)
+        example = self.place(_example_batch(self.train_data))
 
         init_fn = make_init_fn(self.task, self.optimizer, self.seed)
         abstract = jax.eval_shape(init_fn, example)
         shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
-        self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh)
-        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh)
+        self.state_shardings = shardings
+        trainable = self.trainable
+        self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh, trainable)
+        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh, trainable)
         self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh)
 
         restored = None
@@ -348,9 +465,9 @@ class Trainer:
             self.load_meta_state(meta)
             self.resumed_from = self.global_step
         else:
+            self.train_data.set_epoch(0)
             self.state = jax.jit(init_fn, out_shardings=shardings)(example)
-            self.global_step = 0
-            self.epoch = 0
+            self.global_step = self.epoch = self.epoch_step = 0
         self._tabulate_learning_rate()
 
     def _shardings_of(self, placed: Any) -> Any:
@@ -361,7 +478,11 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     def _run(self) -> None:
+        """The loop. Order at a step that ends an epoch or the run: its ``on_step``, then its
+        validation, ``on_epoch``, and last ``on_sync`` (where checkpoints are written), so a
+        checkpoint always carries the validation of its own step."""
         loader = self.train_data
+        per_epoch = self.steps_per_epoch
         pending: tuple[int, LazyMetrics] | None = None
         last_synced = self.global_step if self.resumed_from is not None else None
 
@@ -371,14 +492,16 @@ class Trainer:
                 self._emit("on_step", *pending)
                 pending = None
 
-        while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.should_stop:
-            epoch_ended = True
+        ended_mid_epoch = False
+        while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.stopping:
+            epoch_complete = True
             for local_batch in loader:
                 if local_batch is NO_BATCH:  # a stateful task's step between dataset batches
                     self.state, device_metrics = self._train_step_without_batch(self.state)
                 else:
                     self.state, device_metrics = self._train_step(self.state, self.place(local_batch))
                 self.global_step += 1
+                self.epoch_step += 1
                 step = self.global_step
                 metrics = LazyMetrics(device_metrics)
                 if any(cb.wants_metrics(self, step) for cb in self.callbacks):
@@ -386,59 +509,84 @@ class Trainer:
                 flush()  # step - 1's hooks, now that step is queued on the device
                 pending = (step, metrics)
 
+                last_of_epoch = per_epoch is not None and self.epoch_step >= per_epoch
                 val_due = self.val_every_n_steps is not None and step % self.val_every_n_steps == 0
-                wants_sync = any(cb.wants_sync(self, step) for cb in self.callbacks)
-                # All processes must take the same branch (collectives follow); one process: no-op.
-                self.should_stop, wants_sync = agree_any(self.should_stop, wants_sync)
-                if not (val_due or self.should_stop or self._reached_max_steps() or wants_sync):
+                # All processes must take the same branch (collectives follow); one process: no communication.
+                (wants_sync,) = self._agree(any(cb.wants_sync(self, step) for cb in self.callbacks))
+                if not (val_due or wants_sync or last_of_epoch or self.stopping or self._reached_max_steps()):
                     continue
                 flush()
                 if val_due:
                     self.validate(step)
-                self.should_stop = agree(self.should_stop)  # hooks above may have set it
-                if self.should_stop or self._reached_max_steps():
-                    epoch_ended = False
+                self._agree()  # hooks above may have asked to stop
+                if last_of_epoch and not self._abandoned():
+                    break  # the epoch's end below validates (when due) and syncs
+                if self.stopping or self._reached_max_steps():
+                    epoch_complete = False
                     break
                 self._emit("on_sync", step)
                 last_synced = step
-            if not epoch_ended:
-                break
             flush()
-            if self.val_every_n_steps is None:
+            if not epoch_complete:
+                ended_mid_epoch = True
+                break
+            run_ends = self.stopping or self._reached_max_steps() or self.epoch + 1 >= self.max_epochs
+            if run_ends:
+                self._validate_final()
+            elif self.val_every_n_steps is None:
                 self.validate(self.global_step)
             self._emit("on_epoch", self.epoch, dict(self.last_val_metrics))
             # The saved position is the start of the next epoch, so a resume never replays one.
             self.epoch += 1
+            self.epoch_step = 0
             loader.set_epoch(self.epoch)
-            self.should_stop = agree(self.should_stop)
+            self._agree()
             self._emit("on_sync", self.global_step)
             last_synced = self.global_step
-            self.should_stop = agree(self.should_stop)
         flush()
+        if ended_mid_epoch and self._validate_final():
+            self._emit("on_epoch", self.epoch, dict(self.last_val_metrics))  # a partial epoch
         if last_synced != self.global_step:
             self._emit("on_sync", self.global_step)
 
     def _reached_max_steps(self) -> bool:
         return self.max_steps is not None and self.global_step >= self.max_steps
 
+    def _abandoned(self) -> bool:
+        """The run stops for a signal (save promptly; the epoch stays open, so a resume closes
+        it with its validation) or a non-finite step (nothing worth scoring)."""
+        return self.stopped_by_signal or self.nonfinite_step is not None
+
+    def _validate_final(self) -> bool:
+        """Validate the parameters the run hands over, unless already done at this step or the
+        run was abandoned (:meth:`_abandoned`). Returns whether the run ends cleanly."""
+        self._agree()
+        if self._abandoned():
+            return False
+        if self.last_validated_step != self.global_step:
+            self.validate(self.global_step)
+        return True
+
     def validate(self, step: int) -> dict[str, float] | None:
         """Score the validation data with the current parameters and emit ``on_validate``.
 
         Returns the scores (keys such as ``loss``, ``mae/2t``), or ``None`` when there is
-        no validation data or a stop was requested mid-way (nothing is emitted then).
+        no validation data or a signal arrived mid-way (the pass is given up, nothing is
+        emitted, so that the run saves promptly).
         """
         if self.val_data is None:
             return None
         self.val_data.set_epoch(0)
         total = None
         for local_batch in self.val_data:
-            self.should_stop = agree(self.should_stop)
-            if self.should_stop:  # e.g. preemption: give up the pass, save promptly
+            self._agree()
+            if self.stopped_by_signal:
                 return None
             batch_metrics = self._eval_step(self.state.params, self.place(local_batch))
             total = batch_metrics if total is None else total.merge(batch_metrics)
         if total is None:
             return None
         self.last_val_metrics = total.compute()
+        self.last_validated_step = step
         self._emit("on_validate", step, dict(self.last_val_metrics))
         return self.last_val_metrics

@@ -19,8 +19,9 @@ Which checkpoints stay (orbax preservation policies):
 
 Never saved: parameters that are not finite, and the state after a step that
 :class:`~aurora_loop.callbacks.TerminateOnNaN` flagged (``trainer.nonfinite_step``); the
-last good checkpoint stays the latest. A preempted run (``trainer.preempted``, set by
-:class:`~aurora_loop.callbacks.Preemption`) is always saved, even with ``save_last=False``.
+last good checkpoint stays the latest. A preempted run (``trainer.stopped_by_signal``,
+after :class:`~aurora_loop.callbacks.Preemption` caught a signal) is always saved, even
+with ``save_last=False``.
 
 Errors of a background (async) write are raised at the next sync step, the next save or at
 the end of the run; they never vanish.
@@ -58,11 +59,14 @@ def _json_ok(value: Any) -> bool:
     return True
 
 
-def _on_any_process(flag: bool) -> bool:
-    """True when ``flag`` is true on any process (every process must call this)."""
+def _agreed(trainer: Any, agreed: str, request: str) -> bool:
+    """The trainer's agreed flag ``agreed``; a trainer without one (a hand-made one in a
+    script) offers only its request ``request``, which is then OR-ed over the processes."""
+    if hasattr(trainer, agreed):
+        return bool(getattr(trainer, agreed))
     from aurora_loop.distributed import agree
 
-    return agree(flag)
+    return agree(bool(getattr(trainer, request, False)))
 
 
 @jax.jit
@@ -234,11 +238,12 @@ class ModelCheckpoint(Callback):
 
     def on_sync(self, trainer: Any, step: int) -> None:
         self.check_for_errors()  # an earlier background write failed: say so now
-        final = trainer.should_stop or (trainer.total_steps is not None and step >= trainer.total_steps)
+        # Every process must take the same branch (saving is collective): read the trainer's
+        # agreed flags, not the requests a signal may have raised on one process only.
+        stopping = _agreed(trainer, "stopping", "should_stop")
+        final = stopping or (trainer.total_steps is not None and step >= trainer.total_steps)
         validated_now = self._last_val is not None and self._last_val[0] == step
-        # A signal may have reached only some processes; should_stop is agreed by the trainer,
-        # so every process asks (a collective) only when the run stops.
-        preempted = bool(trainer.should_stop) and _on_any_process(bool(getattr(trainer, "preempted", False)))
+        preempted = stopping and _agreed(trainer, "stopped_by_signal", "preempted")
         if (
             self._due(trainer, step)
             or (self.save_last and final)

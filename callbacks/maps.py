@@ -1,37 +1,29 @@
 """Forecast maps for loggers: predict on one validation batch, render prediction/target/error.
 
-:func:`forecast_maps` runs the task's optional ``predict(params, batch) -> Batch`` (jitted on
-one device of this process, so no other process has to join) on the first validation
-batch and returns, per chosen field, the maps of the first example at one lead time.
-:func:`render_maps` draws one field as three panels (prediction, target, error) with
-colour bars (matplotlib, Agg backend) and returns an RGB image array.
+:func:`validation_forecast` runs the task's optional ``predict(params, batch) -> Batch`` on
+the first validation batch, jitted under the same shardings as the eval step (parameters
+as trained, replicated or FSDP-sharded; the batch split over the mesh), and brings only
+example 0's forecast back to the host. Every process must call it at the same validation
+(it is a collective); the forecast is computed once per step and shared by every logger of
+the run. :func:`forecast_maps` picks fields and a lead step; :func:`render_maps` draws one
+field as three panels (prediction, target, error) with colour bars (matplotlib, Agg
+backend) and returns an RGB image array.
 """
 
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from aurora_loop.metrics import per_field
 
 DEFAULT_FIELDS = ("2t", "z500")
-
-
-def _local(tree: Any) -> Any:
-    """One device-local copy of replicated (possibly multi-process) arrays."""
-
-    def one(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return x.addressable_data(0)
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return x.addressable_data(0)
-        return x
-
-    return jax.tree.map(one, tree)
 
 
 def choose_fields(available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
@@ -42,19 +34,83 @@ def choose_fields(available: Sequence[str], wanted: Sequence[str] | None) -> lis
     return chosen or list(available[:1])
 
 
-class Forecaster:
-    """Jitted ``task.predict`` on one device, compiled once per batch shape."""
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated (possibly multi-process) array as numpy, from this process's copy."""
+    return np.asarray(x.addressable_data(0))
 
-    def __init__(self, task: Any) -> None:
+
+class Forecaster:
+    """``task.predict`` for example 0 of a batch, under the trainer's shardings.
+
+    Compiled once per batch shape with the parameters' own shardings (``trainer.
+    state_shardings.params``), so FSDP parameters are never gathered onto one device; the
+    output, example 0's predicted fields only, is replicated (it is small).
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        task = trainer.task
         if not callable(getattr(task, "predict", None)):
             raise TypeError(f"task {type(task).__name__} has no predict(params, batch) method")
-        self._fn = jax.jit(task.predict)
+        self._trainer = trainer
+
+        def first_example(params: Any, batch: Any) -> tuple[dict, dict]:
+            prediction = task.predict(params, batch)
+            first = lambda fields: {k: v[:1] for k, v in fields.items()}  # noqa: E731
+            return first(prediction.surf_vars), first(prediction.atmos_vars)
+
+        self._fn = jax.jit(
+            first_example,
+            in_shardings=(trainer.state_shardings.params, None),
+            out_shardings=NamedSharding(trainer.mesh, PartitionSpec()),
+        )
 
     def __call__(self, params: Any, local_batch: Any) -> Any:
-        device = jax.local_devices()[0]
-        params = jax.device_put(_local(params), device)
-        batch = jax.device_put(local_batch, device)
-        return jax.device_get(self._fn(params, batch))
+        """Example 0's forecast as a host Batch shaped like ``local_batch.targets`` with b = 1."""
+        surf, atmos = self._fn(params, self._trainer.place(local_batch))
+        return local_batch.targets.replace(
+            surf_vars={k: _host(v) for k, v in surf.items()},
+            atmos_vars={k: _host(v) for k, v in atmos.items()},
+        )
+
+
+class _ValidationForecasts:
+    """The per-trainer forecaster, the first validation batch, and the latest forecast."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.forecaster = Forecaster(trainer)
+        self.fit_of = (trainer.task, trainer.state_shardings, trainer.val_data)  # a new fit builds anew
+        self.batch = _first_batch(trainer.val_data)
+        self.step: int | None = None
+        self.prediction: Any = None
+
+
+_BY_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _first_batch(loader: Any) -> Any:
+    from aurora_loop.trainer import _example_batch
+
+    try:
+        return _example_batch(loader)
+    except StopIteration:
+        return None
+
+
+def validation_forecast(trainer: Any, step: int) -> tuple[Any, Any] | None:
+    """(first validation batch (host, this process's share), example 0's forecast (host
+    Batch, b = 1)) with the current parameters, or ``None`` when the task has no ``predict``
+    or there is no validation batch of ``Sample``s. Computed once per step for all callers;
+    every process must call it (the forecast is a collective over the mesh)."""
+    if trainer.val_data is None or not callable(getattr(trainer.task, "predict", None)):
+        return None
+    cached = _BY_TRAINER.get(trainer)
+    if cached is None or any(a is not b for a, b in zip(cached.fit_of, (trainer.task, trainer.state_shardings, trainer.val_data))):
+        cached = _BY_TRAINER[trainer] = _ValidationForecasts(trainer)
+    if cached.batch is None or not hasattr(cached.batch, "targets"):
+        return None
+    if cached.step != step:
+        cached.prediction, cached.step = cached.forecaster(trainer.state.params, cached.batch), step
+    return cached.batch, cached.prediction
 
 
 def forecast_maps(

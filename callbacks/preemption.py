@@ -13,7 +13,9 @@ installed before (default SIGINT: ``KeyboardInterrupt``; default SIGTERM: termin
 Handlers can only be installed in the main thread; elsewhere this callback warns and
 does nothing. The previous handlers are restored when ``fit`` ends. In a multi-process job
 a signal that reached only some processes still stops all of them at the same step (the
-trainer agrees on ``should_stop``), and at the end every process reports ``preempted``.
+trainer agrees on ``should_stop`` and ``preempted``; a signal that arrives while the
+processes exchange their flags is kept for the next exchange), and at the end every
+process reports ``preempted``.
 """
 
 from __future__ import annotations

@@ -68,8 +68,6 @@ class TensorBoardLogger(Callback):
         self.image_fields = image_fields
         self.image_lead = image_lead
         self._writer = None
-        self._forecaster = None
-        self._val_batch = None
         self._lr_from_monitor = False
 
     def writer(self, trainer: Any):
@@ -121,48 +119,31 @@ class TensorBoardLogger(Callback):
             writer.add_scalar(tag, float(value), step)
 
     def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        images = self._maps(trainer, step)  # on every process: the forecast is a collective
         writer = self.writer(trainer)
         if writer is None:
             return
         for name, value in metrics.items():
             writer.add_scalar(f"val/{name}", value, step)
-        self._write_maps(trainer, writer, step)
+        for name, image in images.items():
+            writer.add_image(f"val/maps/{name}", image, step, dataformats="HWC")
         writer.flush()
 
     # --- forecast maps ---------------------------------------------------------------------
-    def _first_val_batch(self, trainer: Any) -> Any:
-        if self._val_batch is None and trainer.val_data is not None:
-            loader = trainer.val_data
-            loader.set_epoch(0)
-            iterator = iter(loader)
-            try:
-                self._val_batch = next(iterator)
-            except StopIteration:
-                return None
-            finally:
-                if hasattr(iterator, "close"):
-                    iterator.close()
-                loader.set_epoch(0)
-        return self._val_batch
-
-    def _write_maps(self, trainer: Any, writer: Any, step: int) -> None:
+    def _maps(self, trainer: Any, step: int) -> dict[str, Any]:
+        """field -> rendered (H, W, 3) image (process 0; other processes only join the forecast)."""
         if self.image_fields is not None and not self.image_fields:
-            return
-        if not callable(getattr(trainer.task, "predict", None)):
-            return
-        from aurora_loop.callbacks.maps import Forecaster, forecast_maps, lead_step, render_maps
+            return {}
+        from aurora_loop.callbacks.maps import forecast_maps, lead_step, render_maps, validation_forecast
 
-        batch = self._first_val_batch(trainer)
-        if batch is None or not hasattr(batch, "targets"):
-            return
-        if self._forecaster is None:
-            self._forecaster = Forecaster(trainer.task)
-        prediction = self._forecaster(trainer.state.params, batch)
+        forecast = validation_forecast(trainer, step)
+        if forecast is None or not trainer.is_main_process:
+            return {}
+        batch, prediction = forecast
         maps = forecast_maps(prediction, batch.targets, self.image_fields, self.image_lead)
         lat, lon = batch.targets.metadata.lat, batch.targets.metadata.lon
-        for name, (pred, true) in maps.items():
-            image = render_maps(name, pred, true, lat, lon, title=f"step {step}, lead step {lead_step(batch.targets, self.image_lead) + 1}")
-            writer.add_image(f"val/maps/{name}", image, step, dataformats="HWC")
+        title = f"step {step}, lead step {lead_step(batch.targets, self.image_lead) + 1}"
+        return {name: render_maps(name, pred, true, lat, lon, title=title) for name, (pred, true) in maps.items()}
 
     # --- shutdown --------------------------------------------------------------------------
     def on_fit_end(self, trainer: Any) -> None:

@@ -3,9 +3,11 @@
 Install with ``pip install aurora_loop[wandb]``. Logs the same tags as TensorBoardLogger
 (``train/<name>`` every ``log_every_n_steps`` steps, ``val/<name>`` at each validation, and
 whatever other callbacks hand to loggers, e.g. ``perf/steps_per_sec``), the config, and
-validation maps (``val/maps/<field>``) when the task has ``predict``. The W&B run id is part
-of the checkpoint, so a resumed training run continues the same W&B run. Offline use:
-``WANDB_MODE=offline`` (then ``wandb sync`` later). Only process 0 logs.
+validation maps (``val/maps/<field>``) when the task has ``predict``. With a
+LearningRateMonitor in the run, ``train/learning_rate`` is left to it (so it is logged once
+per step). The W&B run id is part of the checkpoint, so a resumed training run continues the
+same W&B run. Offline use: ``WANDB_MODE=offline`` (then ``wandb sync`` later). Only process 0
+logs.
 """
 
 from __future__ import annotations
@@ -53,8 +55,7 @@ class WandbLogger(Callback):
         self.init_kwargs = dict(init_kwargs or {})
         self.run_id: str | None = None
         self._run = None
-        self._forecaster = None
-        self._val_batch = None
+        self._lr_from_monitor = False
 
     @staticmethod
     def _wandb() -> Any:
@@ -79,6 +80,9 @@ class WandbLogger(Callback):
         return self._run
 
     def on_fit_start(self, trainer: Any) -> None:
+        from aurora_loop.callbacks.lr_monitor import LearningRateMonitor
+
+        self._lr_from_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
         self.run(trainer)
 
     def log_metrics(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
@@ -94,37 +98,30 @@ class WandbLogger(Callback):
         if not self.wants_metrics(trainer, step):
             return
         scalars = {f"train/{k}": metrics[k] for k in metrics}
-        lr = trainer.learning_rate(step)
-        if lr is not None:
-            scalars["train/learning_rate"] = lr
+        if not self._lr_from_monitor:  # else the monitor hands it to this logger (log_metrics)
+            lr = trainer.learning_rate(step)
+            if lr is not None:
+                scalars["train/learning_rate"] = lr
         self.log_metrics(trainer, step, scalars)
 
     def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        images = self._maps(trainer, step)  # on every process: the forecast is a collective
         run = self.run(trainer)
         if run is None:
             return
         payload: dict[str, Any] = {f"val/{k}": float(v) for k, v in metrics.items()}
-        payload.update(self._maps(trainer, step))
+        payload.update(images)
         run.log(payload, step=step)
 
     def _maps(self, trainer: Any, step: int) -> dict[str, Any]:
-        if (self.image_fields is not None and not self.image_fields) or not callable(getattr(trainer.task, "predict", None)):
+        if self.image_fields is not None and not self.image_fields:
             return {}
-        from aurora_loop.callbacks.maps import Forecaster, forecast_maps, render_maps
+        from aurora_loop.callbacks.maps import forecast_maps, render_maps, validation_forecast
 
-        if self._val_batch is None and trainer.val_data is not None:
-            trainer.val_data.set_epoch(0)
-            iterator = iter(trainer.val_data)
-            self._val_batch = next(iterator, None)
-            if hasattr(iterator, "close"):
-                iterator.close()
-            trainer.val_data.set_epoch(0)
-        batch = self._val_batch
-        if batch is None or not hasattr(batch, "targets"):
+        forecast = validation_forecast(trainer, step)
+        if forecast is None or not trainer.is_main_process:
             return {}
-        if self._forecaster is None:
-            self._forecaster = Forecaster(trainer.task)
-        prediction = self._forecaster(trainer.state.params, batch)
+        batch, prediction = forecast
         wandb = self._wandb()
         out = {}
         for name, (pred, true) in forecast_maps(prediction, batch.targets, self.image_fields).items():

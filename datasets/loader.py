@@ -138,6 +138,11 @@ class ZarrLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped = int(state.get("skipped", 0))
 
+    def example_batch(self) -> Sample:
+        """Batch 0 of epoch 0 (this process's share), read in the caller's thread; the
+        position does not move. The trainer learns every batch's shapes from it."""
+        return self._load(self.order(0), 0, self._share()).batch
+
     def __iter__(self) -> Iterator[Sample]:
         order = self.order(self.epoch)
         share = self._share()

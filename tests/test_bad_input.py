@@ -108,6 +108,13 @@ def test_too_few_time_steps(tmp_path, capsys):
         (["--rollout_mode", "replay", "--rollout_steps", "1"], "replay_refresh_every (2) must be between 1 and rollout_steps (1)"),
         (["--latitude_weighted_loss"], "--latitude_weighted_loss sets the Aurora loss"),
         (["--model", "tiny", "--loss_surf_weights", "2t=heavy"], "loss_surf_weights must map variable names to numbers"),
+        (["--model", "tiny", "--model_kwargs", '{"use_lorra": true}'], "--model_kwargs: unknown Aurora keyword use_lorra"),
+        (["--model", "tiny", "--model_kwargs", '{"surf_vars": ["2t"]}'], "sets 'surf_vars', which has its own flag: use --surf_vars"),
+        (["--model", "tiny", "--model_kwargs", '{"lora_mode": "every"}'], "--model_kwargs: lora_mode must be one of"),
+        (["--model", "tiny", "--model_kwargs", "use_lora=true"], "model_kwargs is not valid JSON"),
+        (["--model_kwargs", '{"use_lora": true}'], "the conv model takes none"),
+        (["--model", "tiny", "--lora_only"], "no parameter is trainable"),
+        (["--lr_schedule_steps", "0"], "lr_schedule_steps must be at least 1"),
     ],
 )
 def test_bad_values(store, tmp_path, capsys, args, message):
@@ -195,3 +202,12 @@ def test_checkpoint_dir_with_mismatched_shapes(store, pretrained_dir, tmp_path, 
             "--levels", "500,850", "--checkpoint_dir", str(broken)]
     err = expect_refusal(args, "does not fit the model: parameter encoder/", capsys, watch=broken)
     assert "the config expects" in err
+
+
+def test_resuming_with_another_schedule_is_a_different_run(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--dataset_path", store, "--output_dir", str(out), *BASE]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "config.json").read_text())["lr_schedule_steps"] == 2
+    expect_refusal(["--dataset_path", store, "--output_dir", str(out), *BASE, "--lr_schedule_steps", "10"],
+                   "holds a different run (lr_schedule_steps differs)", capsys, watch=out)

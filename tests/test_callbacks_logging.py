@@ -159,19 +159,17 @@ def test_peak_flops_table_matches_device_kinds():
 
 
 def test_learning_rate_from_an_inject_hyperparams_optimizer():
-    import types
+    """Without a schedule handed to the Trainer, the monitor reports the rate each step used,
+    read from the step's own metrics (before: the state one step later, with a sync)."""
+    from aurora_loop.step import injected_hyperparam
 
-    import jax.numpy as jnp
-
-    from aurora_loop.callbacks.lr_monitor import injected_learning_rate
-
-    params = {"w": jnp.ones(3)}
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=0.025))
-    state = optimizer.init(params)
-    assert injected_learning_rate(state) == pytest.approx(0.025)
-    assert injected_learning_rate(optax.adam(0.1).init(params)) is None
-    monitor = LearningRateMonitor(every_n_steps=1)
-    trainer = types.SimpleNamespace(learning_rate=lambda step: None, state=types.SimpleNamespace(opt_state=state),
-                                    is_main_process=True, callbacks=[])
-    monitor.on_step(trainer, 1, {})
-    assert monitor.history == [(1, pytest.approx(0.025))]
+    schedule = optax.linear_schedule(0.05, 0.01, transition_steps=6)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adam)(learning_rate=schedule))
+    assert injected_hyperparam(optimizer.init({"w": np.ones(3)}), "learning_rate") is not None
+    assert injected_hyperparam(optax.adam(0.1).init({"w": np.ones(3)}), "learning_rate") is None
+    monitor = LearningRateMonitor(every_n_steps=2)
+    train = ArrayLoader(make_samples(12), 2, stack_samples, seed=0)
+    Trainer([monitor], optimizer=optimizer, max_epochs=1, mesh=make_mesh(1)).fit(ConvTask(), train)
+    assert [s for s, _ in monitor.history] == [2, 4, 6]
+    for step, lr in monitor.history:
+        assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-6), step

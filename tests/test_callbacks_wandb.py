@@ -10,16 +10,15 @@ import types
 
 import optax
 import pytest
+from wandb.sdk.wandb_run import Run  # wandb is in the [test] extra: missing fails, it does not skip
 
-wandb = pytest.importorskip("wandb")
-
-from aurora_loop.callbacks import WandbLogger  # noqa: E402
-from aurora_loop.data import ArrayLoader  # noqa: E402
-from aurora_loop.model.batch import stack_samples  # noqa: E402
-from aurora_loop.parallel import make_mesh  # noqa: E402
-from aurora_loop.tasks.conv import ConvTask  # noqa: E402
-from aurora_loop.trainer import Trainer  # noqa: E402
-from tests.synthetic import make_samples  # noqa: E402
+from aurora_loop.callbacks import LearningRateMonitor, WandbLogger
+from aurora_loop.data import ArrayLoader
+from aurora_loop.model.batch import stack_samples
+from aurora_loop.parallel import make_mesh
+from aurora_loop.tasks.conv import ConvTask
+from aurora_loop.trainer import Trainer
+from tests.synthetic import make_samples
 
 
 def wandb_records(path: str) -> list:
@@ -107,7 +106,8 @@ def test_offline_run_logs_scalars_maps_and_resumes_the_same_run(tmp_path, monkey
     # A resumed training run (callback state from the checkpoint) continues the same W&B run.
     resumed = WandbLogger(project="aurora-test", save_dir=str(tmp_path))
     resumed.load_state_dict(logger.state_dict())
-    fake = types.SimpleNamespace(is_main_process=True, learning_rate=lambda step: None, task=None, val_data=None)
+    fake = types.SimpleNamespace(is_main_process=True, learning_rate=lambda step: None, task=None, val_data=None,
+                                 callbacks=[resumed])
     resumed.on_fit_start(fake)
     resumed.log_metrics(fake, 6, {"perf/steps_per_sec": 3.0})
     resumed.close()
@@ -116,6 +116,37 @@ def test_offline_run_logs_scalars_maps_and_resumes_the_same_run(tmp_path, monkey
     # share the first one's directory.)
     resumed_rows = [history(f) for f in glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))]
     assert [rows[6]["perf/steps_per_sec"] for rows in resumed_rows if 6 in rows] == [3.0]
+
+
+@pytest.mark.parametrize("with_monitor", [True, False], ids=["with_lr_monitor", "without_lr_monitor"])
+def test_learning_rate_is_logged_once_per_step(tmp_path, monkeypatch, with_monitor):
+    """With a LearningRateMonitor the logger leaves train/learning_rate to it (else both log it)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls: list[tuple[int, dict]] = []
+    real_log = Run.log
+
+    def spy(self, data, step=None, commit=None):
+        calls.append((step, dict(data)))
+        return real_log(self, data, step=step, commit=commit)
+
+    monkeypatch.setattr(Run, "log", spy)
+    schedule = optax.linear_schedule(1e-3, 1e-4, transition_steps=4)
+    samples = make_samples(8, grid=(8, 16))
+    train = ArrayLoader(samples, 2, stack_samples, seed=0)
+    logger = WandbLogger(project="aurora-test", save_dir=str(tmp_path), log_every_n_steps=2, image_fields=())
+    callbacks = [LearningRateMonitor(every_n_steps=2), logger] if with_monitor else [logger]
+    trainer = Trainer(callbacks, optimizer=optax.adam(schedule), learning_rate=schedule, max_epochs=1, mesh=make_mesh(1))
+    trainer.fit(ConvTask(features=8, depth=2), train)
+
+    expected = {2: float(schedule(1)), 4: float(schedule(3))}  # step s used schedule(s - 1)
+    lr_calls = [(step, data["train/learning_rate"]) for step, data in calls if "train/learning_rate" in data]
+    assert sorted(step for step, _ in lr_calls) == [2, 4]  # once per log step, not twice
+    assert dict(lr_calls) == pytest.approx(expected)
+    assert sorted(step for step, data in calls if "train/loss" in data) == [2, 4]
+    (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{logger.run_id}.wandb"))
+    rows = history(path)
+    assert {step: rows[step]["train/learning_rate"] for step in expected} == pytest.approx(expected)
 
 
 def test_missing_wandb_is_a_usage_error(monkeypatch):

@@ -55,6 +55,12 @@ def test_train_checkpoint_log_and_resume(store, tmp_path):
     assert "Training finished at step 9" in second.stdout
     scalars = tensorboard_scalars(str(out / "tensorboard"))
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, 10))
+    # The resumed run kept the schedule it started with (6 steps, recorded in config.json):
+    # past its end the final rate, 1e-3 / 10, holds; --max_steps 9 did not stretch it.
+    assert json.loads((out / "config.json").read_text())["lr_schedule_steps"] == 6
+    rates = dict(scalars["train/learning_rate"])
+    assert [rates[s] for s in (7, 8, 9)] == pytest.approx([1e-4] * 3, rel=1e-5)
+    assert rates[6] > rates[7]
 
 
 def test_default_run_writes_the_sample_store(tmp_path):

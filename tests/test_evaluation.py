@@ -166,7 +166,6 @@ def test_evaluate_skips_valid_times_past_the_truth(truth_store, tmp_path):
 
 
 def test_evaluate_cli_writes_tables_and_plots(truth_store, tmp_path, capsys):
-    pytest.importorskip("matplotlib")  # plots need it (not yet a dependency of the package)
     fc_path = str(tmp_path / "fc.zarr")
     _shifted_forecast(truth_store, fc_path, slice(5, 9), delta=2.0)
     out = tmp_path / "report"

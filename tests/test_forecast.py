@@ -112,14 +112,10 @@ def test_trained_model_beats_persistence(trained, forecast, tmp_path, capsys):
 
 def test_every_checkpoint_form_gives_the_same_forecast(trained, forecast, tmp_path):
     store, run = trained
-    forms = {"step": os.path.join(run, "checkpoints", "150")}
-    try:
-        from aurora_loop.tools.export_checkpoint import export
-    except ImportError:
-        export = None
-    if export is not None:
-        export(run, str(tmp_path / "export"), step="latest")
-        forms["export"] = str(tmp_path / "export")
+    from aurora_loop.tools.export_checkpoint import export
+
+    export(run, str(tmp_path / "export"), step="latest")
+    forms = {"step": os.path.join(run, "checkpoints", "150"), "export": str(tmp_path / "export")}
     reference = xr.open_zarr(forecast).isel(time=[0, 5])
     for name, path in forms.items():
         out = str(tmp_path / f"{name}.zarr")

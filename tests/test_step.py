@@ -122,3 +122,33 @@ def test_learning_rate_is_tabulated_before_the_loop():
     assert trainer._lr_table is not None and len(trainer._lr_table) == 6
     for step in range(1, 7):
         assert trainer.learning_rate(step) == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+
+
+def test_grad_norm_covers_only_the_trainable_parameters():
+    """With a trainable selection (--lora_only, say) grad_norm is the norm of the gradients the
+    optimizer uses, not of every gradient (the frozen ones are then dead code for XLA)."""
+    from aurora_loop.step import TrainState, make_init_fn, make_train_step, state_shardings
+
+    task = ConvTask()
+    samples = make_samples(4)
+    mesh = make_mesh(1)
+    trainer = Trainer([], mesh=mesh)
+    batch = trainer.place(stack_samples(samples[:2]))
+    first = jax.tree_util.tree_leaves_with_path(task.init(jax.random.PRNGKey(0), batch))[0][0]
+    trainable = lambda path: path[: len(first)] == first  # noqa: E731 - one leaf trains
+    optimizer = make_optimizer(optax.constant_schedule(1e-3), trainable=trainable)
+    init = make_init_fn(task, optimizer, seed=0)
+    state: TrainState = jax.jit(init)(batch)
+    shardings = state_shardings(jax.eval_shape(init, batch), mesh)
+    batch_sharding = jax.tree.map(lambda x: x.sharding, batch)
+    grads = jax.grad(lambda p: task.loss(p, batch, jax.random.fold_in(state.rng, state.step))[0])(state.params)
+    leaves = dict(jax.tree_util.tree_leaves_with_path(grads))
+    expected_trainable = float(np.linalg.norm(np.asarray(leaves[first]).ravel()))
+    expected_all = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in leaves.values())))
+    assert len(leaves) > 1 and expected_trainable < expected_all
+
+    for selection, expected in ((trainable, expected_trainable), (None, expected_all)):
+        step = make_train_step(task, optimizer, shardings, batch_sharding, mesh, trainable=selection)
+        fresh = jax.jit(init)(batch)  # the step donates its input state
+        _, metrics = step(fresh, batch)
+        assert float(metrics["grad_norm"]) == pytest.approx(expected, rel=1e-5)

@@ -87,8 +87,10 @@ def test_validation_every_n_steps_and_max_steps_stop():
     trainer = Trainer([rec], optimizer=optax.adam(1e-3), max_epochs=10, max_steps=5, val_every_n_steps=2, mesh=make_mesh(1))
     state = trainer.fit(ConvTask(), train, val)
     assert int(state.step) == 5 and trainer.global_step == 5
-    assert [e[1] for e in rec.events if e[0] == "validate"] == [2, 4]
-    assert rec.events[-2:] == [("sync", 5, 5), ("fit_end",)]
+    # Step 5 ends the run mid-epoch: its parameters are validated, the partial epoch is
+    # closed, and only then saved (on_sync).
+    assert [e[1] for e in rec.events if e[0] == "validate"] == [2, 4, 5]
+    assert rec.events[-5:] == [("step", 5, 5), ("validate", 5), ("epoch", 1), ("sync", 5, 5), ("fit_end",)]
     assert {"loss", "mae/2t", "rmse/z500"} <= set(trainer.last_val_metrics)
 
 
@@ -98,14 +100,44 @@ def test_callback_can_stop_the_run():
             if step == 3:
                 trainer.should_stop = True
 
-    train, val = loaders(n_train=8, batch_size=2)
+    train, val = loaders(n_train=12, batch_size=2)  # 6 steps per epoch
     rec = Recorder()
     trainer = Trainer([StopAt(), rec], optimizer=optax.adam(1e-3), max_epochs=5, mesh=make_mesh(1))
     trainer.fit(ConvTask(), train, val)
-    # Step 3's hook runs after step 4 was dispatched, so the run ends after step 4.
+    # Step 3's hook runs after step 4 was dispatched, so the run ends after step 4, and ends
+    # with a validation of the parameters it hands over.
     assert trainer.global_step == 4
-    assert [e for e in rec.events if e[0] == "epoch"] == []
-    assert rec.events[-1] == ("fit_end",)
+    assert rec.events[-5:] == [("step", 4, 4), ("validate", 4), ("epoch", 0), ("sync", 4, 4), ("fit_end",)]
+
+
+def test_a_sync_at_the_end_of_an_epoch_comes_after_its_validation():
+    """A checkpoint due at the epoch's last step is saved once, after that step's validation
+    (before: saved first, so it never carried the score; then skipped as already saved)."""
+    train, val = loaders(n_train=8, batch_size=2)  # 4 steps per epoch
+    rec = Recorder(sync_every=4)
+    Trainer([rec], optimizer=optax.adam(1e-3), max_epochs=2, mesh=make_mesh(1)).fit(ConvTask(), train, val)
+    tail = [e[:2] for e in rec.events if e[0] != "step"]
+    assert tail == [("fit_start",), ("validate", 4), ("epoch", 0), ("sync", 4), ("validate", 8), ("epoch", 1),
+                    ("sync", 8), ("fit_end",)]
+
+
+def test_the_run_ends_with_a_validation_whatever_the_schedule():
+    """val_every_n_steps that does not divide the last step: the last step is validated too."""
+    train, val = loaders(n_train=8, batch_size=2)
+    rec = Recorder()
+    trainer = Trainer([rec], optimizer=optax.adam(1e-3), max_epochs=2, val_every_n_steps=3, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), train, val)
+    assert [e[1] for e in rec.events if e[0] == "validate"] == [3, 6, 8]
+    assert trainer.last_validated_step == 8
+
+
+def test_a_one_shot_iterable_keeps_its_first_batch():
+    samples = make_samples(12)
+    batches = [stack_samples(samples[i : i + 2]) for i in range(0, 12, 2)]
+    rec = Recorder()
+    trainer = Trainer([rec], optimizer=optax.adam(1e-3), max_epochs=1, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), (b for b in batches))  # a generator: readable once
+    assert trainer.global_step == 6
 
 
 def test_exception_reaches_callbacks_and_is_reraised():
@@ -204,6 +236,7 @@ def test_callback_state_is_part_of_trainer_state():
     meta = trainer.meta_state()
     assert meta["callbacks"]["Counter"] == {"count": 4}
     assert meta["train_loader"] == {"epoch": 1, "position": 0}
+    assert meta["epoch_step"] == 0 and meta["last_validated_step"] is None
     fresh = Counter()
     Trainer([fresh]).load_meta_state(meta)
     assert fresh.count == 4
@@ -212,3 +245,34 @@ def test_callback_state_is_part_of_trainer_state():
 def test_duplicate_state_keys_are_refused():
     with pytest.raises(ValueError, match="state_key"):
         Trainer([Recorder(), Recorder()])
+
+
+def test_a_signal_during_the_stop_agreement_is_not_lost(monkeypatch):
+    """SIGTERM handled while the trainer exchanges its stop flags (after it read them) must
+    still stop the run at the next boundary (before: the agreed False overwrote it)."""
+    import os
+    import signal
+
+    import aurora_loop.trainer as trainer_module
+    from aurora_loop.callbacks import Preemption
+    from aurora_loop.callbacks.preemption import was_preempted
+
+    real_agree_any = trainer_module.agree_any
+    sent = []
+
+    def agree_any_with_a_signal(*flags):
+        agreed = real_agree_any(*flags)
+        if not sent and trainer.global_step == 2:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before this call returns
+        return agreed
+
+    monkeypatch.setattr(trainer_module, "agree_any", agree_any_with_a_signal)
+    train, val = loaders(n_train=16, batch_size=2)
+    rec = Recorder()
+    trainer = Trainer([Preemption(verbose=False), rec], optimizer=optax.adam(1e-3), max_epochs=1, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), train, val)
+    assert sent and trainer.global_step == 3
+    assert was_preempted(trainer) and trainer.stopped_by_signal
+    # A preempted run saves promptly: no final validation, no epoch end.
+    assert [e for e in rec.events if e[0] in ("validate", "epoch")] == []

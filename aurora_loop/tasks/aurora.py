@@ -8,6 +8,7 @@ Validation reports that loss as ``loss`` plus latitude-weighted ``mae/<var>`` an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -145,10 +146,39 @@ class AuroraTask(ReplayTraining):
         )
 
 
+# Reference keywords that have their own aurora-train flag; --model_kwargs may not set them.
+_OWN_FLAGS = {"surf_vars": "--surf_vars", "static_vars": "--static_vars", "atmos_vars": "--atmos_vars",
+              "autocast": "--bf16", "bf16_mode": "--bf16", "remat": "--remat", "timestep": "--timestep_hours",
+              "timestep_hours": "--timestep_hours"}
+
+
+def checked_model_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``--model_kwargs`` as AuroraConfig keywords, or a UsageError naming the bad key.
+
+    Every keyword of the reference's ``aurora.Aurora`` constructor that this port implements
+    is accepted (``AuroraConfig`` checks names and values); those with their own flag are not.
+    """
+    kwargs = dict(kwargs or {})
+    for key in sorted(kwargs):
+        if key in _OWN_FLAGS:
+            raise UsageError(f"--model_kwargs sets {key!r}, which has its own flag: use {_OWN_FLAGS[key]} instead")
+    try:
+        AuroraConfig.preset("tiny", **kwargs)
+    except TypeError as err:
+        unknown = str(err).rsplit(":", 1)[-1].strip()
+        known = ", ".join(f.name for f in dataclasses.fields(AuroraConfig) if f.name not in _OWN_FLAGS)
+        raise UsageError(f"--model_kwargs: unknown Aurora keyword {unknown}; known keywords: {known}") from None
+    except ValueError as err:
+        raise UsageError(f"--model_kwargs: {err}") from None
+    return kwargs
+
+
 def model_config(preset: str, config: Any) -> AuroraConfig:
     """The AuroraConfig for a TrainingConfig: a checkpoint's ``config.json`` when
-    ``checkpoint_dir`` has one, else the preset on the data's variables."""
-    overrides = {"autocast": bool(getattr(config, "bf16", False)), "remat": bool(getattr(config, "remat", False))}
+    ``checkpoint_dir`` has one, else the preset on the data's variables; then
+    ``model_kwargs`` (reference keywords) and the flags' bf16 / remat / time step on top."""
+    overrides = checked_model_kwargs(getattr(config, "model_kwargs", None))
+    overrides.update(autocast=bool(getattr(config, "bf16", False)), remat=bool(getattr(config, "remat", False)))
     if getattr(config, "timestep_hours", None):  # the data's step (aurora-train fills it in)
         overrides["timestep_hours"] = float(config.timestep_hours)
     directory = getattr(config, "checkpoint_dir", None)
