@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -213,10 +213,21 @@ def _paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return out
 
 
-def _check_against(params: Mapping, expected: Mapping) -> None:
+def is_lora_path(path: tuple[str, ...]) -> bool:
+    """Whether a parameter path (names) belongs to a LoRA adapter (``lora_qkv`` / ``lora_proj``)."""
+    return any("lora" in name.lower() for name in path)
+
+
+def _check_against(params: Mapping, expected: Mapping, allow_missing: Callable[[tuple[str, ...]], bool] | None = None) -> list[tuple[str, ...]]:
+    """Raise CheckpointError unless ``params`` has exactly ``expected``'s paths and shapes;
+    paths for which ``allow_missing`` is true may be absent. Returns the absent ones."""
     got, want = _paths(params), _paths(expected)
+    absent = []
     for path in sorted(want):
         if path not in got:
+            if allow_missing is not None and allow_missing(path):
+                absent.append(path)
+                continue
             raise CheckpointError(f"missing parameter {'/'.join(path)}")
     for path in sorted(got):
         if path not in want:
@@ -225,6 +236,7 @@ def _check_against(params: Mapping, expected: Mapping) -> None:
             raise CheckpointError(
                 f"parameter {'/'.join(path)} has shape {tuple(np.shape(got[path]))}, the config expects {tuple(want[path].shape)}"
             )
+    return absent
 
 
 def _pad_history(state: dict[str, np.ndarray], history: int) -> dict[str, np.ndarray]:

@@ -28,6 +28,13 @@ from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
 
 
+def _overlay(fresh: Any, loaded: Any) -> Any:
+    """``fresh`` with every leaf that ``loaded`` has replaced (nested dicts, merged leaf by leaf)."""
+    if not isinstance(loaded, Mapping):
+        return loaded
+    return {**fresh, **{k: _overlay(fresh[k], v) if k in fresh else v for k, v in loaded.items()}}
+
+
 def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
     """The paper's loss with its default weights, per example (b,) (:class:`WeightedMAE`)."""
     return WeightedMAE()(prediction, target, surf_stats)
@@ -91,7 +98,7 @@ class AuroraTask(ReplayTraining):
             host = self._host_parts
             shapes = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), host)
             loaded = jax.pure_callback(lambda: host, shapes)
-            params = {**params, **loaded}
+            params = _overlay(params, loaded)
         return params
 
     def _read_pretrained(self) -> dict[str, Any]:
@@ -99,10 +106,11 @@ class AuroraTask(ReplayTraining):
         import numpy as np
         import orbax.checkpoint as ocp
 
-        from aurora_loop.model.checkpoint import _check_against, param_shapes
+        from aurora_loop.model.checkpoint import _check_against, is_lora_path, param_shapes
 
         expected = param_shapes(self.config)
         out = {}
+        fresh_lora = 0
         for part, path in self.pretrained.items():
             if part not in expected:
                 raise UsageError(f"unknown model part {part!r}; parts are {', '.join(expected)}")
@@ -110,10 +118,15 @@ class AuroraTask(ReplayTraining):
                 raise UsageError(f"no {part} checkpoint at {path}; write one with aurora-loop import-checkpoint")
             restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
             try:
-                _check_against({part: restored}, {part: expected[part]})
+                # LoRA adapters added to a model pretrained without them start fresh (B = 0,
+                # so the model still computes what it was pretrained to), as the reference's
+                # load_checkpoint(strict=False) leaves them.
+                fresh_lora += len(_check_against({part: restored}, {part: expected[part]}, allow_missing=is_lora_path))
             except CheckpointError as err:
                 raise UsageError(f"the pretrained {part} checkpoint {path} does not fit the model: {err}") from err
             out[part] = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), restored)
+        if fresh_lora and jax.process_index() == 0:
+            print(f"Pretrained weights loaded; {fresh_lora} LoRA parameters are not in them and start fresh", flush=True)
         return out
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
