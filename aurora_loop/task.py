@@ -36,6 +36,9 @@ class Task(Protocol):
 
     Optional:
 
+    - ``setup(example_batch)``: called once, before anything is traced, with one batch of
+      this process's training data on the host (numpy), for constants of the data that the
+      compiled steps may embed (Aurora: the grid's patch areas).
     - ``predict(params, batch) -> Batch``: the model's forecast for ``batch`` (for weather
       tasks a Sample: a Batch shaped like ``batch.targets``, one time step per roll-out
       step). Callbacks that show forecasts (TensorBoardLogger's validation maps) use it

@@ -440,7 +440,11 @@ class Trainer:
         return place_batch(local_batch, self._shardings(local_batch))
 
     def _setup(self, resume: bool) -> None:
-        example = self.place(_example_batch(self.train_data))
+        host_example = _example_batch(self.train_data)
+        if callable(getattr(self.task, "setup", None)):
+            self.task.setup(host_example)
+        example = self.place(host_example)
+        del host_example
 
         init_fn = make_init_fn(self.task, self.optimizer, self.seed)
         abstract = jax.eval_shape(init_fn, example)

@@ -5,8 +5,8 @@ Hook order in a run (Lightning-style)::
     on_fit_start
     for each step:   on_step(step, metrics)          # step t's hooks run after step t+1
                                                      # was dispatched, unless t is a sync step
-      [validation]   on_validate(step, metrics)
-      [epoch end]    on_epoch(epoch, metrics)
+      [validation]   on_validate(step, metrics)    # also at the run's last step
+      [epoch end]    on_epoch(epoch, metrics)      # also for an epoch the run ends early
       [sync step]    on_sync(step)                   # trainer.state is the state after `step`
     on_fit_end                                       # or on_exception(exc) on failure
 
@@ -56,7 +56,12 @@ class Callback:
         """After a validation pass at ``step``; ``metrics``: the validation scores (floats)."""
 
     def on_epoch(self, trainer: Trainer, epoch: int, metrics: Mapping[str, float]) -> None:
-        """At the end of epoch ``epoch`` (0-based); ``metrics``: the last validation scores, if any."""
+        """At the end of epoch ``epoch`` (0-based); ``metrics``: the last validation scores, if any.
+
+        Also when the run ends mid-epoch (``max_steps``, a callback's stop), after the final
+        validation; then ``trainer.epoch_step < trainer.steps_per_epoch``. Not after a stop
+        by a signal or a non-finite step: that epoch stays open for the resumed run.
+        """
 
     def on_sync(self, trainer: Trainer, step: int) -> None:
         """At a step boundary where ``trainer.state`` is exactly the state after ``step``.

@@ -101,7 +101,12 @@ class ProgressBar(Callback):
     def on_epoch(self, trainer: Any, epoch: int, metrics: Mapping[str, float]) -> None:
         if trainer.is_main_process:
             self._end_line()
-            self._out.write(f"Epoch {epoch} done (step {trainer.global_step})\n")
+            per_epoch = getattr(trainer, "steps_per_epoch", None)
+            taken = getattr(trainer, "epoch_step", per_epoch)
+            if per_epoch is not None and taken is not None and taken < per_epoch:  # the run ended mid-epoch
+                self._out.write(f"Epoch {epoch} ended early at step {trainer.global_step} ({taken} of its {per_epoch} steps)\n")
+            else:
+                self._out.write(f"Epoch {epoch} done (step {trainer.global_step})\n")
             self._out.flush()
 
     def on_fit_end(self, trainer: Any) -> None:

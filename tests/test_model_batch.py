@@ -98,6 +98,28 @@ def test_patch_encodings() -> None:
     assert pos.shape == scale.shape == (8 * 16, 32)
 
 
+def test_a_known_grid_gives_the_host_callbacks_areas_as_constants() -> None:
+    """With the grid known before tracing, the encodings are bitwise those of the host
+    callback, the compiled program has no host callback, and another grid of the same shape
+    gets NaN (never a silently wrong encoding)."""
+    lat = np.linspace(90, -90, 32)
+    lon = np.linspace(0, 360, 64, endpoint=False)
+    known = posenc.KnownGrid(lat, lon)
+    assert known == posenc.KnownGrid(lat.copy(), lon.copy()) and hash(known) == hash(posenc.KnownGrid(lat, lon))
+
+    def encodings(grid):
+        return jax.jit(lambda a, b: posenc.position_scale_encoding(a, b, 4, 32, grid))
+
+    via_callback = encodings(None)(lat, lon)
+    via_constant = encodings(known)(lat, lon)
+    for a, b in zip(via_callback, via_constant):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "callback" in encodings(None).lower(lat, lon).as_text()
+    assert "callback" not in encodings(known).lower(lat, lon).as_text()
+    _, scale = encodings(known)(lat - 0.5, lon)
+    assert np.all(np.isnan(np.asarray(scale)))
+
+
 def test_shifted_window_mask() -> None:
     mask = windows.shifted_window_mask((2, 8, 16), (2, 4, 8), (0, 2, 4))
     assert mask.shape == (4, 64, 64)

@@ -134,3 +134,20 @@ def test_bf16_backbone_is_close() -> None:
     loss = float(jax.jit(task.loss)(params, sample, key)[0])
     loss_bf16 = float(jax.jit(AuroraTask(_micro(use_lora=False, autocast=True)).loss)(params, sample, key)[0])
     assert abs(loss_bf16 - loss) < 2e-2 * abs(loss)
+
+
+def test_setup_makes_the_steps_free_of_host_callbacks(sample) -> None:
+    """After ``setup`` on a host batch (the Trainer calls it), the loss, evaluation and
+    forecast compile without a host callback, so JAX's persistent cache can keep them; the
+    loss is bitwise what the host-callback path gives."""
+    task = AuroraTask(_micro(), name="micro")
+    key = jax.random.key(0)
+    params = jax.jit(task.init)(key, sample)
+    loss_fn = jax.jit(lambda p, b: task.loss(p, b, key)[0])
+    before = float(loss_fn(params, sample))
+    assert "callback" in loss_fn.lower(params, sample).as_text()
+    task.setup(sample)
+    loss_fn = jax.jit(lambda p, b: task.loss(p, b, key)[0])
+    for fn in (loss_fn, jax.jit(task.evaluate), jax.jit(task.predict)):
+        assert "callback" not in fn.lower(params, sample).as_text()
+    assert float(loss_fn(params, sample)) == before

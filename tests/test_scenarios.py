@@ -76,11 +76,17 @@ def test_the_matrix_covers_every_pair_of_options():
     assert len({cell_id(c) for c in CELLS}) == len(CELLS)
 
 
-def child_env(devices: int) -> dict[str, str]:
+def child_env(devices: int, compile_cache: Path | None = None) -> dict[str, str]:
+    """A cell process's environment: ``devices`` CPU devices, no launcher variables, and
+    JAX's persistent compilation cache in ``compile_cache`` (the three runs of a cell compile
+    the same steps; the first run's programs serve the other two)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
     root = str(Path(__file__).resolve().parent.parent)
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_COMPILE,
                PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if compile_cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -129,7 +135,8 @@ class MatrixRunner:
                     flags = ["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)]
                     log = open(directory / f"train-{i}.log", "w")
                     procs.append((subprocess.Popen(base + ["train", json.dumps(spec), self.store, str(directory), *flags],
-                                                   env=child_env(2), stdout=log, stderr=subprocess.STDOUT), log))
+                                                   env=child_env(2, directory / f"xla-cache-{i}"), stdout=log,
+                                                   stderr=subprocess.STDOUT), log))
                 deadline = time.monotonic() + CELL_TIMEOUT_S
                 for proc, log in procs:
                     try:
@@ -142,7 +149,8 @@ class MatrixRunner:
                 result["train_rc"] = [proc.returncode for proc, _ in procs]
             else:
                 with open(directory / "train-0.log", "w") as log:
-                    proc = subprocess.run(base + ["train", json.dumps(spec), self.store, str(directory)], env=child_env(4),
+                    proc = subprocess.run(base + ["train", json.dumps(spec), self.store, str(directory)],
+                                          env=child_env(4, directory / "xla-cache"),
                                           stdout=log, stderr=subprocess.STDOUT, timeout=CELL_TIMEOUT_S)
                 result["train_rc"] = [proc.returncode]
             if all(rc == 0 for rc in result["train_rc"]):

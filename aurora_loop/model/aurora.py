@@ -36,9 +36,10 @@ class AuroraModule(nn.Module):
     """The network on normalised fields. See :meth:`__call__`."""
 
     config: AuroraConfig
+    known_grid: Any = None  # a posenc.KnownGrid: the patch areas as constants, no host callback
 
     def setup(self) -> None:
-        self.encoder = Perceiver3DEncoder(self.config, name="encoder")
+        self.encoder = Perceiver3DEncoder(self.config, self.known_grid, name="encoder")
         self.backbone = Swin3DBackbone(self.config, name="backbone")
         self.decoder = Perceiver3DDecoder(self.config, name="decoder")
 
@@ -122,6 +123,7 @@ def apply(
     *,
     rollout_step: int | Array | None = None,
     capture_intermediates: bool = False,
+    known_grid: Any = None,
 ) -> Batch | tuple[Batch, dict[str, Array]]:
     """One forecast step, like the reference's ``Aurora.forward``.
 
@@ -132,6 +134,9 @@ def apply(
       rollout_step: the roll-out step for LoRA (a Python or traced int); defaults to
         ``batch.metadata.rollout_step``.
       capture_intermediates: also return ``{"encoder": (B, L', D), "backbone": (B, L', 2D)}``.
+      known_grid: the batch's grid, known on the host before tracing
+        (:class:`~aurora_loop.model.posenc.KnownGrid`, cropped coordinates): the patch
+        areas become constants instead of a host callback.
 
     Returns:
       The prediction (t = 1): fields in physical units, float32, cropped to a multiple of the
@@ -140,7 +145,7 @@ def apply(
     """
     step = batch.metadata.rollout_step if rollout_step is None else rollout_step
     normalised = prepare(config, batch, params_dtype(params))
-    module = AuroraModule(config)
+    module = AuroraModule(config, known_grid)
     if capture_intermediates:
         (surf, atmos), state = module.apply({"params": params}, normalised, step, mutable=["intermediates"])
         taps = {k.removesuffix("_out"): v[0] for k, v in state["intermediates"].items()}

@@ -63,9 +63,14 @@ class LevelPatchEmbed(nn.Module):
 
 
 class Perceiver3DEncoder(nn.Module):
-    """Encodes normalised fields into tokens (B, latent_levels * L, D), L = (H/p) * (W/p)."""
+    """Encodes normalised fields into tokens (B, latent_levels * L, D), L = (H/p) * (W/p).
+
+    ``known_grid``: the grid's coordinates on the host, if known before tracing
+    (:class:`~aurora_loop.model.posenc.KnownGrid`); then the patch areas are constants.
+    """
 
     config: AuroraConfig
+    known_grid: Any = None
 
     @nn.compact
     def __call__(
@@ -118,7 +123,7 @@ class Perceiver3DEncoder(nn.Module):
         tokens_atmos = agg.reshape(b, length, -1, d).transpose(0, 2, 1, 3)  # (B, C', L, D)
 
         x = jnp.concatenate([tokens_surf[:, None], tokens_atmos], axis=1)  # (B, latent, L, D)
-        pos, scale = position_scale_encoding(lat, lon, p, d)
+        pos, scale = position_scale_encoding(lat, lon, p, d, self.known_grid)
         x = x + dense(d, "pos_embed")(pos.astype(dtype)) + dense(d, "scale_embed")(scale.astype(dtype))
         x = x.reshape(b, -1, d)
 

@@ -64,8 +64,44 @@ def root_area_host(lat: np.ndarray, lon: np.ndarray, patch_size: int) -> np.ndar
     return np.sqrt(area).astype(f32)
 
 
-def patch_root_area(lat: Array, lon: Array, patch_size: int) -> Array:
-    """:func:`root_area_host` usable under ``jit`` (a host callback; no gradient flows)."""
+class KnownGrid:
+    """A grid's coordinates known on the host before tracing (float32 degrees, lat (H,),
+    lon (W,), as the model sees them: cropped to the patch size).
+
+    With one, the patch areas are computed on the host at trace time (:func:`root_area_host`,
+    bit for bit what the host callback computes) and enter the program as constants: no
+    host round trip per forward pass, and a compiled step without host callbacks can be kept
+    in JAX's persistent compilation cache. A batch on another grid of the same shape gets
+    NaN areas (a loud failure, never a silent one); another shape uses the host callback.
+    Hashable by value, so modules holding one stay comparable.
+    """
+
+    def __init__(self, lat: Any, lon: Any) -> None:
+        self.lat = np.asarray(lat, np.float32).copy()
+        self.lon = np.asarray(lon, np.float32).copy()
+        self._key = (self.lat.tobytes(), self.lon.tobytes())
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KnownGrid) and self._key == other._key
+
+    def fits(self, lat: Array, lon: Array) -> bool:
+        return np.shape(lat) == self.lat.shape and np.shape(lon) == self.lon.shape
+
+    def root_area(self, lat: Array, lon: Array, patch_size: int) -> Array:
+        """(h/p, w/p) float32 km; NaN unless ``lat``/``lon`` (traced) are this grid."""
+        area = jnp.asarray(root_area_host(self.lat, self.lon, patch_size))
+        same = jnp.all(jnp.asarray(lat).astype(jnp.float32) == self.lat) & jnp.all(jnp.asarray(lon).astype(jnp.float32) == self.lon)
+        return jnp.where(same, area, jnp.float32(jnp.nan))
+
+
+def patch_root_area(lat: Array, lon: Array, patch_size: int, known: KnownGrid | None = None) -> Array:
+    """:func:`root_area_host` usable under ``jit``: a constant for a ``known`` grid, else a
+    host callback (no gradient flows either way)."""
+    if known is not None and known.fits(lat, lon):
+        return known.root_area(lat, lon, patch_size)
     h, w = np.shape(lat)[0] // patch_size, np.shape(lon)[0] // patch_size
     lat = jax.lax.stop_gradient(jnp.asarray(lat).astype(jnp.float32))
     lon = jax.lax.stop_gradient(jnp.asarray(lon).astype(jnp.float32))
@@ -78,10 +114,12 @@ def patch_root_area(lat: Array, lon: Array, patch_size: int) -> Array:
     )
 
 
-def position_scale_encoding(lat: Array, lon: Array, patch_size: int, d: int) -> tuple[Array, Array]:
+def position_scale_encoding(lat: Array, lon: Array, patch_size: int, d: int,
+                            known_grid: KnownGrid | None = None) -> tuple[Array, Array]:
     """Position and scale encodings, each (L, d) float32 with L = (h/p) * (w/p) row-major.
 
     The position encoding is ``[encode(lat centre, d/2), encode(lon centre, d/2)]``.
+    ``known_grid``: see :class:`KnownGrid`.
     """
     if d % 4:
         raise ValueError(f"the encoding width must be a multiple of 4, got {d}")
@@ -96,5 +134,5 @@ def position_scale_encoding(lat: Array, lon: Array, patch_size: int, d: int) -> 
         ],
         axis=-1,
     ).reshape(rows * cols, d)
-    scale = fourier_expansion(patch_root_area(lat, lon, patch_size).reshape(-1), d, SCALE)
+    scale = fourier_expansion(patch_root_area(lat, lon, patch_size, known_grid).reshape(-1), d, SCALE)
     return pos, scale

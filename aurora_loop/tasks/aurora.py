@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aurora_loop.errors import UsageError
 from aurora_loop.losses import WeightedMAE
@@ -23,6 +24,7 @@ from aurora_loop.model.aurora import apply, init_params
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.model.checkpoint import CheckpointError, load_config
 from aurora_loop.model.config import AuroraConfig
+from aurora_loop.model.posenc import KnownGrid
 from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
 from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
@@ -65,6 +67,7 @@ class AuroraTask(ReplayTraining):
         self.rollout_average = rollout_average
         self._set_rollout_mode(rollout_mode, replay)
         self.pretrained = dict(pretrained or {})
+        self._known_grid: KnownGrid | None = None  # set by setup()
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
     @property
@@ -79,9 +82,16 @@ class AuroraTask(ReplayTraining):
 
     _prepare = _crop  # what the replay buffer stores
 
+    def setup(self, example_batch: Sample) -> None:
+        """Learn the data's grid from a host example batch before anything is traced, so the
+        patch areas are constants of the compiled steps (:class:`KnownGrid`)."""
+        meta = self._crop(example_batch).inputs.metadata
+        if isinstance(meta.lat, np.ndarray) and isinstance(meta.lon, np.ndarray):
+            self._known_grid = KnownGrid(meta.lat, meta.lon)
+
     def _predict_fn(self, params: Any):
         def predict(inputs: Batch, step: jax.Array) -> Batch:
-            return apply(self.config, params, inputs, rollout_step=step)
+            return apply(self.config, params, inputs, rollout_step=step, known_grid=self._known_grid)
 
         return predict
 
