@@ -409,8 +409,8 @@ class Trainer:
         if steps_per_batch > 1:
             self.train_data = _EveryNth(self.train_data, steps_per_batch)
         self.val_data = _as_loader(val_data)
-        self.should_stop = self._stop_agreed = self._preempt_agreed = False
-        self.last_validated_step = None
+        self.should_stop = self.preempted = self._stop_agreed = self._preempt_agreed = False
+        self.nonfinite_step = self.last_validated_step = None
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
         try:

@@ -79,3 +79,27 @@ def test_flags_override_config_file(tmp_path):
     path.write_text(json.dumps({"batch_size": 8, "epochs": 3, "surf_vars": ["2t"]}))
     config, _ = resolve_config(["--config", str(path), "--epochs", "5", "--levels", "500,850", "--atmos_vars", ""])
     assert (config.batch_size, config.epochs, config.surf_vars, config.levels, config.atmos_vars) == (8, 5, ("2t",), (500, 850), ())
+
+
+def test_monitor_keeps_the_best_checkpoint_when_saves_fall_on_epoch_ends(store, tmp_path):
+    """The issue's reproduction: --save_every_n_steps equal to the epoch length with
+    validation at epoch ends. Each save now comes after its step's validation, so every
+    checkpoint carries its score and export-checkpoint --step best works."""
+    from aurora_loop.config import TrainingConfig
+    from aurora_loop.datasets import build_loaders
+
+    config = TrainingConfig(dataset_path=store, batch_size=2, levels=(500, 850), num_workers=0)
+    per_epoch = len(build_loaders(config)[0])
+    out = tmp_path / "run"
+    result = run_cli("--dataset_path", store, "--output_dir", str(out), *SMALL, "--epochs", "2",
+                     "--save_every_n_steps", str(per_epoch), "--monitor", "val/loss")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for step in (per_epoch, 2 * per_epoch):
+        validated = next(i for i, line in enumerate(lines) if line.startswith(f"Validation at step {step}:"))
+        saved = next(i for i, line in enumerate(lines) if line.startswith("Saving checkpoint") and line.split()[2].endswith(f"/{step}"))
+        assert validated < saved and "(val/loss " in lines[saved]
+    from aurora_loop.tools import main as aurora_loop_tool
+
+    assert aurora_loop_tool(["export-checkpoint", str(out), "--step", "best", "--out", str(tmp_path / "best")]) == 0
+    assert json.loads((tmp_path / "best" / "export.json").read_text())["step"] in (per_epoch, 2 * per_epoch)

@@ -186,3 +186,38 @@ def test_build_loaders_from_a_config(store_path):
         build_loaders(config(None))
     with pytest.raises(UsageError, match="fewer than one batch of 4"):
         build_loaders(config(store_path, val_start="2020-01-09T18", val_end="2020-01-10T18"))
+
+
+def test_the_trainer_reads_one_batch_to_learn_the_shapes(store):
+    """Building the train state needs one batch: the loader's example_batch reads just that
+    one, on the caller's thread, without moving the position (before: the prefetching
+    iterator read num_workers + 1 batches and more)."""
+    import optax
+
+    from aurora_loop.callbacks import Callback
+    from aurora_loop.parallel import make_mesh
+    from aurora_loop.tasks.conv import ConvTask
+    from aurora_loop.trainer import Trainer
+
+    class CountingLoader(ZarrLoader):
+        loads = 0
+
+        def _load(self, order, position, share):
+            CountingLoader.loads += 1
+            return super()._load(order, position, share)
+
+    class LoadsAtStart(Callback):
+        def on_fit_start(self, trainer):
+            self.loads = CountingLoader.loads
+
+    spec = SampleSpec(history=2, rollout_steps=1)
+    starts = valid_starts(store.times, spec)
+    loader = CountingLoader(store, starts, spec, batch_size=2, num_workers=3, prefetch=6)
+    first = loader.example_batch()
+    assert CountingLoader.loads == 1 and loader.state_dict()["position"] == 0
+    plain = ZarrLoader(store, starts, spec, batch_size=2, num_workers=0)
+    np.testing.assert_array_equal(fingerprint(first), fingerprint(next(iter(plain))))
+    CountingLoader.loads = 0
+    probe = LoadsAtStart()
+    Trainer([probe], optimizer=optax.adam(1e-3), max_steps=1, mesh=make_mesh(1)).fit(ConvTask(), loader)
+    assert probe.loads == 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import numpy as np
 import pytest
 
 from tests.scenario_cell import MAX_STEPS, MICRO, SAVE_EVERY, VAL_EVERY
+from tests.test_multiprocess import LAUNCHER_VARS, free_port
 
 DEVICES = ("1", "4dp", "4fsdp", "2x2")
 MODES = ("full", "pushforward", "replay")
@@ -56,7 +56,6 @@ CELLS = [
 ]
 CELL_TIMEOUT_S = 900
 FAST_COMPILE = "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS", "AURORA_LOOP_")
 
 
 def cell_id(cell: tuple) -> str:
@@ -88,12 +87,6 @@ def child_env(devices: int, compile_cache: Path | None = None) -> dict[str, str]
         env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MatrixRunner:
