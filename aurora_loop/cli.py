@@ -145,6 +145,17 @@ def inherit_schedule(config: TrainingConfig, resume: bool) -> TrainingConfig:
     return config.replace(lr_schedule_steps=int(recorded)) if isinstance(recorded, int) else config
 
 
+def untrainable_lora_warning(config: TrainingConfig, task: Any) -> str | None:
+    """A warning for ``--lora_only`` on an Aurora with LoRA but without pretrained weights: its
+    adaptive layer norms start at zero, so a fresh backbone's blocks (and their adapters) get
+    no gradient. (Without LoRA weights at all, the optimizer refuses the run.)"""
+    has_lora = bool(getattr(getattr(task, "model_config", None), "use_lora", False))
+    if config.lora_only and has_lora and not config.pretrained_paths:
+        return ("--lora_only on freshly initialised weights: the backbone's modulations start at zero, so the LoRA "
+                "adapters get no gradient and nothing trains; pass --checkpoint_dir with pretrained weights")
+    return None
+
+
 def clear_previous_run(output_dir: str) -> None:
     """Delete an overwritten run's checkpoints and logs (``--overwrite``)."""
     for part in ("checkpoints", "tensorboard"):
@@ -299,6 +310,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         trainable=is_lora_param if config.lora_only else None,
     )
     main = jax.process_index() == 0
+    warning = untrainable_lora_warning(config, task)
+    if main and warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     if main:
         devices = mesh.devices.reshape(-1)
         print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es))")
@@ -328,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, args = resolve_config(argv)
-        config = inherit_schedule(config, resume=args.resume and not args.overwrite)
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
+        if not clear_previous:  # a run that continues keeps its learning-rate schedule
+            config = inherit_schedule(config, resume=args.resume)
         return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback))
     except UsageError as err:
         return leave_job(report_usage_error(err, PROG))

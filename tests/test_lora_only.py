@@ -118,3 +118,18 @@ def test_lora_only_update_of_an_aurora_moves_only_the_adapters_in_use():
         else:  # base weights are frozen; lora_A has no gradient while B = 0
             np.testing.assert_array_equal(np.asarray(old), np.asarray(new), err_msg=name)
     assert moved_b and all(m == [True, True, False] for m in moved_b), moved_b
+
+
+def test_lora_only_without_pretrained_weights_is_warned_about():
+    """A fresh Aurora's Swin blocks are switched off by their zero-initialised modulations, so
+    LoRA-only training from scratch moves nothing: aurora-train says so."""
+    from aurora_loop.cli import untrainable_lora_warning
+    from aurora_loop.task import make_task
+
+    fresh = TrainingConfig(model="tiny", lora_only=True, model_kwargs={"use_lora": True})
+    task = make_task("tiny", fresh)
+    assert "nothing trains" in untrainable_lora_warning(fresh, task)
+    assert untrainable_lora_warning(fresh.replace(checkpoint_dir="pretrained/"), task) is None
+    assert untrainable_lora_warning(fresh.replace(lora_only=False), task) is None
+    without_lora = fresh.replace(model_kwargs=None)  # refused later by the optimizer instead
+    assert untrainable_lora_warning(without_lora, make_task("tiny", without_lora)) is None
