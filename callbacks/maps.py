@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from aurora_loop.metrics import per_field
+from aurora_loop.parallel import batch_shardings, place_batch
 
 DEFAULT_FIELDS = ("2t", "z500")
 
@@ -51,7 +52,7 @@ class Forecaster:
         task = trainer.task
         if not callable(getattr(task, "predict", None)):
             raise TypeError(f"task {type(task).__name__} has no predict(params, batch) method")
-        self._trainer = trainer
+        self._mesh = trainer.mesh  # not the trainer: the per-trainer cache below holds this weakly
 
         def first_example(params: Any, batch: Any) -> tuple[dict, dict]:
             prediction = task.predict(params, batch)
@@ -66,7 +67,8 @@ class Forecaster:
 
     def __call__(self, params: Any, local_batch: Any) -> Any:
         """Example 0's forecast as a host Batch shaped like ``local_batch.targets`` with b = 1."""
-        surf, atmos = self._fn(params, self._trainer.place(local_batch))
+        placed = place_batch(local_batch, batch_shardings(local_batch, self._mesh))
+        surf, atmos = self._fn(params, placed)
         return local_batch.targets.replace(
             surf_vars={k: _host(v) for k, v in surf.items()},
             atmos_vars={k: _host(v) for k, v in atmos.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec
 
 from aurora_loop.config import TrainingConfig
@@ -63,3 +64,25 @@ def test_state_shardings_rule():
 def test_config_field():
     assert TrainingConfig().fsdp is False
     assert TrainingConfig(fsdp=True).fsdp is True
+
+
+def test_validation_maps_under_fsdp_are_the_replicated_forecast(tmp_path):
+    """The forecast maps of a validation run under the parameters' FSDP shardings (before: one
+    shard of each parameter was fed to the model) and equal the replicated model's forecast."""
+    from aurora_loop.callbacks import TensorBoardLogger
+    from aurora_loop.callbacks.maps import validation_forecast
+
+    samples = make_samples(12)
+    forecasts = {}
+    for fsdp in (False, True):
+        train = ArrayLoader(samples[:8], 4, stack_samples, seed=0)
+        val = ArrayLoader(samples[8:], 4, stack_samples, shuffle=False)
+        logger = TensorBoardLogger(str(tmp_path / f"tb-{fsdp}"), log_every_n_steps=1)
+        trainer = Trainer([logger], optimizer=optax.adam(1e-3), max_steps=2, fsdp=fsdp, mesh=make_mesh(4), seed=0)
+        trainer.fit(ConvTask(features=16, depth=2), train, val)
+        if fsdp:
+            assert any("data" in tuple(x.sharding.spec) for x in jax.tree.leaves(trainer.state.params))
+        batch, prediction = validation_forecast(trainer, trainer.global_step)
+        forecasts[fsdp] = prediction.surf_vars["2t"]
+        assert forecasts[fsdp].shape == (1,) + batch.targets.surf_vars["2t"].shape[1:]
+    np.testing.assert_allclose(forecasts[True], forecasts[False], rtol=1e-4, atol=1e-5)
