@@ -498,7 +498,6 @@ class Trainer:
 
         ended_mid_epoch = False
         while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.stopping:
-            epoch_complete = True
             for local_batch in loader:
                 if local_batch is NO_BATCH:  # a stateful task's step between dataset batches
                     self.state, device_metrics = self._train_step_without_batch(self.state)
@@ -526,13 +525,12 @@ class Trainer:
                 if last_of_epoch and not self._abandoned():
                     break  # the epoch's end below validates (when due) and syncs
                 if self.stopping or self._reached_max_steps():
-                    epoch_complete = False
+                    ended_mid_epoch = True
                     break
                 self._emit("on_sync", step)
                 last_synced = step
             flush()
-            if not epoch_complete:
-                ended_mid_epoch = True
+            if ended_mid_epoch:
                 break
             run_ends = self.stopping or self._reached_max_steps() or self.epoch + 1 >= self.max_epochs
             if run_ends:
