@@ -31,3 +31,11 @@ def log_to_loggers(trainer: Any, step: int, metrics: Mapping[str, float]) -> Non
         return
     for sink in loggers(trainer):
         sink.log_metrics(trainer, step, metrics)
+
+
+def learning_rate_left_to_monitor(trainer: Any) -> bool:
+    """Whether a LearningRateMonitor hands ``train/learning_rate`` to the run's loggers, so a
+    logger should not write it again itself."""
+    from aurora_loop.callbacks.lr_monitor import LearningRateMonitor
+
+    return any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)

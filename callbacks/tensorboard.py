@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aurora_loop.callbacks.base import Callback
+from aurora_loop.callbacks.sinks import learning_rate_left_to_monitor
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ class TensorBoardLogger(Callback):
 
     # --- hyperparameters -------------------------------------------------------------------
     def on_fit_start(self, trainer: Any) -> None:
-        from aurora_loop.callbacks.lr_monitor import LearningRateMonitor
-
-        self._lr_from_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        self._lr_from_monitor = learning_rate_left_to_monitor(trainer)
         writer = self.writer(trainer)
         if writer is None or not self.hparams:
             return

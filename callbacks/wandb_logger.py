@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aurora_loop.callbacks.base import Callback
+from aurora_loop.callbacks.sinks import learning_rate_left_to_monitor
 from aurora_loop.errors import UsageError
 
 
@@ -80,9 +81,7 @@ class WandbLogger(Callback):
         return self._run
 
     def on_fit_start(self, trainer: Any) -> None:
-        from aurora_loop.callbacks.lr_monitor import LearningRateMonitor
-
-        self._lr_from_monitor = any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks)
+        self._lr_from_monitor = learning_rate_left_to_monitor(trainer)
         self.run(trainer)
 
     def log_metrics(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
