@@ -86,7 +86,9 @@ def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     # An unset lr_schedule_steps is resolved when the run starts: it matches any recorded value.
     unset = {"lr_schedule_steps"} if new.get("lr_schedule_steps") is None else set()
-    return sorted(k for k in new if k not in RESUME_INSENSITIVE | unset and old.get(k) != new[k])
+    # A setting newer than the recorded run is compared with its default (what that run used).
+    defaults = TrainingConfig().to_json_dict()
+    return sorted(k for k in new if k not in RESUME_INSENSITIVE | unset and old.get(k, defaults.get(k)) != new[k])
 
 
 def check_output_dir(config: TrainingConfig, overwrite: bool) -> bool:

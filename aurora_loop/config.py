@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -54,7 +55,8 @@ class TrainingConfig:
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
     checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
     timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
-    bf16: bool = _field(False, "compute in bfloat16 where the model supports it (parameters stay float32)")
+    bf16: bool = _field(False, "same as --precision bf16-mixed (kept for existing scripts)")
+    precision: str = _field("fp32", "fp32 (all float32), bf16-mixed (float32 parameters, bfloat16 compute where the model supports it) or bf16-params (bfloat16 parameters and compute; the optimizer keeps float32 master weights)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
     lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
     fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
@@ -66,6 +68,11 @@ class TrainingConfig:
     warmup_steps: int = _field(100, "linear warm-up steps; then cosine decay to learning_rate / 10 at the last step")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip_norm: float | None = _field(None, "clip gradients to this global norm (none: no clipping)")
+    accumulate_grad_batches: int = _field(1, "micro-batches of --batch_size per optimizer step (gradients averaged over them, so the effective batch is batch_size x N); steps, schedules and logs count optimizer steps")
+    freeze: tuple[str, ...] = _field((), "comma list of regular expressions over parameter paths (see --print_param_groups) whose parameters stay fixed: zero updates, no optimizer state, e.g. 'encoder\\..*'")
+    lr_multipliers: dict[str, float] | None = _field(None, "PATTERN=FACTOR pairs (comma list): parameters whose path matches PATTERN learn at FACTOR x the learning rate (the first matching pattern wins), e.g. encoder.surf_token_embeds=20")
+    ema_decay: float | None = _field(None, "keep an exponential moving average of the weights with this decay (e.g. 0.999; the decay ramps up as (1 + n) / (10 + n) over the first steps); validation, forecast maps, export-checkpoint and forecast use it (see --eval_weights)")
+    eval_weights: str = _field("ema", "with --ema_decay: validate and draw maps with the ema weights or the raw ones")
     epochs: int = _field(20, "passes over the training split (may change on resume; the learning-rate schedule does not, see --lr_schedule_steps)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide; may change on resume, the learning-rate schedule does not)")
     lr_schedule_steps: int | None = _field(None, "length in steps of the learning-rate schedule (warm-up, then cosine decay; past its end the final rate holds); none: the run's length from --epochs/--max_steps when it starts. A resumed run keeps the schedule it started with, whatever --epochs/--max_steps say now; passing a different value is a different run")
@@ -94,6 +101,9 @@ class TrainingConfig:
     save_every_n_steps: int = _field(200, "checkpoint every this many steps (and at the end)")
     max_to_keep: int | None = _field(3, "keep at most this many step checkpoints (none: all)")
     val_every_n_steps: int | None = _field(None, "validate every this many steps (none: at the end of each epoch)")
+    val_rollout_steps: int | None = _field(None, "roll-out steps of each validation sample; scores are also reported per lead time as val/rmse/<var>/<lead>h (none: --rollout_steps)")
+    max_time: str | None = _field(None, "stop cleanly (checkpoint, exit 0) before this much wall-clock time has passed since the start, as [DD:]HH:MM:SS, e.g. 02:30:00; the margin is estimated from the measured step, validation and save times")
+    save_every_n_minutes: float | None = _field(None, "also checkpoint whenever this many minutes of wall-clock time have passed since the last save (decided by process 0's clock)")
     log_every_n_steps: int = _field(10, "write training scalars every this many steps")
     monitor: str | None = _field(None, "validation score that picks the best checkpoints, e.g. val/loss (none: keep only the newest)")
     mode: str = _field("min", "min or max: which way --monitor improves")
@@ -109,6 +119,16 @@ class TrainingConfig:
 
     def to_json_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v, tuple) else v) for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @property
+    def compute_bf16(self) -> bool:
+        """Whether the model computes in bfloat16 (``--precision bf16-*`` or ``--bf16``)."""
+        return self.bf16 or self.precision != "fp32"
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        """``max_time`` in seconds (``None``: no limit)."""
+        return None if self.max_time is None else parse_duration(self.max_time)
 
     @property
     def pretrained_paths(self) -> dict[str, str]:
@@ -128,8 +148,29 @@ class TrainingConfig:
 RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
-     "early_stopping_patience", "early_stopping_min_delta", "profile_steps"}
+     "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time",
+     "save_every_n_minutes", "eval_weights"}
 )
+
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-params")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``[DD:]HH:MM:SS`` (Lightning's ``max_time`` format), or raise UsageError."""
+    parts = str(text).strip().split(":")
+    try:
+        if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError
+        *days, hours, minutes, seconds = (int(p) for p in parts)
+        if minutes >= 60 or seconds >= 60:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"max_time must be [DD:]HH:MM:SS, got {text!r}; e.g. --max_time 02:30:00") from None
+    total = ((days[0] if days else 0) * 24 + hours) * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise UsageError(f"max_time must be longer than zero, got {text!r}; e.g. --max_time 02:30:00")
+    return float(total)
 
 
 def field_type(field: dataclasses.Field) -> tuple[type, bool]:
@@ -292,6 +333,34 @@ def validate(config: TrainingConfig) -> None:
         start, sep, count = config.profile_steps.partition(":")
         if not (sep and start.isdigit() and count.isdigit() and int(count) > 0):
             raise UsageError(f"profile_steps must be START:N with whole numbers, got {config.profile_steps!r}; e.g. --profile_steps 10:5")
+    if config.accumulate_grad_batches < 1:
+        raise UsageError(f"accumulate_grad_batches must be at least 1, got {config.accumulate_grad_batches}; e.g. --accumulate_grad_batches 4")
+    if config.accumulate_grad_batches > 1 and config.rollout_mode == "replay":
+        raise UsageError("--accumulate_grad_batches does not combine with --rollout_mode replay (each replay step is its own batch); "
+                         "use --rollout_mode full or pushforward, or drop --accumulate_grad_batches")
+    if config.precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.bf16 and config.precision != "bf16-mixed" and config.precision != "fp32":
+        raise UsageError(f"--bf16 means --precision bf16-mixed and contradicts --precision {config.precision}; drop --bf16")
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        raise UsageError(f"ema_decay must lie between 0 and 1, got {config.ema_decay}; e.g. --ema_decay 0.999")
+    if config.eval_weights not in ("ema", "raw"):
+        raise UsageError(f"eval_weights must be ema or raw, got {config.eval_weights!r}")
+    for pattern in config.freeze + tuple(config.lr_multipliers or {}):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UsageError(f"{pattern!r} is not a regular expression ({err}); patterns match parameter paths such as encoder.surf_token_embeds") from None
+    bad = {k: v for k, v in (config.lr_multipliers or {}).items() if not v > 0}
+    if bad:
+        name = next(iter(bad))
+        raise UsageError(f"lr_multipliers gives {name} a factor of {bad[name]}; factors must be positive (freeze with --freeze instead)")
+    if config.val_rollout_steps is not None and config.val_rollout_steps < 1:
+        raise UsageError(f"val_rollout_steps must be at least 1 (or none), got {config.val_rollout_steps}")
+    if config.max_time is not None:
+        parse_duration(config.max_time)
+    if config.save_every_n_minutes is not None and not config.save_every_n_minutes > 0:
+        raise UsageError(f"save_every_n_minutes must be positive (or none), got {config.save_every_n_minutes}")
     if config.timestep_hours is not None and not config.timestep_hours > 0:
         raise UsageError(f"timestep_hours must be positive, got {config.timestep_hours}")
     loss_settings = [n for n in ("loss_surf_weights", "loss_atmos_weights") if getattr(config, n)]

@@ -201,7 +201,8 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
     ``checkpoint_dir`` has one, else the preset on the data's variables; then
     ``model_kwargs`` (reference keywords) and the flags' bf16 / remat / time step on top."""
     overrides = checked_model_kwargs(getattr(config, "model_kwargs", None))
-    overrides.update(autocast=bool(getattr(config, "bf16", False)), remat=bool(getattr(config, "remat", False)))
+    compute_bf16 = bool(getattr(config, "bf16", False)) or getattr(config, "precision", "fp32") != "fp32"
+    overrides.update(autocast=compute_bf16, remat=bool(getattr(config, "remat", False)))
     if getattr(config, "timestep_hours", None):  # the data's step (aurora-train fills it in)
         overrides["timestep_hours"] = float(config.timestep_hours)
     directory = getattr(config, "checkpoint_dir", None)
