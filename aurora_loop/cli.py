@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--callback", action="append", default=[], metavar="SPEC",
                         help="add a callback: module:Class, module:Class={json kwargs}, or an installed "
                              "entry-point name of the group aurora_loop.callbacks (repeatable)")
+    parser.add_argument("--print_param_groups", action="store_true", default=False,
+                        help="list every parameter path with its group (frozen, base, lr_x<FACTOR>; see --freeze, --lr_multipliers, "
+                             "--lora_only), shape and size, then exit without training")
     parser.add_argument("--overwrite", action="store_true", default=False,
                         help="start afresh in an output_dir that holds a different run (deletes its checkpoints and logs)")
     for field in dataclasses.fields(TrainingConfig):
@@ -73,7 +76,7 @@ def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]
     args = build_parser().parse_args(argv)
     values = vars(args).copy()
     config_path = values.pop("config", None)
-    for key in ("resume", "overwrite", "callback"):
+    for key in ("resume", "overwrite", "callback", "print_param_groups"):
         values.pop(key, None)
     config = TrainingConfig()
     if config_path:
@@ -202,7 +205,8 @@ def default_callbacks(config: TrainingConfig, out: str, checkpoint_dir: str, ten
     """The callbacks of an ``aurora-train`` run, in hook order.
 
     ModelCheckpoint comes last so the callback states it saves already hold that step's
-    decisions (EarlyStopping counters, ...).
+    decisions (EarlyStopping counters, ...). TimeLimit (``--max_time``) counts from the start
+    of this process, so the limit covers start-up, opening the data and compilation too.
     """
     from aurora_loop.callbacks import (
         EarlyStopping,
@@ -214,8 +218,10 @@ def default_callbacks(config: TrainingConfig, out: str, checkpoint_dir: str, ten
         TensorBoardLogger,
         TerminateOnNaN,
         Throughput,
+        TimeLimit,
         WandbLogger,
     )
+    from aurora_loop.callbacks.time_limit import process_start_time
 
     every = config.log_every_n_steps
     callbacks = [
@@ -235,13 +241,33 @@ def default_callbacks(config: TrainingConfig, out: str, checkpoint_dir: str, ten
         start, _, count = config.profile_steps.partition(":")
         callbacks.append(Profiler(tensorboard_dir, start_step=int(start), num_steps=int(count)))
     callbacks += user_callbacks
+    if config.max_time is not None:
+        callbacks.append(TimeLimit(config.max_time_seconds, start_time=process_start_time(), label=f"--max_time {config.max_time}"))
     callbacks.append(ModelCheckpoint(checkpoint_dir, every_n_steps=config.save_every_n_steps, max_to_keep=config.max_to_keep,
-                                     monitor=config.monitor, mode=config.mode, save_top_k=config.save_top_k))
+                                     monitor=config.monitor, mode=config.mode, save_top_k=config.save_top_k,
+                                     every_n_minutes=config.save_every_n_minutes))
     return callbacks
 
 
+def _print_param_groups(task: Any, train_loader: Any, groups: Any) -> int:
+    """``--print_param_groups``: the parameter table of ``task`` on the data's shapes."""
+    import jax
+
+    from aurora_loop.param_groups import format_group_table, group_table
+    from aurora_loop.trainer import _example_batch
+
+    example = _example_batch(train_loader)
+    if callable(getattr(task, "setup", None)):
+        task.setup(example)
+    shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
+    groups.check(shapes)
+    if jax.process_index() == 0:
+        print(format_group_table(group_table(shapes, groups)), flush=True)
+    return 0
+
+
 def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False,
-        callback_specs: tuple[str, ...] = ()) -> int:
+        callback_specs: tuple[str, ...] = (), print_param_groups: bool = False) -> int:
     """Train according to ``config``; returns the exit status.
 
     Everything that can be checked (devices, model, data) is checked before config.json is
@@ -257,6 +283,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
 
     from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
     from aurora_loop.parallel import check_batch_divisible, make_mesh
+    from aurora_loop.param_groups import ParamGroups
     from aurora_loop.plugins import load_callbacks
     from aurora_loop.step import is_lora_param, learning_rate_schedule, make_optimizer
     from aurora_loop.task import available_tasks, make_task
@@ -286,7 +313,11 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         # The model steps as far as the data does (Aurora's default is 6 h; ERA5 samples may be 12 h).
         config = config.replace(timestep_hours=float(train_loader.time_step / np.timedelta64(1, "h")))
     task = make_task(config.model, config)
-    steps_per_epoch = len(train_loader) * int(getattr(task, "batch_every", 1))  # replay: steps per batch
+    # Replay takes several steps per batch; accumulation several batches per step.
+    steps_per_epoch = len(train_loader) * int(getattr(task, "batch_every", 1)) // config.accumulate_grad_batches
+    if steps_per_epoch < 1:
+        raise UsageError(f"an epoch of {len(train_loader)} batches is shorter than --accumulate_grad_batches "
+                         f"{config.accumulate_grad_batches}; accumulate fewer batches or use more training data")
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -294,7 +325,11 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     schedule_steps = config.lr_schedule_steps or total_steps
     requested = requested.replace(lr_schedule_steps=schedule_steps)
     schedule = learning_rate_schedule(config.learning_rate, schedule_steps, config.warmup_steps)
-    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, trainable=is_lora_param if config.lora_only else None)
+    groups = ParamGroups(freeze=config.freeze, lr_multipliers=dict(config.lr_multipliers or {}),
+                         trainable=is_lora_param if config.lora_only else None)
+    if print_param_groups:
+        return _print_param_groups(task, train_loader, groups)
+    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, groups=groups)
 
     checkpoint_dir = os.path.join(out, "checkpoints")
     tensorboard_dir = os.path.join(out, "tensorboard")
@@ -309,7 +344,11 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         mesh=mesh,
         seed=config.seed,
         fsdp=config.fsdp,
-        trainable=is_lora_param if config.lora_only else None,
+        trainable=None if groups.trivial else groups.is_trainable,
+        accumulate_grad_batches=config.accumulate_grad_batches,
+        ema_decay=config.ema_decay,
+        eval_weights=config.eval_weights,
+        precision="bf16-mixed" if config.bf16 and config.precision == "fp32" else config.precision,
     )
     main = jax.process_index() == 0
     warning = untrainable_lora_warning(config, task)
@@ -318,7 +357,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     if main:
         devices = mesh.devices.reshape(-1)
         print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es))")
-        print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // mesh.size} per device)")
+        accumulation = (f", {config.accumulate_grad_batches} micro-batches per step: {config.batch_size * config.accumulate_grad_batches} "
+                        "examples per update") if config.accumulate_grad_batches > 1 else ""
+        print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // mesh.size} per device{accumulation})")
         print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
               f"learning rate: {config.learning_rate:g} (schedule: {schedule_steps} steps)   rollout steps: {config.rollout_steps}")
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
@@ -333,7 +374,12 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     if main:
         scores = trainer.last_val_metrics
         summary = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
-        print(f"Training finished at step {trainer.global_step}{summary}")
+        timed_out = next((cb for cb in callbacks if getattr(cb, "reason", None) and type(cb).__name__ == "TimeLimit"), None)
+        if timed_out is not None:
+            print(f"Stopped by --max_time {config.max_time} at step {trainer.global_step} after saving{summary}; "
+                  "rerun the same command to continue")
+        else:
+            print(f"Training finished at step {trainer.global_step}{summary}")
         print(f"Checkpoints: {checkpoint_dir}")
         print(f"TensorBoard logs: {tensorboard_dir}")
         print(f"View them with: tensorboard --logdir {tensorboard_dir}", flush=True)
@@ -347,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
         if not clear_previous:  # a run that continues keeps its learning-rate schedule
             config = inherit_schedule(config, resume=args.resume)
-        return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback))
+        return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback),
+                   print_param_groups=args.print_param_groups)
     except UsageError as err:
         return leave_job(report_usage_error(err, PROG))
     except KeyboardInterrupt:

@@ -101,7 +101,7 @@ class TrainingConfig:
     save_every_n_steps: int = _field(200, "checkpoint every this many steps (and at the end)")
     max_to_keep: int | None = _field(3, "keep at most this many step checkpoints (none: all)")
     val_every_n_steps: int | None = _field(None, "validate every this many steps (none: at the end of each epoch)")
-    val_rollout_steps: int | None = _field(None, "roll-out steps of each validation sample; scores are also reported per lead time as val/rmse/<var>/<lead>h (none: --rollout_steps)")
+    val_rollout_steps: int | None = _field(None, "roll-out steps of each validation sample; an Aurora model also reports its scores per lead time as val/rmse/<var>/<lead>h and val/mae/<var>/<lead>h (none: --rollout_steps)")
     max_time: str | None = _field(None, "stop cleanly (checkpoint, exit 0) before this much wall-clock time has passed since the start, as [DD:]HH:MM:SS, e.g. 02:30:00; the margin is estimated from the measured step, validation and save times")
     save_every_n_minutes: float | None = _field(None, "also checkpoint whenever this many minutes of wall-clock time have passed since the last save (decided by process 0's clock)")
     log_every_n_steps: int = _field(10, "write training scalars every this many steps")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
@@ -116,29 +115,6 @@ def _run_config(run_dir: str, model: str | None) -> Any:
     return config
 
 
-def _restore_params(state_dir: str) -> Any:
-    """The ``params`` of a saved TrainState, restored alone (the optimizer state stays on disk)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # orbax warns that a step's item dir has no _CHECKPOINT_METADATA (it is one level up)
-    try:
-        checkpointer = ocp.PyTreeCheckpointer()
-        metadata = checkpointer.metadata(state_dir)
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        if not isinstance(tree, dict) or "params" not in tree:
-            raise UsageError(f"{state_dir} does not hold a trainer state with params; pass a run dir, run/checkpoints/<step> or an exported checkpoint dir")
-        wanted = {"params": tree["params"]}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
-    finally:
-        absl_logger.setLevel(level)
-    return state["params"]
-
-
 def _restore_tree(path: str) -> Any:
     import jax
     import orbax.checkpoint as ocp
@@ -210,14 +186,17 @@ def _fit_params(loaded: Any, expected: Any, where: str) -> Any:
     return jax.tree.unflatten(jax.tree.structure(expected), [np.asarray(got_map[jax.tree_util.keystr(k)], np.float32) for k, _ in want])
 
 
-def load_model(resolved: tuple[Any, str, str, int | None], example: Any) -> LoadedModel:
+def load_model(resolved: tuple[Any, str, str, int | None], example: Any, weights: str = "auto") -> LoadedModel:
     """Build the task of a resolved checkpoint (:func:`resolve_checkpoint`) and load its parameters.
 
     ``example``: a Sample of the data to forecast (b >= 1), used to build the task's abstract
     parameters (``jax.eval_shape`` of ``task.init``), which the checkpoint must match.
+    ``weights``: of a training checkpoint, the moving average or the trained weights
+    (:mod:`aurora_loop.checkpoint_weights`; an export holds the ones it was made with).
     """
     import jax
 
+    from aurora_loop.checkpoint_weights import restore_state_weights
     from aurora_loop.task import available_tasks, make_task
 
     config, layout, where, step = resolved
@@ -227,7 +206,7 @@ def load_model(resolved: tuple[Any, str, str, int | None], example: Any) -> Load
     if not callable(getattr(task, "predict", None)):
         raise UsageError(f"the {config.model!r} task has no predict(params, sample) method, so it cannot forecast; add one (see aurora_loop/task.py)")
     if layout == "state":
-        params = _restore_params(os.path.join(where, "state"))
+        params = restore_state_weights(os.path.join(where, "state"), weights)[0]
     elif layout == "model":
         params = _restore_tree(os.path.join(where, "model"))
     else:
@@ -538,6 +517,7 @@ def forecast_from_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     overrides: dict[str, str] | None = None,
+    weights: str = "auto",
 ) -> tuple[str, int]:
     """``aurora-loop forecast`` as a function: load, check, roll out, write.
 
@@ -564,7 +544,7 @@ def forecast_from_checkpoint(
     history = int(config.history)
     indices = parse_init_times(init, store.times, history)
     example = read_inputs(store, indices[:1], 1, history, member)
-    loaded = load_model((config, layout, where, step), example)
+    loaded = load_model((config, layout, where, step), example, weights=weights)
     path = run_forecast(loaded, store, indices, steps, out, batch_size=batch_size, num_devices=num_devices, member=member,
                         zarr_format=zarr_format, overwrite=overwrite, progress=progress)
     return path, len(indices)

@@ -7,6 +7,7 @@ global batch inside ``jit`` is a mean over every device and process.
 
 # No ``from __future__ import annotations``: flax.struct / CLU need real annotations here.
 
+import re
 from collections.abc import Mapping
 
 import flax
@@ -39,6 +40,17 @@ class MeanMetrics(clu_metrics.Metric):
             totals={k: jnp.sum(v) * (count / v.shape[0]) for k, v in values.items()},
             count=jnp.asarray(count, jnp.float32),
         )
+
+    @classmethod
+    def from_rollout(cls, scores: Mapping[str, jax.Array], step_hours: float) -> "MeanMetrics":
+        """Scores of a roll-out: ``scores[name]`` of shape (steps, b), one row per step.
+
+        Each name is averaged over the steps (``loss``, ``mae/2t``, ``rmse/z500``: the mean
+        over lead times), and ``mae/`` and ``rmse/`` names are also kept per lead time
+        (:func:`per_lead`), so ``rmse/z500/12h`` is WeatherBench2's RMSE at that lead.
+        """
+        means = {k: jnp.mean(v, axis=0) for k, v in scores.items()}
+        return cls.from_values({**means, **per_lead(scores, step_hours)})
 
     @classmethod
     def empty(cls) -> "MeanMetrics":
@@ -120,3 +132,43 @@ def weather_errors(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
         out[f"mae/{name}"] = jnp.mean(jnp.abs(error) * weights, axis=axes)
         out[f"rmse/{name}"] = jnp.mean(jnp.square(error) * weights, axis=axes)
     return out
+
+
+# Scores kept per lead time; the loss is only averaged (its per-step value is a training detail).
+LEAD_KINDS = ("mae", "rmse")
+_LEAD = re.compile(r"(?P<kind>[^/]+)/(?P<field>[^/]+)/(?P<hours>[^/]+)h")
+
+
+def lead_label(hours: float) -> str:
+    """A lead time (hours) as score names spell it: ``6h``, ``12h``, ``1.5h``."""
+    return f"{float(hours):g}h"
+
+
+def per_lead(scores: Mapping[str, jax.Array], step_hours: float) -> dict[str, jax.Array]:
+    """``mae/<field>`` and ``rmse/<field>`` scores of shape (steps, b) -> one (b,) score per
+    lead time, ``<kind>/<field>/<lead>h``, step k's lead being (k + 1) * ``step_hours``.
+
+    Values keep their meaning (``rmse/`` ones stay per-example MSE, so :class:`MeanMetrics`
+    roots them after averaging over examples: WeatherBench2's RMSE per lead). Other names
+    (``loss``) are left out.
+    """
+    out = {}
+    for name, value in scores.items():
+        if name.split("/", 1)[0] not in LEAD_KINDS:
+            continue
+        for k in range(value.shape[0]):
+            out[f"{name}/{lead_label((k + 1) * step_hours)}"] = value[k]
+    return out
+
+
+def split_lead_key(key: str) -> tuple[str, str, float] | None:
+    """``rmse/z500/12h`` -> ``("rmse", "z500", 12.0)``; ``None`` for a name that is not a
+    per-lead score (``rmse/z500``, ``loss``, ``val/rmse/z500/12h``)."""
+    match = _LEAD.fullmatch(key)
+    if match is None or match["kind"] not in LEAD_KINDS:
+        return None
+    try:
+        hours = float(match["hours"])
+    except ValueError:
+        return None
+    return match["kind"], match["field"], hours

@@ -8,6 +8,7 @@ devices (it inserts the all-reduce); no ``pmean`` by hand.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aurora_loop.errors import UsageError
+from aurora_loop.accumulation import MicroBatches
 from aurora_loop.parallel import DATA_AXIS, batch_shardings, replicated
+from aurora_loop.param_groups import ParamGroups
 from aurora_loop.task import Task
 
 
@@ -38,6 +40,44 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     task_state: Any = None
+    ema_params: Any = None  # the weights' exponential moving average (``ema_decay``), sharded like params
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How the train step turns micro-batches into one optimizer update.
+
+    ``accumulate``: micro-batches per update (the step takes them stacked on a leading axis
+    and scans over them, so compiled memory does not grow with their number); gradients,
+    loss and metrics are their means. ``ema_decay``: keep ``TrainState.ema_params`` with
+    decay ``min(ema_decay, (1 + n) / (10 + n))`` after update ``n``. ``compute_dtype``: cast
+    floating parameters to this dtype for the forward and backward pass (``bf16-params``:
+    the model sees bfloat16 weights and its gradients are bfloat16, while the optimizer
+    updates the float32 masters in ``params``).
+    """
+
+    accumulate: int = 1
+    ema_decay: float | None = None
+    compute_dtype: Any = None
+
+
+PRECISION_COMPUTE_DTYPES = {"fp32": None, "bf16-mixed": None, "bf16-params": jnp.bfloat16}
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating leaves cast to ``dtype`` (``None``: unchanged)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def ema_update(ema: Any, params: Any, decay: float, updates_done: jax.Array) -> Any:
+    """One EMA step after ``updates_done`` optimizer updates (int32 scalar): the decay ramps
+    up as ``(1 + n) / (10 + n)`` so that early averages are not dominated by the initial
+    weights (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``)."""
+    n = updates_done.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), ema, params)
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -64,33 +104,41 @@ def is_lora_param(path: tuple) -> bool:
 
 
 def make_optimizer(
-    schedule: optax.Schedule,
+    schedule: optax.Schedule | float,
     weight_decay: float = 0.0,
     grad_clip_norm: float | None = None,
     trainable: Callable[[tuple], bool] | None = None,
+    groups: ParamGroups | None = None,
 ) -> optax.GradientTransformation:
     """AdamW on ``schedule``, optionally after clipping gradients to a global norm.
 
-    ``trainable(key_path) -> bool`` (e.g. :func:`is_lora_param` for ``--lora_only``): only
-    those parameters are optimised (clipping sees only their gradients); the others get
-    zero updates and keep no Adam state (``optax.multi_transform`` with ``set_to_zero``).
+    ``groups`` (:class:`aurora_loop.param_groups.ParamGroups`; or just ``trainable(key_path)
+    -> bool``, e.g. :func:`is_lora_param` for ``--lora_only``): frozen parameters get zero
+    updates and keep no Adam state (``optax.multi_transform`` with ``set_to_zero``), and
+    clipping sees only the others' gradients; a group with a learning-rate factor runs its
+    own AdamW on ``factor x schedule`` (same weight decay, same step count).
     """
-    parts = []
-    if grad_clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
-    optimizer = optax.chain(*parts)
-    if trainable is None:
-        return optimizer
+    groups = groups if groups is not None else ParamGroups(trainable=trainable)
+    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm is not None else []
+    if groups.trivial:
+        return optax.chain(*clip, optax.adamw(schedule, weight_decay=weight_decay))
+
+    def scaled(factor: float) -> optax.Schedule | float:
+        if factor == 1:
+            return schedule
+        return (lambda count: factor * schedule(count)) if callable(schedule) else factor * schedule
+
+    if groups.has_multipliers:
+        by_factor = {label: optax.adamw(scaled(f), weight_decay=weight_decay) for label, f in groups.factors().items()}
+        inner = optax.multi_transform(by_factor, groups.labels)
+    else:
+        inner = optax.adamw(schedule, weight_decay=weight_decay)
 
     def labels(params: Any) -> Any:
-        out = jax.tree_util.tree_map_with_path(lambda path, _: "train" if trainable(path) else "frozen", params)
-        if "train" not in jax.tree.leaves(out):
-            raise UsageError("no parameter is trainable (--lora_only on a model without LoRA weights?); "
-                             "use an Aurora model with LoRA (use_lora) or drop --lora_only")
-        return out
+        groups.check(params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: "train" if groups.is_trainable(path) else "frozen", params)
 
-    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": optax.chain(*clip, inner), "frozen": optax.set_to_zero()}, labels)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) -> TrainState:
@@ -121,14 +169,16 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) 
         step=sharding,
         rng=sharding,
         params=jax.tree.map(leaf, abstract_state.params),
+        ema_params=jax.tree.map(leaf, abstract_state.ema_params),
         opt_state=jax.tree.map(leaf, abstract_state.opt_state),
         task_state=task_state,
     )
 
 
-def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int) -> Callable[[Any], TrainState]:
-    """``init(batch) -> TrainState``: parameters from the task, fresh optimizer state, and
-    the task's own state when it has one (``task.init_state(batch)``)."""
+def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int, ema: bool = False) -> Callable[[Any], TrainState]:
+    """``init(batch) -> TrainState``: parameters from the task, fresh optimizer state, the
+    task's own state when it has one (``task.init_state(batch)``), and with ``ema`` the
+    moving average, starting at the initial parameters."""
 
     def init(batch: Any) -> TrainState:
         rng = jax.random.PRNGKey(seed)
@@ -140,6 +190,7 @@ def make_init_fn(task: Task, optimizer: optax.GradientTransformation, seed: int)
             opt_state=optimizer.init(params),
             rng=step_rng,
             task_state=task.init_state(batch) if hasattr(task, "init_state") else None,
+            ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         )
 
     return init
@@ -152,6 +203,7 @@ def make_train_step(
     batch_sharding: Any,
     mesh: Mesh,
     trainable: Callable[[tuple], bool] | None = None,
+    options: StepOptions = StepOptions(),
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted ``train_step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
@@ -160,10 +212,12 @@ def make_train_step(
     ``learning_rate`` when the optimizer injects it (``optax.inject_hyperparams``), and
     whatever the task's loss reports.
 
-    With ``batch_sharding=None`` the step takes no batch (``train_step(state)``): for a
-    stateful task's steps between dataset batches (``task.batch_every > 1``).
+    With ``options.accumulate = N > 1`` the batch is N micro-batches as one
+    :class:`aurora_loop.accumulation.MicroBatches` (``batch_sharding`` likewise). With ``batch_sharding=None`` the
+    step takes no batch (``train_step(state)``): for a stateful task's steps between dataset
+    batches (``task.batch_every > 1``).
     """
-    step_fn = _train_step_fn(task, optimizer, trainable)
+    step_fn = _train_step_fn(task, optimizer, trainable, options, state_sharding.params)
     metric_sharding = NamedSharding(mesh, PartitionSpec())
     if batch_sharding is None:
         return jax.jit(
@@ -180,19 +234,62 @@ def make_train_step(
     )
 
 
-def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainable: Callable[[tuple], bool] | None = None):
+def _loss_and_grads(task: Task, params: Any, task_state: Any, batch: Any, rng: jax.Array, compute_dtype: Any):
+    """((loss, task metrics, next task state), gradients as float32-or-params' dtype) of one batch.
+
+    With ``compute_dtype`` the gradient is taken with respect to the cast parameters (so it,
+    and its reduction over devices, is in that dtype) and cast back to the parameters' dtypes.
+    """
+    compute_params = cast_floating(params, compute_dtype)
+    if task_state is None:
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(compute_params, batch, rng)
+    else:
+        stateful = jax.value_and_grad(task.stateful_loss, has_aux=True)
+        (loss, (metrics, task_state)), grads = stateful(compute_params, task_state, batch, rng)
+    if compute_dtype is not None:
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return (loss, metrics, task_state), grads
+
+
+def _accumulated_loss_and_grads(task: Task, params: Any, micro_batches: MicroBatches, rng: jax.Array, options: StepOptions,
+                                param_sharding: Any):
+    """Means over ``options.accumulate`` micro-batches (:class:`MicroBatches`) of the loss, the
+    task's metrics and the gradients, scanned so only one micro-batch's activations live at once.
+
+    The running gradient sum is constrained to the parameters' shardings (FSDP: each device
+    sums its own shard) and kept in float32.
+    """
+    n = options.accumulate
+
+    def body(carry, xs):
+        index, slices = xs
+        batch = micro_batches.micro_batch(slices)
+        (loss, metrics, _), grads = _loss_and_grads(task, params, None, batch, jax.random.fold_in(rng, index), options.compute_dtype)
+        grads = jax.lax.with_sharding_constraint(grads, param_sharding)
+        total_loss, total_metrics, total_grads = carry
+        return (total_loss + loss, jax.tree.map(jnp.add, total_metrics, metrics),
+                jax.tree.map(lambda t, g: t + g.astype(t.dtype), total_grads, grads)), None
+
+    metric_shapes = jax.eval_shape(lambda: task.loss(params, micro_batches.first(), rng)[1])
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), metric_shapes),
+             jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_sharding))
+    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(n, dtype=jnp.int32), micro_batches.stacked_leaves))
+    grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
+    return (loss / n, jax.tree.map(lambda m: m / n, metrics), None), grads
+
+
+def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainable: Callable[[tuple], bool] | None = None,
+                   options: StepOptions = StepOptions(), param_sharding: Any = None):
     """The pure step. A task with a state (``TrainState.task_state`` not ``None``) is scored
     by ``task.stateful_loss(params, task_state, batch, rng)``, which also returns the next
     task state; every other task by ``task.loss(params, batch, rng)``."""
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        task_state = state.task_state
-        if task_state is None:
-            (loss, task_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+        if options.accumulate > 1:
+            (loss, task_metrics, task_state), grads = _accumulated_loss_and_grads(task, state.params, batch, rng, options, param_sharding)
         else:
-            stateful = jax.value_and_grad(task.stateful_loss, has_aux=True)
-            (loss, (task_metrics, task_state)), grads = stateful(state.params, task_state, batch, rng)
+            (loss, task_metrics, task_state), grads = _loss_and_grads(task, state.params, state.task_state, batch, rng, options.compute_dtype)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         watched = grads if trainable is None else _trainable_leaves(grads, trainable)
@@ -200,15 +297,19 @@ def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainabl
         lr = injected_hyperparam(opt_state, "learning_rate")
         if lr is not None:
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, task_state=task_state), metrics
+        ema = state.ema_params
+        if ema is not None and options.ema_decay is not None:
+            ema = ema_update(ema, params, options.ema_decay, state.step + 1)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, task_state=task_state, ema_params=ema), metrics
 
     return train_step
 
 
-def make_eval_step(task: Task, param_sharding: Any, batch_sharding: Any, mesh: Mesh) -> Callable[[Any, Any], Any]:
-    """The jitted ``eval_step(params, batch) -> clu.metrics.Metric`` (replicated output)."""
+def make_eval_step(task: Task, param_sharding: Any, batch_sharding: Any, mesh: Mesh, compute_dtype: Any = None) -> Callable[[Any, Any], Any]:
+    """The jitted ``eval_step(params, batch) -> clu.metrics.Metric`` (replicated output);
+    ``compute_dtype`` casts the floating parameters first, as the train step does."""
     return jax.jit(
-        task.evaluate,
+        lambda params, batch: task.evaluate(cast_floating(params, compute_dtype), batch),
         in_shardings=(param_sharding, batch_sharding),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )

@@ -22,11 +22,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
 from aurora_loop.callbacks.base import Callback
 from aurora_loop.data import Loader
 from aurora_loop.distributed import agree_any
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.step import (
+    PRECISION_COMPUTE_DTYPES,
+    StepOptions,
     TrainState,
     make_eval_step,
     make_init_fn,
@@ -190,6 +193,43 @@ class _OneShotLoader:
             self.position += 1
 
 
+class _MicroBatches:
+    """A Loader yielding lists of ``n`` consecutive batches of ``loader``: the micro-batches
+    of one optimizer step (gradient accumulation).
+
+    Its position is the inner loader's (it counts micro-batches); a group is consumed whole,
+    so a checkpoint never falls inside one. The last ``len(loader) % n`` batches of an epoch
+    are dropped: an update from fewer micro-batches would weigh them differently.
+    """
+
+    def __init__(self, loader: Loader, n: int) -> None:
+        self.loader = loader
+        self.n = n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader) // self.n  # type: ignore[arg-type]
+
+    def example_batch(self) -> Any:
+        return _example_batch(self.loader)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        group: list[Any] = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.n:
+                yield group
+                group = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
 def _as_loader(data: Any) -> Loader | None:
     if data is None or isinstance(data, Loader):
         return data
@@ -232,8 +272,18 @@ class Trainer:
       seed: seeds parameter initialisation and the per-step RNG.
       fsdp: shard parameters and optimizer state over the ``data`` axis (``state_shardings``).
       trainable: ``trainable(key_path) -> bool`` names the parameters the optimizer updates
-        (e.g. :func:`aurora_loop.step.is_lora_param`); ``grad_norm`` (and so the NaN guard)
-        covers only those, and XLA can drop the frozen ones' gradients. ``None``: all.
+        (e.g. :func:`aurora_loop.step.is_lora_param`, or ``ParamGroups.is_trainable``);
+        ``grad_norm`` (and so the NaN guard) covers only those, and XLA can drop the frozen
+        ones' gradients. ``None``: all.
+      accumulate_grad_batches: micro-batches per optimizer step (gradient accumulation).
+        ``max_steps``, ``val_every_n_steps``, the schedule and every hook count optimizer
+        steps; the loader's position counts micro-batches.
+      ema_decay: keep an exponential moving average of the weights on the devices
+        (``TrainState.ema_params``, sharded like the parameters, checkpointed with them).
+      eval_weights: ``"ema"`` (validate with the average when there is one) or ``"raw"``.
+      precision: ``"fp32"``, ``"bf16-mixed"`` (the model's own bfloat16 compute; the task
+        decides) or ``"bf16-params"`` (the step also casts the weights to bfloat16 for the
+        forward and backward pass; the optimizer updates float32 masters).
     """
 
     def __init__(
@@ -249,7 +299,17 @@ class Trainer:
         seed: int = 0,
         fsdp: bool = False,
         trainable: Callable[[tuple], bool] | None = None,
+        accumulate_grad_batches: int = 1,
+        ema_decay: float | None = None,
+        eval_weights: str = "ema",
+        precision: str = "fp32",
     ) -> None:
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
+        if eval_weights not in ("ema", "raw"):
+            raise ValueError(f"eval_weights must be 'ema' or 'raw', got {eval_weights!r}")
+        if precision not in PRECISION_COMPUTE_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_COMPUTE_DTYPES)}, got {precision!r}")
         keys = [cb.state_key for cb in callbacks]
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         if duplicated:
@@ -265,6 +325,10 @@ class Trainer:
         self.seed = seed
         self.fsdp = fsdp
         self.trainable = trainable
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.ema_decay = ema_decay
+        self.eval_weights = eval_weights
+        self.precision = precision
 
         self.state: TrainState | None = None
         self.state_shardings: TrainState | None = None
@@ -294,6 +358,21 @@ class Trainer:
     def is_main_process(self) -> bool:
         """True on process 0, which writes logs and checkpoints' metadata."""
         return jax.process_index() == 0
+
+    @property
+    def eval_params(self) -> Any:
+        """The parameters validation and forecast maps use: the moving average when the run
+        keeps one and ``eval_weights == "ema"``, else the trained ones."""
+        if self.state is None:
+            return None
+        if self.state.ema_params is not None and self.eval_weights == "ema":
+            return self.state.ema_params
+        return self.state.params
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The dtype the steps cast the weights to (``None``: as stored)."""
+        return PRECISION_COMPUTE_DTYPES[self.precision]
 
     @property
     def stopping(self) -> bool:
@@ -407,7 +486,12 @@ class Trainer:
         self.train_data = _as_loader(train_data)
         steps_per_batch = int(getattr(task, "batch_every", 1))
         if steps_per_batch > 1:
+            if self.accumulate_grad_batches > 1:
+                raise ValueError(f"task {type(task).__name__} takes {steps_per_batch} steps per batch (replay); "
+                                 "gradient accumulation does not combine with it")
             self.train_data = _EveryNth(self.train_data, steps_per_batch)
+        if self.accumulate_grad_batches > 1:
+            self.train_data = _MicroBatches(self.train_data, self.accumulate_grad_batches)
         self.val_data = _as_loader(val_data)
         self.should_stop = self.preempted = self._stop_agreed = self._preempt_agreed = False
         self.nonfinite_step = self.last_validated_step = None
@@ -439,6 +523,13 @@ class Trainer:
         """Put this process's share of a batch onto the mesh as global arrays."""
         return place_batch(local_batch, self._shardings(local_batch))
 
+    def _place_train_batch(self, local_batch: Any) -> Any:
+        """A training batch on the mesh; with accumulation, its micro-batches stacked."""
+        if self.accumulate_grad_batches == 1:
+            return self.place(local_batch)
+        shardings = self._shardings(local_batch[0])
+        return place_batch(stack_micro_batches(local_batch, shardings), micro_batch_shardings(shardings, self.mesh))
+
     def _setup(self, resume: bool) -> None:
         host_example = _example_batch(self.train_data)
         if callable(getattr(self.task, "setup", None)):
@@ -446,14 +537,18 @@ class Trainer:
         example = self.place(host_example)
         del host_example
 
-        init_fn = make_init_fn(self.task, self.optimizer, self.seed)
+        init_fn = make_init_fn(self.task, self.optimizer, self.seed, ema=self.ema_decay is not None)
         abstract = jax.eval_shape(init_fn, example)
         shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
         self.state_shardings = shardings
         trainable = self.trainable
-        self._train_step = make_train_step(self.task, self.optimizer, shardings, self._shardings_of(example), self.mesh, trainable)
-        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh, trainable)
-        self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh)
+        options = StepOptions(accumulate=self.accumulate_grad_batches, ema_decay=self.ema_decay, compute_dtype=self.compute_dtype)
+        train_batch_sharding = self._shardings_of(example)
+        if self.accumulate_grad_batches > 1:
+            train_batch_sharding = micro_batch_shardings(train_batch_sharding, self.mesh)
+        self._train_step = make_train_step(self.task, self.optimizer, shardings, train_batch_sharding, self.mesh, trainable, options)
+        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh, trainable, options)
+        self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh, self.compute_dtype)
 
         restored = None
         if resume:
@@ -502,7 +597,7 @@ class Trainer:
                 if local_batch is NO_BATCH:  # a stateful task's step between dataset batches
                     self.state, device_metrics = self._train_step_without_batch(self.state)
                 else:
-                    self.state, device_metrics = self._train_step(self.state, self.place(local_batch))
+                    self.state, device_metrics = self._train_step(self.state, self._place_train_batch(local_batch))
                 self.global_step += 1
                 self.epoch_step += 1
                 step = self.global_step
@@ -584,7 +679,7 @@ class Trainer:
             self._agree()
             if self.stopped_by_signal:
                 return None
-            batch_metrics = self._eval_step(self.state.params, self.place(local_batch))
+            batch_metrics = self._eval_step(self.eval_params, self.place(local_batch))
             total = batch_metrics if total is None else total.merge(batch_metrics)
         if total is None:
             return None

@@ -24,6 +24,7 @@ _LAZY = {
     "Preemption": "preemption",
     "PREEMPTED_EXIT_CODE": "preemption",
     "Profiler": "profiler",
+    "TimeLimit": "time_limit",
 }
 
 __all__ = ["Callback", *_LAZY]

@@ -6,7 +6,11 @@ A checkpoint ``<directory>/<step>/`` holds two items:
 - ``meta``: JSON with the step, epoch, the training data's position and every callback's
   ``state_dict`` (keyed by ``state_key``), this one's included.
 
-Saves happen at sync steps (``on_sync``), i.e. after that step's validation. Orbax writes
+Saves happen at sync steps (``on_sync``), i.e. after that step's validation: every
+``every_n_steps`` steps, and with ``every_n_minutes`` also at the first step boundary after
+that much wall-clock time since the last save (or since ``fit`` started). Process 0's clock
+alone decides a timed save and every process learns its decision
+(:func:`aurora_loop.distributed.agree`), so all of them save the same steps. Orbax writes
 to a temporary directory and renames it when complete, so a run killed mid-write leaves no
 checkpoint that ``latest_step`` would pick up.
 
@@ -33,7 +37,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -96,6 +101,17 @@ class ModelCheckpoint(Callback):
       async_save: write in a background thread; the loop only waits for the device-to-host
         copy.
       verbose: print a line per save on process 0.
+      every_n_minutes: also save at the first step boundary after this many minutes of
+        wall-clock time since the last save or the start of ``fit`` (``None``: never).
+      clock: seconds, monotonic, for ``every_n_minutes`` and the save timings (tests pass a
+        fake one).
+
+    Attributes:
+      last_save_seconds: seconds the latest save took, the background write included once it
+        was seen to finish (until then its blocking part); ``None`` before the first save.
+        :class:`~aurora_loop.callbacks.TimeLimit` plans the final save with it.
+      last_save_blocking_seconds: seconds the loop waited in the latest save (for the previous
+        background write, the device-to-host copy, and with ``async_save=False`` the write).
     """
 
     def __init__(
@@ -109,9 +125,13 @@ class ModelCheckpoint(Callback):
         save_top_k: int = 1,
         async_save: bool = True,
         verbose: bool = True,
+        every_n_minutes: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise ValueError(f"every_n_minutes must be positive (or None), got {every_n_minutes}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if max_to_keep is not None and max_to_keep < 1:
@@ -127,7 +147,13 @@ class ModelCheckpoint(Callback):
         self.save_top_k = save_top_k
         self.async_save = async_save
         self.verbose = verbose
+        self.every_n_minutes = every_n_minutes
+        self.clock = clock
         self._manager: ocp.CheckpointManager | None = None
+        self.last_save_seconds: float | None = None
+        self.last_save_blocking_seconds: float | None = None
+        self._writing_since: float | None = None  # clock at the start of a save still writing in the background
+        self._last_save_time: float | None = None  # clock at the last save (or fit start), for every_n_minutes
         self.saved_steps: list[int] = []
         # Monitored score of every checkpoint saved with one (step -> value); part of the state.
         self.scores: dict[int, float] = {}
@@ -216,8 +242,30 @@ class ModelCheckpoint(Callback):
     def _due(self, trainer: Any, step: int) -> bool:
         return step % self.every_n_steps == 0
 
+    def _time_due(self) -> bool:
+        """Process 0 only: have ``every_n_minutes`` passed since the last save (or fit start)?"""
+        if self.every_n_minutes is None or self._last_save_time is None or jax.process_index() != 0:
+            return False
+        return self.clock() - self._last_save_time >= 60.0 * self.every_n_minutes
+
+    def _agreed_time_due(self) -> bool:
+        """``_time_due`` as process 0 sees it, on every process (one agreement, only with
+        ``every_n_minutes``); each process must call it at the same points."""
+        if self.every_n_minutes is None:
+            return False
+        from aurora_loop.distributed import agree
+
+        return agree(self._time_due())
+
     def wants_sync(self, trainer: Any, step: int) -> bool:
-        return self._due(trainer, step)
+        # The trainer ORs every process's answer, so process 0's clock alone is enough.
+        return self._due(trainer, step) or self._time_due()
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._last_save_time = self.clock()
+
+    def on_step(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        self._note_finished_write()
 
     def on_validate(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         if self.monitor is None:
@@ -244,8 +292,10 @@ class ModelCheckpoint(Callback):
         final = stopping or (trainer.total_steps is not None and step >= trainer.total_steps)
         validated_now = self._last_val is not None and self._last_val[0] == step
         preempted = stopping and _agreed(trainer, "stopped_by_signal", "preempted")
+        timed = self._agreed_time_due()  # always asked, so every process joins the same agreements
         if (
             self._due(trainer, step)
+            or timed
             or (self.save_last and final)
             or preempted
             or (self.monitor is not None and validated_now)
@@ -267,6 +317,7 @@ class ModelCheckpoint(Callback):
                 print(f"Step {step}: parameters are not finite; not saving a checkpoint", flush=True)
             return False
         self.check_for_errors()
+        started = self.clock()
         metrics = None
         if self.monitor is not None and self._last_val is not None and self._last_val[0] == step and math.isfinite(self._last_val[1]):
             metrics = {metric_key(self.monitor): self._last_val[1]}
@@ -279,7 +330,9 @@ class ModelCheckpoint(Callback):
             where = f"the state_dict of {', '.join(bad)}" if bad else "the trainer's meta state"
             raise CheckpointSaveError(f"step {step}: {where} is not JSON-serialisable ({err}); return plain JSON types from state_dict()") from None
         try:
-            # orbax first waits for the previous background write, raising its error if any.
+            # orbax would first wait for the previous background write (raising its error if
+            # any); waiting here instead also times that write.
+            self._wait_for_previous_write()
             self.manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(meta)),
@@ -288,12 +341,41 @@ class ModelCheckpoint(Callback):
             )
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise CheckpointSaveError(f"saving checkpoint {step} under {self.directory} failed: {type(err).__name__}: {err}") from err
+        self._record_save(started)
         self.saved_steps.append(step)
         if self.verbose and trainer.is_main_process:
             score = f" ({self.monitor} {metrics[metric_key(self.monitor)]:.5g})" if metrics else ""
             verb = "Saving" if self.async_save else "Saved"
             print(f"{verb} checkpoint {os.path.join(self.directory, str(step))}{score}", flush=True)
         return True
+
+    # --- save timings --------------------------------------------------------------------------
+    def _record_save(self, started: float) -> None:
+        """Time a save that began at ``started``: its blocking part now; its whole length when
+        the background write is seen to finish (see ``_note_finished_write``)."""
+        now = self.clock()
+        self.last_save_blocking_seconds = self.last_save_seconds = now - started
+        self._last_save_time = started  # every_n_minutes counts between save starts
+        self._writing_since = started
+        self._note_finished_write(now)
+
+    def _note_finished_write(self, now: float | None = None) -> None:
+        """If the background write has finished, record the save's whole length.
+
+        Cheap enough for every step (a flag read under a lock); the length is known to within
+        the step that noticed it.
+        """
+        if self._writing_since is None or self._manager is None or self._manager.is_saving_in_progress():
+            return
+        self.last_save_seconds = (self.clock() if now is None else now) - self._writing_since
+        self._writing_since = None
+
+    def _wait_for_previous_write(self) -> None:
+        """Wait for the previous background write (the next save would wait for it anyway)
+        and record its whole length."""
+        if self._writing_since is not None and self._manager is not None:
+            self._manager.wait_until_finished()
+            self._note_finished_write()
 
     # --- resumable state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +399,9 @@ class ModelCheckpoint(Callback):
             manager, self._manager = self._manager, None
             try:
                 manager.wait_until_finished()
+                if self._writing_since is not None:
+                    self.last_save_seconds = self.clock() - self._writing_since
+                    self._writing_since = None
                 manager.check_for_errors()
             except Exception as err:  # noqa: BLE001 - re-raised with context
                 raise CheckpointSaveError(f"an asynchronous checkpoint save under {self.directory} failed: {type(err).__name__}: {err}") from err

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from aurora_loop.metrics import per_field
 from aurora_loop.parallel import batch_shardings, place_batch
+from aurora_loop.step import cast_floating
 
 DEFAULT_FIELDS = ("2t", "z500")
 
@@ -54,8 +55,10 @@ class Forecaster:
             raise TypeError(f"task {type(task).__name__} has no predict(params, batch) method")
         self._mesh = trainer.mesh  # not the trainer: the per-trainer cache below holds this weakly
 
+        compute_dtype = getattr(trainer, "compute_dtype", None)
+
         def first_example(params: Any, batch: Any) -> tuple[dict, dict]:
-            prediction = task.predict(params, batch)
+            prediction = task.predict(cast_floating(params, compute_dtype), batch)  # as validation sees them
             first = lambda fields: {k: v[:1] for k, v in fields.items()}  # noqa: E731
             return first(prediction.surf_vars), first(prediction.atmos_vars)
 
@@ -100,7 +103,8 @@ def _first_batch(loader: Any) -> Any:
 
 def validation_forecast(trainer: Any, step: int) -> tuple[Any, Any] | None:
     """(first validation batch (host, this process's share), example 0's forecast (host
-    Batch, b = 1)) with the current parameters, or ``None`` when the task has no ``predict``
+    Batch, b = 1)) with the current evaluation parameters (``trainer.eval_params``: the EMA
+    when there is one), or ``None`` when the task has no ``predict``
     or there is no validation batch of ``Sample``s. Computed once per step for all callers;
     every process must call it (the forecast is a collective over the mesh)."""
     if trainer.val_data is None or not callable(getattr(trainer.task, "predict", None)):
@@ -111,7 +115,7 @@ def validation_forecast(trainer: Any, step: int) -> tuple[Any, Any] | None:
     if cached.batch is None or not hasattr(cached.batch, "targets"):
         return None
     if cached.step != step:
-        cached.prediction, cached.step = cached.forecaster(trainer.state.params, cached.batch), step
+        cached.prediction, cached.step = cached.forecaster(trainer.eval_params, cached.batch), step
     return cached.batch, cached.prediction
 
 

@@ -91,7 +91,8 @@ class ProgressBar(Callback):
         if not trainer.is_main_process:
             return
         self._end_line()
-        names = _display_order([k.split("/", 1)[1] for k in metrics if k.startswith("mae/")])
+        # Per-variable scores averaged over the roll-out; per-lead ones (mae/<var>/<lead>h) go to the loggers.
+        names = _display_order([k.split("/", 1)[1] for k in metrics if k.startswith("mae/") and k.count("/") == 1])
         lines = [f"Validation at step {step}: loss {metrics.get('loss', float('nan')):.4f}"]
         for name in names:
             lines.append(f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}")

@@ -12,7 +12,12 @@ Written with tensorboardX, read by TensorBoard:
 - at each validation, for chosen fields (default ``2t`` and ``z500``, else the first field
   the data has), an image ``val/maps/<field>`` of the predicted, target and error maps of
   the first validation example, each with a colour bar. It needs the task's optional
-  ``predict(params, batch)``; without one no images are written.
+  ``predict(params, batch)``; without one no images are written;
+- at each validation whose scores hold per-lead-time RMSEs for at least two lead times
+  (``rmse/<field>/<lead>h``, an Aurora roll-out of 2+ steps, ``--val_rollout_steps``), an
+  image ``val/rmse_by_lead``: RMSE against lead time, one panel per headline field (z500,
+  t850, 2t, 10u where present). The per-lead scores themselves are scalars like the others,
+  ``val/rmse/<field>/<lead>h``.
 
 Only process 0 writes.
 """
@@ -51,6 +56,8 @@ class TensorBoardLogger(Callback):
       image_fields: fields to draw at each validation (names as in the metrics: ``2t``,
         ``z500``); ``None``: ``2t`` and ``z500`` when present; ``()``: no images.
       image_lead: which roll-out step (0-based) of the forecast to draw.
+      lead_time_fields: fields of the ``val/rmse_by_lead`` image; ``None``: z500, t850, 2t
+        and 10u when present; ``()``: no such image.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class TensorBoardLogger(Callback):
         hparams: Mapping[str, Any] | None = None,
         image_fields: Sequence[str] | None = None,
         image_lead: int = 0,
+        lead_time_fields: Sequence[str] | None = None,
     ) -> None:
         self.log_dir = os.path.abspath(log_dir)
         self.log_every_n_steps = log_every_n_steps
@@ -68,6 +76,7 @@ class TensorBoardLogger(Callback):
         self.hparams = dict(hparams) if hparams else {}
         self.image_fields = image_fields
         self.image_lead = image_lead
+        self.lead_time_fields = lead_time_fields
         self._writer = None
         self._lr_from_monitor = False
 
@@ -126,7 +135,20 @@ class TensorBoardLogger(Callback):
             writer.add_scalar(f"val/{name}", value, step)
         for name, image in images.items():
             writer.add_image(f"val/maps/{name}", image, step, dataformats="HWC")
+        by_lead = self._rmse_by_lead(metrics, step)
+        if by_lead is not None:
+            writer.add_image("val/rmse_by_lead", by_lead, step, dataformats="HWC")
         writer.flush()
+
+    def _rmse_by_lead(self, metrics: Mapping[str, float], step: int) -> Any:
+        """RMSE against lead time as an (H, W, 3) image, or ``None`` when switched off or
+        no chosen field has scores at two or more lead times."""
+        if self.lead_time_fields is not None and not self.lead_time_fields:
+            return None
+        from aurora_loop.callbacks.lead_time import lead_curves, render_lead_curves
+
+        curves = lead_curves(metrics, self.lead_time_fields)
+        return render_lead_curves(curves, title=f"validation RMSE by lead time, step {step}") if curves else None
 
     # --- forecast maps ---------------------------------------------------------------------
     def _maps(self, trainer: Any, step: int) -> dict[str, Any]:

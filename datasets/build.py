@@ -35,6 +35,22 @@ def selection_from_config(config: Any) -> VariableSelection:
     )
 
 
+def sample_specs(config: Any) -> tuple[SampleSpec, SampleSpec | None]:
+    """(training spec, validation spec) of a config: ``history`` inputs and ``rollout_steps``
+    targets; validation takes ``val_rollout_steps`` targets when set (``None`` when unset:
+    validation samples are shaped like training's)."""
+    history = int(getattr(config, "history", 2) or 2)
+    spec = SampleSpec(history=history, rollout_steps=int(getattr(config, "rollout_steps", 1) or 1))
+    if spec.rollout_steps < 1 or spec.history < 1:
+        raise UsageError(f"history and rollout_steps must be at least 1, got {spec.history} and {spec.rollout_steps}")
+    val_steps = getattr(config, "val_rollout_steps", None)
+    if val_steps is None:
+        return spec, None
+    if int(val_steps) < 1:
+        raise UsageError(f"val_rollout_steps must be at least 1 (or none), got {val_steps}")
+    return spec, SampleSpec(history=history, rollout_steps=int(val_steps))
+
+
 def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     """Open ``config.dataset_path`` and return ``(train_loader, val_loader)``.
 
@@ -43,7 +59,8 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
 
     Config fields read (with defaults when absent): ``dataset_path``, ``static_path`` (None),
     ``batch_size`` (global), ``num_workers`` (2), ``prefetch`` (2 * num_workers),
-    ``rollout_steps`` (1), ``history`` (2), ``seed`` (0), ``surf_vars`` / ``static_vars`` /
+    ``rollout_steps`` (1), ``val_rollout_steps`` (None: ``rollout_steps``; the validation
+    loader's targets per sample), ``history`` (2), ``seed`` (0), ``surf_vars`` / ``static_vars`` /
     ``atmos_vars`` (Aurora's full sets), ``levels`` (() = all), ``variable_map`` (None),
     ``train_start`` / ``train_end`` / ``val_start`` / ``val_end`` (ISO strings or None: with
     none set, the last ~20% of the times validate), ``nan_policy`` ("error" or "skip"),
@@ -55,9 +72,7 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     if not path:
         raise UsageError("no dataset_path given; pass --dataset_path STORE.zarr (make one with `aurora-loop sample-data OUT.zarr`)")
     batch_size = int(getattr(config, "batch_size", 1))
-    spec = SampleSpec(history=int(getattr(config, "history", 2) or 2), rollout_steps=int(getattr(config, "rollout_steps", 1) or 1))
-    if spec.rollout_steps < 1 or spec.history < 1:
-        raise UsageError(f"history and rollout_steps must be at least 1, got {spec.history} and {spec.rollout_steps}")
+    spec, val_spec = sample_specs(config)
     selection, static_path = selection_from_config(config), getattr(config, "static_path", None)
     if str(path).startswith(TFDS_PREFIX):
         store: WeatherStore | RecordStore = open_tfds(str(path), selection, getattr(config, "tfds_data_dir", None), static_path)
@@ -70,9 +85,9 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         train_range=(getattr(config, "train_start", None), getattr(config, "train_end", None)),
         val_range=(getattr(config, "val_start", None), getattr(config, "val_end", None)),
         members=store.members,
+        val_spec=val_spec,
     )
     common = dict(
-        spec=spec,
         batch_size=batch_size,
         seed=int(getattr(config, "seed", 0)),
         num_workers=int(getattr(config, "num_workers", 2)),
@@ -80,6 +95,6 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         nan_policy=getattr(config, "nan_policy", "error") or "error",
     )
     return (
-        ZarrLoader(store, sample_index(train, store.members), shuffle=True, **common),
-        ZarrLoader(store, sample_index(val, store.members), shuffle=False, **common),
+        ZarrLoader(store, sample_index(train, store.members), spec=spec, shuffle=True, **common),
+        ZarrLoader(store, sample_index(val, store.members), spec=val_spec or spec, shuffle=False, **common),
     )

@@ -67,34 +67,43 @@ def valid_starts(times: np.ndarray, spec: SampleSpec, start: str | np.datetime64
     return first[ok].astype(np.int64)
 
 
-def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_range: tuple = (None, None), val_range: tuple = (None, None), val_fraction: float = 0.2, members: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_range: tuple = (None, None), val_range: tuple = (None, None), val_fraction: float = 0.2, members: int = 1, val_spec: SampleSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation start indices.
 
     With explicit ranges each split keeps the samples that lie wholly inside its range. With
     no range at all, the last ``val_fraction`` of the times (at least enough for one batch of
     ``batch_size`` samples) is validation and the rest training, so no training sample's
     targets reach a validation input. Each start gives ``members`` samples (ensemble stores).
+    ``val_spec``: the validation samples' steps when they differ from ``spec`` (a longer
+    roll-out, ``--val_rollout_steps``); ``None``: ``spec``.
     """
     starts_per_batch = math.ceil(batch_size / members)
+    # Name the flag that sets the validation roll-out, so a too-short split says what to shrink.
+    val_flag = "--rollout_steps" if val_spec is None else "--val_rollout_steps"
+    val_spec = val_spec or spec
     if any(v not in (None, "") for v in (*train_range, *val_range)):
         train = valid_starts(times, spec, *train_range, name="train")
-        val = valid_starts(times, spec, *val_range, name="val")
+        val = valid_starts(times, val_spec, *val_range, name="val")
     else:
         n = times.size
-        n_val = max(math.ceil(val_fraction * n), starts_per_batch + spec.span - 1)
+        n_val = max(math.ceil(val_fraction * n), starts_per_batch + val_spec.span - 1)
         if n - n_val < starts_per_batch + spec.span - 1:
-            need = 2 * (starts_per_batch + spec.span - 1)
+            need = 2 * starts_per_batch + spec.span + val_spec.span - 2
+            steps = f"{spec.history} history + {spec.rollout_steps} target steps"
+            if val_spec != spec:
+                steps = f"{steps} (validation: {val_spec.rollout_steps} target steps)"
             raise UsageError(
                 f"the store holds {n} times, too few for one training and one validation batch of {batch_size} "
-                f"samples of {spec.history} history + {spec.rollout_steps} target steps (need at least {need}); use more times or a smaller --batch_size/--rollout_steps"
+                f"samples of {steps} (need at least {need}); use more times or a smaller --batch_size/--rollout_steps"
+                + ("" if val_flag == "--rollout_steps" else f"/{val_flag}")
             )
         train = valid_starts(times[: n - n_val], spec)
-        val = valid_starts(times[n - n_val :], spec) + (n - n_val)
-    for name, starts in (("training", train), ("validation", val)):
+        val = valid_starts(times[n - n_val :], val_spec) + (n - n_val)
+    for name, starts, span, flag in (("training", train, spec.span, "--rollout_steps"), ("validation", val, val_spec.span, val_flag)):
         if starts.size * members < batch_size:
             raise UsageError(
-                f"the {name} time range holds {starts.size * members} valid samples of {spec.span} steps, fewer than one batch of {batch_size}; "
-                f"widen --{name[:5] if name == 'training' else 'val'}_start/_end, use more times or a smaller --batch_size/--rollout_steps"
+                f"the {name} time range holds {starts.size * members} valid samples of {span} steps, fewer than one batch of {batch_size}; "
+                f"widen --{name[:5] if name == 'training' else 'val'}_start/_end, use more times or a smaller --batch_size/{flag}"
             )
     return train, val
 

@@ -78,7 +78,7 @@ def command(cell: dict[str, Any], store: str, out: str) -> list[str]:
     args += ["--fsdp"] * (cell["devices"] == "4fsdp")
     args += ["--model_kwargs", json.dumps(LORA), "--lora_only"] if cell["lora"] else []
     args += ["--remat"] * cell["remat"] + ["--bf16"] * cell["bf16"]
-    return args
+    return args + list(cell.get("extras", []))
 
 
 def train(cell: dict[str, Any], store: str, directory: str, distributed: list[str]) -> int:
@@ -126,6 +126,8 @@ def analyse(cell: dict[str, Any], directory: str) -> dict[str, Any]:
     scalars, images = scalars_and_images(full)
     report["val_steps"] = scalars.get("val/loss", [])
     report["map_steps"] = images.get("val/maps/2t", [])
+    report["lead_scalar_steps"] = scalars.get("val/rmse/2t/18h", [])  # the third 6-hour lead
+    report["rmse_by_lead_steps"] = images.get("val/rmse_by_lead", [])
     report["checkpoints_full"] = checkpoint_steps(os.path.join(full, "checkpoints"))
     report["checkpoints_resumed"] = checkpoint_steps(os.path.join(resumed, "checkpoints"))
 
@@ -146,6 +148,7 @@ def analyse(cell: dict[str, Any], directory: str) -> dict[str, Any]:
     report["export_status"] = tools_main(["export-checkpoint", full, "--step", "best", "--out", export_dir])
     record = json.load(open(os.path.join(export_dir, "export.json")))
     report["best_step"] = record["step"]
+    report["exported_weights"] = record["weights"]
     with open(os.path.join(full, "config.json")) as fh:
         training = json.load(fh)
     config = config_from_mapping({**training, "checkpoint_dir": export_dir}, source="the run's config.json")

@@ -273,6 +273,61 @@ def test_stop_requested_on_one_process_stops_all(store, tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["4"]
 
 
+TIME_ON_PROCESS_0 = textwrap.dedent(
+    """
+    import sys
+    from aurora_loop.cli import resolve_config
+    from aurora_loop.distributed import initialize_distributed
+
+    config, _ = resolve_config(sys.argv[1:])
+    initialize_distributed(config)
+    import jax
+    from aurora_loop.callbacks import Callback, ModelCheckpoint, TimeLimit
+    from aurora_loop.datasets import build_loaders
+    from aurora_loop.task import make_task
+    from aurora_loop.trainer import Trainer
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    # Fake seconds per step: 10 on process 0; 1000 on process 1, whose clock must not count
+    # (it would save at every boundary and stop at once).
+    clock, per_step = Clock(), 10.0 if jax.process_index() == 0 else 1000.0
+
+    class Tick(Callback):
+        def on_step(self, trainer, step, metrics):
+            clock.now += per_step
+
+    train, _ = build_loaders(config)
+    checkpoints = ModelCheckpoint(config.output_dir + "/checkpoints", every_n_steps=100, max_to_keep=None,
+                                  save_last=False, verbose=False, every_n_minutes=0.5, clock=clock)
+    limit = TimeLimit(95, clock=clock, margin_seconds=0, margin_fraction=0, verbose=False)
+    trainer = Trainer(callbacks=[Tick(), limit, checkpoints], max_epochs=50, seed=0)
+    trainer.fit(make_task(config.model, config), train)
+    print("RESULT", trainer.global_step, checkpoints.saved_steps, flush=True)
+    """
+)
+
+
+def test_wall_clock_decisions_follow_process_0(store, tmp_path):
+    """TimeLimit and ModelCheckpoint(every_n_minutes) decide by process 0's clock only: both
+    processes stop at the same step and save the same steps (saving is collective).
+
+    Process 0's fake clock reads 10 s x hooks run: a save is due 30 s after the last, so step 4
+    (hook of step 3 at 30 s) and step 8 (at 70 s, 30 s after the save at 40 s) are saved; at step
+    8's hook (80 s) two more steps (20 s) would pass the 95 s limit, so the run stops at 8."""
+    script = tmp_path / "time_on_0.py"
+    script.write_text(TIME_ON_PROCESS_0)
+    out = tmp_path / "run"
+    command = [sys.executable, str(script), "--dataset_path", store, "--output_dir", str(out), *TRAIN]
+    outputs = wait_all(start_processes(command, tmp_path))
+    assert [line for text in outputs for line in text.splitlines() if line.startswith("RESULT")] == ["RESULT 8 [4, 8]"] * 2
+    assert sorted(os.listdir(out / "checkpoints")) == ["4", "8"]
+
+
 # --- a dead process ----------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("death", ["killed", "exception"])

@@ -6,7 +6,9 @@ one device, 4 devices data-parallel, 4 devices ``--fsdp`` or 2 processes x 2 dev
 ``jax.distributed`` on 127.0.0.1), in each roll-out mode, with all weights or LoRA only
 (``--model_kwargs`` switches LoRA on; the adapters start fresh on the pretrained weights),
 with and without ``--remat`` and ``--bf16``. The full product is 96 cells; :data:`CELLS`
-holds 12 in which every pair of option values meets at least once (checked below).
+holds 12 in which every pair of option values meets at least once (checked below). The
+fine-tuning options (accumulation, EMA, per-lead validation, parameter groups, bf16-params,
+time limits) are woven through the cells so that each meets every device layout.
 
 Every cell asserts: each run exits 0 (the interrupted one 75); the uninterrupted run
 validated its last step and drew forecast maps there; ``export-checkpoint --step best`` works
@@ -54,6 +56,16 @@ CELLS = [
     ("2x2", "pushforward", True, False, False),
     ("2x2", "replay", False, True, False),
 ]
+# The fine-tuning options of #15, woven through the cells so that each meets every device
+# layout (flags added to the cell's command; see tests.scenario_cell.command).
+ACCUMULATE = {"1-full-all-remat-bf16", "4dp-pushforward-lora-remat-bf16", "4fsdp-full-lora", "2x2-full-lora-remat-bf16"}
+EMA = {"1-pushforward-lora", "4dp-full-lora-remat-bf16", "4fsdp-full-lora", "2x2-replay-all-remat"}
+LEAD_TIMES = {"1-full-all-remat-bf16", "4dp-replay-all", "4fsdp-pushforward-all-remat", "2x2-full-lora-remat-bf16"}
+GROUPS = {"1-full-all-remat-bf16": [r"encoder\..*", "decoder=2"], "4fsdp-replay-lora-remat-bf16": ["backbone.encoder_layers_0", "backbone=2"],
+          "2x2-pushforward-lora": [r"backbone\.decoder_layers\.1\..*", "backbone.encoder_layers_0=3"],
+          "4dp-replay-all": ["decoder", "encoder=0.5"]}
+BF16_PARAMS = {"4dp-pushforward-lora-remat-bf16", "2x2-full-lora-remat-bf16"}  # --precision bf16-params instead of --bf16
+VAL_ROLLOUT = 3
 CELL_TIMEOUT_S = 900
 FAST_COMPILE = "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -64,7 +76,27 @@ def cell_id(cell: tuple) -> str:
 
 
 def as_dict(cell: tuple) -> dict[str, Any]:
-    return dict(zip(("devices", "mode", "lora", "remat", "bf16"), cell))
+    spec = dict(zip(("devices", "mode", "lora", "remat", "bf16"), cell))
+    name = cell_id(cell)
+    extras = ["--max_time", "01:00:00", "--save_every_n_minutes", "30"]  # never due here: the checks run, nothing fires
+    extras += ["--accumulate_grad_batches", "2"] * (name in ACCUMULATE)
+    extras += ["--ema_decay", "0.9"] * (name in EMA)
+    extras += ["--val_rollout_steps", str(VAL_ROLLOUT)] * (name in LEAD_TIMES)
+    if name in GROUPS:
+        extras += ["--freeze", GROUPS[name][0], "--lr_multipliers", GROUPS[name][1]]
+    if name in BF16_PARAMS:
+        spec["bf16"] = False
+        extras += ["--precision", "bf16-params"]
+    spec["extras"] = extras
+    return spec
+
+
+def test_the_fine_tuning_options_meet_every_device_layout():
+    names = {cell_id(c): c for c in CELLS}
+    for option in (ACCUMULATE, EMA, LEAD_TIMES, set(GROUPS)):
+        assert option <= set(names), option - set(names)
+        assert {names[n][0] for n in option} == set(DEVICES), option
+    assert all(names[n][1] != "replay" for n in ACCUMULATE)
 
 
 def test_the_matrix_covers_every_pair_of_options():
@@ -213,6 +245,12 @@ def test_scenario(matrix, cell):
     # with its forecast maps, drawn under the training shardings.
     assert report["val_steps"] == sorted(set(range(VAL_EVERY, MAX_STEPS + 1, VAL_EVERY)) | {MAX_STEPS})
     assert report["map_steps"] == report["val_steps"]
+    name = cell_id(cell)
+    if name in LEAD_TIMES:  # validation rolled out VAL_ROLLOUT steps, scored per lead time
+        assert report["lead_scalar_steps"] == report["val_steps"] and report["rmse_by_lead_steps"] == report["val_steps"]
+    else:
+        assert report["lead_scalar_steps"] == [] and report["rmse_by_lead_steps"] == []
+    assert report["exported_weights"] == ("ema" if name in EMA else "raw")
     assert report["checkpoints_full"][-1] == MAX_STEPS and SAVE_EVERY in report["checkpoints_full"]
     assert MAX_STEPS in report["checkpoints_resumed"]
     # The best checkpoint exports, and the export loads into a fresh task unchanged.

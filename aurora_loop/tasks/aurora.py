@@ -147,13 +147,17 @@ class AuroraTask(ReplayTraining):
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
+        """Scores of one batch, rolled out over its target steps: ``loss``, ``mae/<field>``
+        and ``rmse/<field>`` averaged over the steps, and per lead time
+        ``mae/<field>/<lead>h`` / ``rmse/<field>/<lead>h``, lead = (k + 1) * the model step
+        (latitude-weighted, physical units; :meth:`MeanMetrics.from_rollout`)."""
         batch = self._crop(batch)
 
         def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
             return {"loss": self.loss_fn(prediction, target, self.config.surf_stats_dict), **weather_errors(prediction, target)}
 
         scores = rollout_scan(self._predict_fn(params), batch, per_step)  # each (steps, b)
-        return MeanMetrics.from_values({k: jnp.mean(v, axis=0) for k, v in scores.items()})
+        return MeanMetrics.from_rollout(scores, self.config.timestep_hours)
 
     def predict(self, params: Any, sample: Sample) -> Batch:
         """The forecast for every target step: a Batch shaped like the (cropped) targets."""

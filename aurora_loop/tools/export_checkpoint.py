@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from aurora_loop.checkpoint_weights import WEIGHT_CHOICES, WEIGHTS_HELP
 from aurora_loop.errors import UsageError
 
 PARTS = ("encoder", "backbone", "decoder")
@@ -39,6 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", default="latest", help="checkpoint step to export: a number, 'latest' (default) or 'best' (ModelCheckpoint's monitored best)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist or be empty, unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing DIR")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
 
 
 def checkpoint_steps(checkpoint_dir: str) -> list[int]:
@@ -89,21 +91,12 @@ def choose_step(checkpoint_dir: str, wanted: str) -> int:
     return int(wanted)
 
 
-def read_params(state_dir: str) -> Any:
-    """The ``params`` subtree of a saved TrainState, as numpy arrays (any device count)."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
+def read_params(state_dir: str, weights: str = "auto") -> Any:
+    """The weights of a saved TrainState as numpy arrays (any device count): its moving
+    average when it kept one, unless ``weights`` is ``raw`` (:mod:`aurora_loop.checkpoint_weights`)."""
+    from aurora_loop.checkpoint_weights import restore_state_weights
 
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        raise UsageError(f"{state_dir} does not hold a trainer state with params; is it a ModelCheckpoint checkpoint?")
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    return state["params"]
+    return restore_state_weights(state_dir, weights)[0]
 
 
 def split_params(params: Any) -> tuple[dict[str, Any], bool]:
@@ -132,7 +125,7 @@ def _model_config_json(training_config: Mapping[str, Any] | None) -> str | None:
     return model_config.to_json() if hasattr(model_config, "to_json") else None
 
 
-def export(run_dir: str, out: str, step: str = "latest", force: bool = False) -> dict[str, Any]:
+def export(run_dir: str, out: str, step: str = "latest", force: bool = False, weights: str = "auto") -> dict[str, Any]:
     """Write the export (see the module docstring); returns what ``export.json`` records."""
     import orbax.checkpoint as ocp
 
@@ -144,7 +137,9 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False) ->
         raise UsageError(f"--out {out} exists and is not empty; choose a new directory or pass --force to replace it")
     chosen = choose_step(checkpoint_dir, step)
     step_dir = os.path.join(checkpoint_dir, str(chosen))
-    params = read_params(os.path.join(step_dir, "state"))
+    from aurora_loop.checkpoint_weights import restore_state_weights
+
+    params, weights_read = restore_state_weights(os.path.join(step_dir, "state"), weights)
     parts, split = split_params(params)
 
     training_config = None
@@ -173,6 +168,7 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False) ->
             "layout": "encoder/backbone/decoder" if split else "model",
             "parts": sorted(parts),
             "config": "model" if model_json is not None else "training",
+            "weights": "ema" if weights_read == "ema_params" else "raw",
         }
         with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=2, sort_keys=True)
@@ -186,13 +182,15 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    record = export(args.run_dir, args.out, step=str(args.step), force=args.force)
+    record = export(args.run_dir, args.out, step=str(args.step), force=args.force, weights=args.weights)
     out = os.path.abspath(args.out)
     if record["layout"] == "model":
         print(f"Exported step {record['step']} to {out}/model: the parameters have no encoder/backbone/decoder parts "
               f"(not an Aurora model), so they were written whole")
     else:
         print(f"Exported step {record['step']} to {out}: {', '.join(record['parts'])}")
+    if record["weights"] == "ema":
+        print("The exported weights are the run's moving average (--ema_decay); pass --weights raw for the trained ones")
     if record["config"] == "training":
         print(f"{out}/config.json is the run's training config (the task exposes no model config)")
     return 0

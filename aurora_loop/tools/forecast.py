@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from aurora_loop.checkpoint_weights import WEIGHT_CHOICES, WEIGHTS_HELP
 from aurora_loop.errors import UsageError
 
 
@@ -30,6 +31,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_devices", "--num_gpus", dest="num_devices", type=int, help="devices to use (default: all visible)")
     parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format of the output (default 2, consolidated, as WeatherBench2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         zarr_format=args.zarr_format,
         overwrite=args.overwrite,
         progress=args.progress,
+        weights=args.weights,
         overrides={k: getattr(args, k) for k in ("surf_vars", "static_vars", "atmos_vars", "levels") if getattr(args, k) is not None},
     )
     print(f"Wrote {count} forecast(s) of {args.steps} step(s) to {path}")
