@@ -71,6 +71,15 @@ def _flops_of(compiled: Any) -> float | None:
     return flops if flops > 0 else None
 
 
+def examples_per_step(batch: Any) -> int:
+    """Examples one train step consumes: the global batch, times the micro-batches of an
+    accumulated step (:class:`aurora_loop.accumulation.MicroBatches`, leaves (n, b, ...))."""
+    stacked = getattr(batch, "stacked_leaves", None)
+    if stacked:
+        return int(stacked[0].shape[0] * stacked[0].shape[1])
+    return int(jax.tree.leaves(batch)[0].shape[0])
+
+
 class _TimedStep:
     """Wraps a jitted train step: AOT-compiles on the first call, then calls the executable."""
 
@@ -90,7 +99,7 @@ class _TimedStep:
             else:
                 self.owner.compile_time = time.perf_counter() - start
                 self.owner.flops_from_cost_analysis = _flops_of(self.compiled)
-            self.owner.batch_size = int(jax.tree.leaves(batch)[0].shape[0])
+            self.owner.batch_size = examples_per_step(batch)
         try:
             return self.compiled(state, batch)
         except TypeError:  # a batch of another shape: let jit handle it

@@ -49,6 +49,14 @@ def test_four_accumulated_micro_batches_equal_one_batch_four_times_larger(num_de
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(big.params)))
 
 
+def test_throughput_counts_every_micro_batch_as_examples():
+    from aurora_loop.callbacks import Throughput
+
+    throughput = Throughput(every_n_steps=1)
+    _fit(4, accumulate=2, num_devices=4, max_steps=2, callbacks=[throughput])
+    assert throughput.batch_size == 8
+
+
 def test_compiled_step_memory_does_not_grow_with_the_number_of_micro_batches():
     temp = {}
     for n in (2, 8):
