@@ -251,3 +251,18 @@ def test_precision_and_bf16_flags_are_checked(tmp_path):
     assert main(["--precision", "fp16", "--output_dir", str(tmp_path / "a")]) == 2
     assert main(["--bf16", "--precision", "bf16-params", "--output_dir", str(tmp_path / "b")]) == 2
     assert main(["--ema_decay", "1.5", "--output_dir", str(tmp_path / "c")]) == 2
+
+
+def test_a_run_recorded_before_these_settings_existed_still_resumes(tmp_path):
+    import json
+
+    from aurora_loop.cli import check_output_dir
+    from aurora_loop.config import TrainingConfig
+
+    config = TrainingConfig(output_dir=str(tmp_path))
+    recorded = {k: v for k, v in config.to_json_dict().items()
+                if k not in ("accumulate_grad_batches", "freeze", "lr_multipliers", "ema_decay", "precision")}
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert check_output_dir(config, overwrite=False) is False  # same run: resume
+    with pytest.raises(UsageError, match="accumulate_grad_batches differs"):
+        check_output_dir(config.replace(accumulate_grad_batches=2), overwrite=False)
