@@ -1,6 +1,7 @@
 """Training-step time of Aurora in JAX, side by side with the PyTorch reference.
 
     python benchmarks/step_time.py [--reference-python /path/to/refvenv/bin/python]
+    python benchmarks/step_time.py --precision fp32|bf16-mixed|bf16-params|all [--model M] [--grid H W]
 
 JAX: one training step (forward, backward, AdamW update) of AuroraSmall's architecture on
 a 64 x 128 grid with 13 pressure levels and a batch of 1, float32, jitted and timed after
@@ -14,6 +15,35 @@ the same shapes in the same run, and then forward + backward + a fused ``torch.o
 It prints ``jax_over_torch_same_work`` (both sides with their AdamW update) and, last,
 ``jax_over_torch=<ratio>``: the JAX training step over the reference's forward + backward,
 the comparison the benchmark was specified with (below 1 means JAX is faster).
+
+Precision mode (``--precision``; without it, the modes above run, where ``--bf16`` is the
+hand-built step's ``bf16-mixed``): the trainer's real step instead,
+``aurora_loop.step.make_train_step`` on ``AuroraTask`` (its loss; AdamW, 1 device, batch
+1, the state donated), under each named policy -- ``fp32`` (``autocast=False``),
+``bf16-mixed`` (float32 parameters, the model's bfloat16 backbone, ``autocast=True``),
+``bf16-params`` (``StepOptions(compute_dtype=bfloat16)``: bfloat16 weights and gradients in
+the forward and backward pass, float32 masters in the optimizer; ``autocast=True``) -- or
+``all`` of them in one process. Every policy is compiled, warmed up (``--warmup`` steps
+each), then timed interleaved, one step of each per round (fp32, bf16-mixed, bf16-params,
+fp32, ...; ``--steps`` rounds) so that the machine's drift hits all alike. Per policy it
+prints the median step time and the compiled step's per-device ``argument`` + ``temp``
+bytes (``compiled.memory_analysis()``); with more than one policy then
+``precision_memory_ratio ...`` and, last, ``precision_step_time_ratio bf16-mixed/fp32=<r>
+bf16-params/fp32=<r>`` (median step time over the first policy's; below 1 is faster).
+``--remat`` applies; ``--bf16``, ``--reference-python`` and ``--no-memory`` do not.
+For the GPU: ``python benchmarks/step_time.py --model small --grid 721 1440 --precision all``
+(the task crops the grid to a multiple of the patch size, 720 x 1440).
+
+Measured (2 CPU cores shared with other jobs, jax 0.10; XLA:CPU emulates much of bfloat16
+arithmetic, so these timings say little about a GPU's): ``--model tiny --grid 32 64
+--levels 4 --precision all --steps 7 --warmup 2``: step fp32 0.0178 s, bf16-mixed 0.0204 s,
+bf16-params 0.0222 s; argument+temp 0.0207 / 0.0224 / 0.0211 GiB;
+precision_memory_ratio bf16-mixed/fp32=1.078 bf16-params/fp32=1.019;
+``precision_step_time_ratio bf16-mixed/fp32=1.145 bf16-params/fp32=1.248``.
+``--model small --grid 32 64 --levels 4 --precision all --steps 5 --warmup 1``: step fp32
+1.281 s, bf16-mixed 2.264 s, bf16-params 2.134 s; argument 1.261 GiB for all, temp 0.297 /
+0.602 / 0.608 GiB; precision_memory_ratio bf16-mixed/fp32=1.195 bf16-params/fp32=1.199;
+``precision_step_time_ratio bf16-mixed/fp32=1.767 bf16-params/fp32=1.665``.
 """
 
 from __future__ import annotations
@@ -28,6 +58,7 @@ import tempfile
 import time
 
 LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-params")  # aurora_loop.step.PRECISION_COMPUTE_DTYPES (importing it starts jax)
 
 TORCH_SCRIPT = r'''
 import datetime, json, statistics, sys, time
@@ -80,7 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 backbone (autocast) on both sides")
     parser.add_argument("--remat", action="store_true", help="time with per-block rematerialisation")
     parser.add_argument("--no-memory", action="store_true", help="skip the remat memory comparison")
-    return parser.parse_args(argv)
+    parser.add_argument("--precision", choices=(*PRECISIONS, "all"), default=None,
+                        help="time the trainer's real step under this precision policy, or all of them interleaved")
+    args = parser.parse_args(argv)
+    if args.precision is not None and (args.bf16 or args.reference_python):
+        parser.error("--precision times the trainer's step under the named policies; --bf16 and --reference-python "
+                     "belong to the reference comparison (without --precision)")
+    return args
 
 
 def torch_time(python: str, args: argparse.Namespace, levels: tuple[int, ...]) -> dict:
@@ -96,19 +133,15 @@ def torch_time(python: str, args: argparse.Namespace, levels: tuple[int, ...]) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
-    """(jitted train step, params, opt_state, batch) for the benchmark shapes."""
-    import jax
-    import jax.numpy as jnp
+def make_inputs_and_target(config, grid: tuple[int, int], levels: tuple[int, ...]):
+    """(inputs with 2 history steps, target 6 h later), batch 1, drawn around each variable's
+    normalisation statistics so the normalised values are O(1)."""
     import numpy as np
-    import optax
 
-    from aurora_loop.model import AuroraConfig, Batch, Metadata, apply, init_params
+    from aurora_loop.model import Batch, Metadata
     from aurora_loop.model.normalisation import atmos_stats, surface_stats
-    from aurora_loop.tasks.aurora import weighted_mae
 
-    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat)
-    h, w = args.grid
+    h, w = grid
     rng = np.random.default_rng(0)
 
     def physical_surf(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -128,7 +161,20 @@ def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
                               time=np.array([time_h]), atmos_levels=levels),
         )
 
-    inputs, target = make_batch(2, 438300.0), make_batch(1, 438306.0)
+    return make_batch(2, 438300.0), make_batch(1, 438306.0)
+
+
+def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
+    """(jitted train step, params, opt_state, batch) for the benchmark shapes."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from aurora_loop.model import AuroraConfig, apply, init_params
+    from aurora_loop.tasks.aurora import weighted_mae
+
+    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat)
+    inputs, target = make_inputs_and_target(config, tuple(args.grid), levels)
     params = init_params(config, jax.random.key(0), inputs)
     optimizer = optax.adamw(1e-4)
     opt_state = optimizer.init(params)
@@ -180,11 +226,72 @@ def temp_memory(args: argparse.Namespace, levels: tuple[int, ...], remat: bool) 
     return int(analysis.temp_size_in_bytes)
 
 
+def precision_time(args: argparse.Namespace, levels: tuple[int, ...]) -> int:
+    """``--precision``: the trainer's train step under each policy, timed interleaved."""
+    import jax
+    import optax
+
+    from aurora_loop.model import AuroraConfig, Sample
+    from aurora_loop.parallel import batch_shardings, make_mesh, place_batch
+    from aurora_loop.step import PRECISION_COMPUTE_DTYPES, StepOptions, make_init_fn, make_train_step, state_shardings
+    from aurora_loop.tasks.aurora import AuroraTask
+
+    policies = PRECISIONS if args.precision == "all" else (args.precision,)
+    mesh = make_mesh(1)
+    print(f"# Aurora {args.model}, {args.grid[0]}x{args.grid[1]} grid, {len(levels)} levels, batch 1, remat={args.remat}, "
+          f"trainer step (AuroraTask loss, AdamW); precision {', '.join(policies)}; {jax.default_backend()} {jax.devices()[0]}; "
+          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}", flush=True)
+    runs = {}
+    for policy in policies:
+        config = AuroraConfig.preset(args.model, use_lora=False, autocast=policy != "fp32", remat=args.remat)
+        task = AuroraTask(config, name=args.model)
+        host = Sample(*make_inputs_and_target(config, tuple(args.grid), levels))
+        task.setup(host)  # as the trainer does: the grid's constants
+        batch_sharding = batch_shardings(host, mesh)
+        batch = place_batch(host, batch_sharding)
+        optimizer = optax.adamw(1e-4)
+        init_fn = make_init_fn(task, optimizer, seed=0)
+        shardings = state_shardings(jax.eval_shape(init_fn, batch), mesh)
+        state = jax.jit(init_fn, out_shardings=shardings)(batch)
+        options = StepOptions(compute_dtype=PRECISION_COMPUTE_DTYPES[policy])
+        step = make_train_step(task, optimizer, shardings, batch_sharding, mesh, options=options)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        analysis = compiled.memory_analysis()
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        runs[policy] = {"step": compiled, "state": state, "batch": batch, "times": [], "compile_s": compile_s,
+                        "argument": int(analysis.argument_size_in_bytes), "temp": int(analysis.temp_size_in_bytes)}
+        print(f"# {policy}: compiled in {compile_s:.1f}s", flush=True)
+    for _ in range(args.steps):  # interleaved: one step of every policy per round
+        for run in runs.values():
+            t0 = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], run["batch"])
+            jax.block_until_ready((run["state"], metrics))
+            run["times"].append(time.perf_counter() - t0)
+            run["loss"] = float(metrics["loss"])
+    for policy, run in runs.items():
+        run["median_s"] = statistics.median(run["times"])
+        print(f"{policy}: step_s={run['median_s']:.4f}  argument={run['argument'] / 2**30:.4f} GiB  temp={run['temp'] / 2**30:.4f} GiB  "
+              f"argument+temp={(run['argument'] + run['temp']) / 2**30:.4f} GiB  (compile {run['compile_s']:.1f}s; loss {run['loss']:.6g}; "
+              f"steps {', '.join(f'{t:.3f}' for t in run['times'])})", flush=True)
+    if len(runs) > 1:
+        base, *others = policies
+        total = {p: runs[p]["argument"] + runs[p]["temp"] for p in policies}
+        print("precision_memory_ratio " + " ".join(f"{p}/{base}={total[p] / total[base]:.3f}" for p in others))
+        print("precision_step_time_ratio " + " ".join(f"{p}/{base}={runs[p]['median_s'] / runs[base]['median_s']:.3f}" for p in others))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from aurora_loop.model.normalisation import STANDARD_LEVELS
 
     levels = tuple(STANDARD_LEVELS[: args.levels])
+    if args.precision is not None:
+        return precision_time(args, levels)
     desc = f"Aurora {args.model}, {args.grid[0]}x{args.grid[1]} grid, {len(levels)} levels, batch 1, {'bf16 backbone' if args.bf16 else 'float32'}"
     print(f"# {desc}; {os.cpu_count()} CPUs; python {sys.version.split()[0]}", flush=True)
     if not args.no_memory:
