@@ -261,8 +261,10 @@ def _print_param_groups(task: Any, train_loader: Any, groups: Any) -> int:
         task.setup(example)
     shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
     groups.check(shapes)
+    # Parameters that are new next to the pretrained weights (new variables, history slots).
+    notes = task.new_parameters() if callable(getattr(task, "new_parameters", None)) else {}
     if jax.process_index() == 0:
-        print(format_group_table(group_table(shapes, groups)), flush=True)
+        print(format_group_table(group_table(shapes, groups), notes=notes), flush=True)
     return 0
 
 
@@ -278,6 +280,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     from aurora_loop.distributed import initialize_distributed
 
     initialize_distributed(config)  # before anything touches devices
+    from aurora_loop.compile_cache import enable_compile_cache
+
+    enable_compile_cache(config.compile_cache)  # before anything compiles
     import jax
     import numpy as np
 

@@ -61,6 +61,8 @@ class TrainingConfig:
     lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
     fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
     model_kwargs: dict[str, Any] | None = _field(None, "JSON object of keyword arguments of the reference's Aurora constructor, applied over the preset (or over --checkpoint_dir's config.json), e.g. '{\"use_lora\": true, \"lora_mode\": \"all\", \"lora_steps\": 4}'; variables, bf16, remat and the time step keep their own flags")
+    new_weights_init: str = _field("zero", "with --checkpoint_dir: what the slices of variables the pretrained model lacks (its embedding slice and output head) start from: zero (the extended model predicts the pretrained variables exactly as the pretrained model did; the slices still train) or default (the fresh initialisation); new history slots always start at zero")
+    stats: str | None = _field(None, "JSON of normalisation statistics written by `aurora-loop stats` (the reference's locations/scales, keys like 2t and z_500), used only for variables (and levels) the model has no statistics for; built-in statistics are kept")
 
     # Optimisation.
     batch_size: int = _field(2, "global batch size, split over all devices of the mesh")
@@ -86,6 +88,8 @@ class TrainingConfig:
     replay_buffer_size: int = _field(4, "replay mode: slots in the replay buffer, each one global batch of roll-out states")
     replay_refresh_every: int = _field(2, "replay mode: a fresh dataset batch enters the buffer every this many steps (1..rollout_steps; the loader yields one batch per this many steps)")
     seed: int = _field(0, "seed for parameters, shuffling and any stochastic layers")
+
+    compile_cache: str | None = _field("~/.cache/aurora_loop/xla", "directory of JAX's persistent compilation cache, so a rerun or resume loads the compiled steps instead of compiling them ($XDG_CACHE_HOME is honoured; JAX_COMPILATION_CACHE_DIR in the environment wins); none: off")
 
     # Devices.
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (alias --num_devices; CPU devices on a CPU-only machine; none: all visible)")
@@ -148,7 +152,7 @@ class TrainingConfig:
 RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
-     "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time",
+     "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time", "compile_cache",
      "save_every_n_minutes", "eval_weights"}
 )
 

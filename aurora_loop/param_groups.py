@@ -126,11 +126,17 @@ def group_table(params: Any, groups: ParamGroups) -> list[tuple[str, str, tuple[
     return rows
 
 
-def format_group_table(rows: Sequence[tuple[str, str, tuple[int, ...], int]]) -> str:
-    """The table ``--print_param_groups`` prints, with a total per group at the end."""
+def format_group_table(rows: Sequence[tuple[str, str, tuple[int, ...], int]], notes: Mapping[str, str] | None = None) -> str:
+    """The table ``--print_param_groups`` prints, with a total per group at the end.
+
+    ``notes``: parameter path -> a note printed in a last ``new`` column (e.g. which
+    slices of a pretrained model's parameter are new); the column appears when there are any.
+    """
     width = max((len(r[0]) for r in rows), default=10)
-    lines = [f"{'parameter':<{width}}  {'group':<10}  {'shape':<22}  {'count':>12}"]
-    lines += [f"{path:<{width}}  {group:<10}  {str(shape):<22}  {count:>12,}" for path, group, shape, count in rows]
+    notes = dict(notes or {})
+    extra = (lambda path: f"  {notes.get(path, '')}".rstrip()) if notes else (lambda path: "")
+    lines = [f"{'parameter':<{width}}  {'group':<10}  {'shape':<22}  {'count':>12}" + ("  new" if notes else "")]
+    lines += [f"{path:<{width}}  {group:<10}  {str(shape):<22}  {count:>12,}{extra(path)}" for path, group, shape, count in rows]
     totals: dict[str, list[int]] = {}
     for _, group, _, count in rows:
         totals.setdefault(group, [0, 0])

@@ -30,6 +30,19 @@ from aurora_loop.errors import UsageError
 
 G = 9.80665  # m s-2
 DEFAULT_LEVELS = (100, 250, 500, 850)
+#: Aurora name -> WB2 name of every surface variable the sample can hold; the first four are
+#: Aurora's standard set (the default), the others are optional (``surf_vars=``).
+SURFACE_VARIABLES: dict[str, str] = {
+    "2t": "2m_temperature",
+    "10u": "10m_u_component_of_wind",
+    "10v": "10m_v_component_of_wind",
+    "msl": "mean_sea_level_pressure",
+    "tp": "total_precipitation_6hr",
+    "100u": "100m_u_component_of_wind",
+    "100v": "100m_v_component_of_wind",
+    "tcc": "total_cloud_cover",
+}
+STANDARD_SURFACE = ("2t", "10u", "10v", "msl")
 NU = 0.0015  # diffusion: wavenumber k decays by exp(-NU k^2) per step
 
 
@@ -141,7 +154,50 @@ def static_fields(rng: np.random.Generator, lat: np.ndarray, n_lon: int) -> dict
     }
 
 
-def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, start: str = "2020-01-01T00", step_hours: int = 6, dtype: str = "float32") -> xr.Dataset:
+def check_surface_variables(surf_vars: Sequence[str] | None) -> tuple[str, ...]:
+    """The sample's surface variables (Aurora names; None: the standard four), or a UsageError."""
+    names = STANDARD_SURFACE if surf_vars is None else tuple(dict.fromkeys(surf_vars))
+    unknown = [n for n in names if n not in SURFACE_VARIABLES]
+    if unknown:
+        raise UsageError(f"the sample data has no surface variable {unknown[0]!r}; choose from {', '.join(SURFACE_VARIABLES)}")
+    return names
+
+
+def extra_surface_fields(seed: int, lat: np.ndarray, n_lon: int, times: int, step_hours: int, ten_m_wind: tuple[np.ndarray, np.ndarray],
+                         moist: np.ndarray, pressure: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The optional surface fields by WB2 name, (time, lat, lon), from their own random stream
+    (so the standard fields do not change when they are asked for):
+
+    - ``total_precipitation_6hr`` (m per ``step_hours`` accumulation, >= 0, mostly zero): falls
+      where the moisture anomaly is high and the pressure low, most in the tropics (ITCZ) and
+      the mid-latitude storm tracks; the global mean is about 0.7 mm per 6 h, as ERA5's.
+    - ``100m_{u,v}_component_of_wind`` (m/s): the 10 m wind strengthened by the log profile
+      (about 1.3x) plus a little shear noise.
+    - ``total_cloud_cover`` (0..1): a logistic function of moisture and pressure anomalies,
+      mean about 0.6.
+    """
+    if not names:
+        return {}
+    rng = np.random.default_rng([int(seed), 7919])
+    noise = latent_fields(rng, 3, times, lat, n_lon, burn_in=5)
+    phi = np.deg2rad(lat)[None, :, None]
+    abs_lat = np.abs(np.rad2deg(phi))
+    out: dict[str, np.ndarray] = {}
+    if "tp" in names:
+        wet = _unit(0.6 * moist - 0.5 * pressure + 0.6 * noise[0])
+        region = 0.5 + 1.5 * np.exp(-((np.rad2deg(phi) - 5.0) / 10.0) ** 2) + 0.8 * np.exp(-(((abs_lat - 50.0) / 12.0) ** 2))
+        out["total_precipitation_6hr"] = 4e-3 * (step_hours / 6.0) * region * np.maximum(wet - 0.4, 0.0) ** 1.5
+    if "100u" in names or "100v" in names:
+        out["100m_u_component_of_wind"] = 1.3 * ten_m_wind[0] + 0.8 * noise[1]
+        out["100m_v_component_of_wind"] = 1.3 * ten_m_wind[1] + 0.8 * noise[2]
+    if "tcc" in names:
+        cloudy = _unit(0.7 * moist - 0.4 * pressure + 0.5 * noise[0])
+        out["total_cloud_cover"] = np.clip(1.0 / (1.0 + np.exp(-(1.8 * cloudy + 0.45))), 0.0, 1.0)
+    return {SURFACE_VARIABLES[n]: out[SURFACE_VARIABLES[n]] for n in names if SURFACE_VARIABLES[n] in out}
+
+
+def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int = 0, levels: Sequence[int] = DEFAULT_LEVELS, start: str = "2020-01-01T00", step_hours: int = 6, dtype: str = "float32",
+                   surf_vars: Sequence[str] | None = None) -> xr.Dataset:
     """The synthetic data as an in-memory :class:`xarray.Dataset` in the WB2 layout.
 
     Args:
@@ -151,7 +207,11 @@ def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int
       seed: all randomness comes from ``numpy.random.default_rng(seed)``.
       levels: pressure levels (hPa) of the atmospheric variables.
       dtype: "float32" or "float64" of the data variables.
+      surf_vars: Aurora names of the surface variables to write (default: 2t, 10u, 10v, msl);
+        also tp, 100u, 100v, tcc (:func:`extra_surface_fields`). The standard fields' values
+        do not depend on which others are written.
     """
+    surf_names = check_surface_variables(surf_vars)
     h, w = int(grid[0]), int(grid[1])
     if h < 2 or w < 4 or times < 1 or not levels:
         raise UsageError(f"sample data needs a grid of at least 2x4, one time and one level; got grid {h}x{w}, {times} times, levels {list(levels)}")
@@ -193,8 +253,13 @@ def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int
         "10m_u_component_of_wind": -_unit(np.gradient(pressure, axis=-2)),
         "10m_v_component_of_wind": _unit(np.gradient(pressure, axis=-1)),
     }
-    for name, anomaly in surf_anomalies.items():
-        data[name] = (("time", "latitude", "longitude"), mean[name][None, :, None] + spread[name] * anomaly)
+    surf_fields = {name: mean[name][None, :, None] + spread[name] * anomaly for name, anomaly in surf_anomalies.items()}
+    extra = [n for n in surf_names if n not in STANDARD_SURFACE]
+    surf_fields.update(extra_surface_fields(seed, lat, w, times, step_hours, (surf_fields["10m_u_component_of_wind"], surf_fields["10m_v_component_of_wind"]),
+                                            moist, pressure, extra))
+    wanted = [SURFACE_VARIABLES[n] for n in surf_names]
+    for name in [k for k in surf_anomalies if k in wanted] + [k for k in wanted if k not in surf_anomalies]:
+        data[name] = (("time", "latitude", "longitude"), surf_fields[name])
     for name, field in static_fields(rng, lat, w).items():
         data[name] = (("latitude", "longitude"), field)
     data = {k: (dims, np.asarray(v, dtype=dtype)) for k, (dims, v) in data.items()}
@@ -211,9 +276,12 @@ def sample_dataset(grid: tuple[int, int] = (32, 64), times: int = 120, seed: int
     )
     units = {"geopotential": "m**2 s**-2", "temperature": "K", "u_component_of_wind": "m s**-1", "v_component_of_wind": "m s**-1", "specific_humidity": "kg kg**-1",
              "2m_temperature": "K", "mean_sea_level_pressure": "Pa", "10m_u_component_of_wind": "m s**-1", "10m_v_component_of_wind": "m s**-1",
-             "land_sea_mask": "1", "geopotential_at_surface": "m**2 s**-2", "soil_type": "1"}
+             "land_sea_mask": "1", "geopotential_at_surface": "m**2 s**-2", "soil_type": "1",
+             "total_precipitation_6hr": "m", "100m_u_component_of_wind": "m s**-1", "100m_v_component_of_wind": "m s**-1",
+             "total_cloud_cover": "(0 - 1)"}
     for name, unit in units.items():
-        ds[name].attrs["units"] = unit
+        if name in ds:
+            ds[name].attrs["units"] = unit
     ds["level"].attrs["units"] = "hPa"
     ds["latitude"].attrs["units"] = "degrees_north"
     ds["longitude"].attrs["units"] = "degrees_east"
@@ -231,6 +299,7 @@ def write_sample_store(
     dtype: str = "float32",
     step_hours: int = 6,
     overwrite: bool = False,
+    surf_vars: Sequence[str] | None = None,
 ) -> str:
     """Write a synthetic WB2-layout store (see the module docstring) and return its path.
 
@@ -239,6 +308,9 @@ def write_sample_store(
     atmospheric on ``levels`` hPa: geopotential m2/s2, u/v_component_of_wind m/s,
     temperature K, specific_humidity kg/kg) and 3 static ones (land_sea_mask,
     geopotential_at_surface, soil_type). Same (grid, times, seed, levels) -> same values.
+    ``surf_vars`` (Aurora names) picks the surface variables instead: any of the standard four
+    and ``tp`` (total_precipitation_6hr, m), ``100u`` / ``100v`` (100 m wind, m/s) and ``tcc``
+    (total_cloud_cover, 0..1); see :func:`sample_dataset`.
     """
-    ds = sample_dataset(grid=grid, times=times, seed=seed, levels=levels, step_hours=step_hours, dtype=dtype)
+    ds = sample_dataset(grid=grid, times=times, seed=seed, levels=levels, step_hours=step_hours, dtype=dtype, surf_vars=surf_vars)
     return write_store(ds, path, zarr_format=zarr_format, chunks=chunks, overwrite=overwrite)

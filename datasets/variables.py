@@ -6,6 +6,13 @@ Aurora names its fields by kind: surface ``2t, 10u, 10v, msl`` (b, t, h, w), sta
 is kept per kind. A user map (WB2 name -> Aurora name) overrides the defaults for every kind;
 which store variable serves a requested Aurora name is then decided by the kind asked for and
 the variable's dimensions (see :mod:`aurora_loop.datasets.store`).
+
+Beyond Aurora's standard variables the map covers the WB2 ERA5 fields one would add when
+extending a pretrained model (ECMWF short names): ``tp`` (``total_precipitation_6hr``, m
+per 6 h; a store of another step needs ``variable_map``, e.g. ``total_precipitation_12hr=tp``),
+``100u`` / ``100v``, ``tcc``, ``sp``, ``2d``, ``tcwv``, ``sst``, atmospheric ``w``
+(``vertical_velocity``) and the orography / vegetation statics. Each Aurora name has one WB2
+name (the forecast writer inverts the map).
 """
 
 from __future__ import annotations
@@ -23,11 +30,27 @@ DEFAULT_MAP: dict[str, dict[str, str]] = {
         "10m_u_component_of_wind": "10u",
         "10m_v_component_of_wind": "10v",
         "mean_sea_level_pressure": "msl",
+        # Beyond Aurora's standard set (ECMWF short names; give them normalisation statistics).
+        "total_precipitation_6hr": "tp",  # m accumulated over 6 h (WB2's derived ERA5 variable)
+        "100m_u_component_of_wind": "100u",
+        "100m_v_component_of_wind": "100v",
+        "total_cloud_cover": "tcc",  # 0..1
+        "surface_pressure": "sp",
+        "2m_dewpoint_temperature": "2d",
+        "total_column_water_vapour": "tcwv",
+        "sea_surface_temperature": "sst",
     },
     STATIC: {
         "land_sea_mask": "lsm",
         "geopotential_at_surface": "z",
         "soil_type": "slt",
+        "standard_deviation_of_orography": "sdor",
+        "slope_of_sub_gridscale_orography": "slor",
+        "angle_of_sub_gridscale_orography": "anor",
+        "anisotropy_of_sub_gridscale_orography": "isor",
+        "lake_cover": "cl",
+        "high_vegetation_cover": "cvh",
+        "low_vegetation_cover": "cvl",
     },
     ATMOS: {
         "geopotential": "z",
@@ -35,6 +58,7 @@ DEFAULT_MAP: dict[str, dict[str, str]] = {
         "v_component_of_wind": "v",
         "temperature": "t",
         "specific_humidity": "q",
+        "vertical_velocity": "w",
     },
 }
 

@@ -4,3 +4,9 @@ import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # steadier on 2 cores
+# aurora-train and forecast keep a persistent compilation cache under $XDG_CACHE_HOME: one
+# per test session, so tests share it (and exercise it) without touching the user's home.
+if "XDG_CACHE_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="aurora-loop-test-cache-")

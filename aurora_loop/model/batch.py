@@ -182,7 +182,8 @@ class Batch:
 
     def normalise(self, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> Batch:
         """``(x - location) / scale`` per variable (and per level for atmospheric ones);
-        ``surf_stats`` overrides surface/static statistics (see ``normalisation``)."""
+        ``surf_stats`` overrides statistics: surface/static ones by name, atmospheric ones by
+        the reference's ``"name_level"`` keys (see ``normalisation``)."""
         return self._normalise(surf_stats, inverse=False)
 
     def unnormalise(self, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> Batch:
@@ -196,7 +197,7 @@ class Batch:
         return self.replace(
             surf_vars={k: norm.normalise_surface(v, k, surf_stats, inverse) for k, v in self.surf_vars.items()},
             static_vars={k: norm.normalise_surface(v, k, surf_stats, inverse) for k, v in self.static_vars.items()},
-            atmos_vars={k: norm.normalise_atmos(v, k, levels, inverse) for k, v in self.atmos_vars.items()},
+            atmos_vars={k: norm.normalise_atmos(v, k, levels, inverse, surf_stats) for k, v in self.atmos_vars.items()},
         )
 
     def crop(self, patch_size: int) -> Batch:

@@ -111,6 +111,9 @@ class AuroraConfig:
     ``all``: one LoRA per roll-out step."""
     surf_stats: tuple[tuple[str, tuple[float, float]], ...] = ()
     """Overrides ``name -> (location, scale)`` of surface/static normalisation statistics."""
+    atmos_stats: tuple[tuple[str, tuple[float, float]], ...] = ()
+    """Overrides of atmospheric normalisation statistics per level, keyed as the reference
+    keys them: ``"z_500" -> (location, scale)`` (``normalisation.stats_key``)."""
     autocast: bool = False
     """Compute the backbone in bfloat16 (parameters stay float32), as the reference's
     ``autocast``."""
@@ -140,7 +143,7 @@ class AuroraConfig:
             raise TypeError(f"AuroraConfig got unknown keyword arguments: {', '.join(unknown)}")
         for name, field in fields.items():
             value = kwargs.get(name, field.default)
-            if name == "surf_stats":
+            if name in ("surf_stats", "atmos_stats"):
                 items = value.items() if isinstance(value, Mapping) else (value or ())
                 value = tuple(sorted((str(k), (float(v[0]), float(v[1]))) for k, v in items))
             value = _tuple(value)
@@ -162,11 +165,19 @@ class AuroraConfig:
             raise ValueError("drop_rate and drop_path must be 0 (dropout is not implemented)")
         if len(self.window_size) != 3:
             raise ValueError("window_size must be (levels, latitude, longitude)")
+        for key, (_loc, scale) in (*self.surf_stats, *self.atmos_stats):
+            if not 0.0 < scale < float("inf"):
+                raise ValueError(f"the normalisation scale of {key!r} must be positive and finite, got {scale}")
+        for key, _ in self.atmos_stats:
+            if "_" not in key:
+                raise ValueError(f"atmos_stats key {key!r} must name a variable and a level, like 'z_500'")
 
     # -- conveniences ------------------------------------------------------------------
     @property
     def surf_stats_dict(self) -> dict[str, tuple[float, float]]:
-        return dict(self.surf_stats)
+        """Every statistics override in one dict, the reference's convention: surface/static
+        names and atmospheric ``"name_level"`` keys (what ``Batch.normalise`` takes)."""
+        return {**dict(self.surf_stats), **dict(self.atmos_stats)}
 
     @property
     def backbone_dtype(self) -> Any:
@@ -180,6 +191,7 @@ class AuroraConfig:
         """Plain JSON-able dict (reference keyword names, ``timestep_hours`` for the step)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["surf_stats"] = {k: list(v) for k, v in self.surf_stats}
+        out["atmos_stats"] = {k: list(v) for k, v in self.atmos_stats}
         return out
 
     def to_json(self) -> str:

@@ -8,7 +8,10 @@ standard levels (hPa). Units are those of the raw fields: K (``2t``, ``t``), m s
 (``w``), and dimensionless for ``lsm`` / ``slt``.
 
 ``surf_stats`` (a mapping ``name -> (location, scale)``) overrides the surface and static
-entries, as the reference's ``surf_stats`` argument does.
+entries, as the reference's ``surf_stats`` argument does. Atmospheric overrides use the
+reference's per-level keys ``f"{name}_{level_to_str(level)}"`` (``"z_500"``, ``"t_850"``), as
+its ``locations`` / ``scales`` dicts do; one mapping may hold both kinds (a model config's
+``surf_stats_dict``). ``aurora-loop stats`` computes such statistics for new variables.
 """
 
 from __future__ import annotations
@@ -132,26 +135,61 @@ def level_key(level: float) -> float:
     return int(level) if level % 1 == 0 else level
 
 
+def level_to_str(level: float) -> str:
+    """A pressure level as the reference writes it in statistics keys: rounded to 1e-3 hPa,
+    an integer when whole, ``_`` for the decimal point (500 -> ``"500"``, 2.5 -> ``"2_5"``)."""
+    return str(level_key(level)).replace(".", "_")
+
+
+def stats_key(name: str, level: float) -> str:
+    """The reference's key of atmospheric variable ``name`` at ``level``: ``"z_500"``."""
+    return f"{name}_{level_to_str(level)}"
+
+
+def has_surface_stats(name: str) -> bool:
+    """Whether the built-in table has statistics for surface/static variable ``name``."""
+    return name in SURFACE_STATS
+
+
+def has_atmos_stats(name: str, level: float) -> bool:
+    """Whether the built-in table has statistics for atmospheric ``name`` at ``level``."""
+    return level_key(level) in ATMOS_STATS.get(name, {})
+
+
 def surface_stats(name: str, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> tuple[float, float]:
     """``(location, scale)`` of a surface or static variable, honouring the override."""
     if surf_stats and name in surf_stats:
         loc, scale = surf_stats[name]
         return float(loc), float(scale)
     if name not in SURFACE_STATS:
-        raise KeyError(f"no normalisation statistics for surface/static variable {name!r}; pass surf_stats={{{name!r}: (location, scale)}}")
+        raise KeyError(f"no normalisation statistics for surface/static variable {name!r}; pass surf_stats={{{name!r}: (location, scale)}} (aurora-loop stats computes them)")
     return SURFACE_STATS[name]
 
 
-def atmos_stats(name: str, levels: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-level ``(locations, scales)``, each of shape ``(len(levels),)`` float64."""
-    if name not in ATMOS_STATS:
-        raise KeyError(f"no normalisation statistics for atmospheric variable {name!r}")
-    table = ATMOS_STATS[name]
-    missing = [lv for lv in levels if level_key(lv) not in table]
+def atmos_stats(name: str, levels: Sequence[float], overrides: Mapping[str, tuple[float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-level ``(locations, scales)``, each of shape ``(len(levels),)`` float64.
+
+    ``overrides`` maps the reference's keys ``"name_level"`` (:func:`stats_key`) to
+    ``(location, scale)``; a key present there wins over the built-in table.
+    """
+    table = ATMOS_STATS.get(name, {})
+    pairs, missing = [], []
+    for lv in levels:
+        key = stats_key(name, lv)
+        if overrides and key in overrides:
+            pairs.append(overrides[key])
+        elif level_key(lv) in table:
+            pairs.append(table[level_key(lv)])
+        else:
+            missing.append(lv)
     if missing:
-        raise KeyError(f"no statistics for {name!r} at levels {missing} hPa; the standard levels are {STANDARD_LEVELS}")
-    locs = np.array([table[level_key(lv)][0] for lv in levels], dtype=np.float64)
-    scales = np.array([table[level_key(lv)][1] for lv in levels], dtype=np.float64)
+        if not table:
+            raise KeyError(f"no normalisation statistics for atmospheric variable {name!r} (levels {list(missing)} hPa); "
+                           "compute them with aurora-loop stats STORE --out stats.json and pass --stats stats.json")
+        raise KeyError(f"no statistics for {name!r} at levels {missing} hPa; the standard levels are {STANDARD_LEVELS} "
+                       "(compute others with aurora-loop stats STORE --out stats.json and pass --stats stats.json)")
+    locs = np.array([float(p[0]) for p in pairs], dtype=np.float64)
+    scales = np.array([float(p[1]) for p in pairs], dtype=np.float64)
     return locs, scales
 
 
@@ -162,9 +200,11 @@ def normalise_surface(x: Array, name: str, surf_stats: Mapping[str, tuple[float,
     return x * scale + loc if inverse else (x - loc) / scale
 
 
-def normalise_atmos(x: Array, name: str, levels: Sequence[float], inverse: bool = False) -> Array:
-    """Normalise (or unnormalise) an atmospheric field of shape ``(..., c, h, w)``, c = levels."""
-    locs, scales = atmos_stats(name, levels)
+def normalise_atmos(x: Array, name: str, levels: Sequence[float], inverse: bool = False,
+                    overrides: Mapping[str, tuple[float, float]] | None = None) -> Array:
+    """Normalise (or unnormalise) an atmospheric field of shape ``(..., c, h, w)``, c = levels;
+    ``overrides``: per-level statistics by ``"name_level"`` key (see :func:`atmos_stats`)."""
+    locs, scales = atmos_stats(name, levels, overrides)
     dtype = x.dtype
     loc = np.asarray(locs, dtype=dtype)[:, None, None] if np.dtype(dtype) != np.float64 else locs[:, None, None]
     scale = np.asarray(scales, dtype=dtype)[:, None, None] if np.dtype(dtype) != np.float64 else scales[:, None, None]

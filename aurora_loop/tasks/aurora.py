@@ -24,6 +24,7 @@ from aurora_loop.model.aurora import apply, init_params
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.model.checkpoint import CheckpointError, load_config
 from aurora_loop.model.config import AuroraConfig
+from aurora_loop.model.extend import extended_variables
 from aurora_loop.model.posenc import KnownGrid
 from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
 from aurora_loop.rollout import rollout_loss, rollout_scan
@@ -35,6 +36,13 @@ def _overlay(fresh: Any, loaded: Any) -> Any:
     if not isinstance(loaded, Mapping):
         return loaded
     return {**fresh, **{k: _overlay(fresh[k], v) if k in fresh else v for k, v in loaded.items()}}
+
+
+def _dotted_leaves(tree: Any) -> list[str]:
+    """The dotted paths of a tree's leaves (``aurora_loop.param_groups.param_path``)."""
+    from aurora_loop.param_groups import param_path
+
+    return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
@@ -56,17 +64,28 @@ class AuroraTask(ReplayTraining):
         with ``config.remat`` and several steps, ``full`` also keeps only each step's input
         for the backward pass; one step relies on the per-block remat alone, since an outer
         checkpoint would only add a forward pass), or ``replay`` (:mod:`aurora_loop.replay`, with ``replay``).
+      new_weights_init: ``zero`` or ``default``: what the slices of variables the pretrained
+        model lacks start from (:func:`aurora_loop.model.extend.adapt_pretrained`).
+      pretrained_config: the pretrained model's config (default: the ``config.json`` beside
+        the part directories, else ``config``): its variable order and history size.
     """
 
     def __init__(self, config: AuroraConfig, name: str = "aurora", rollout_average: bool = True,
                  pretrained: Mapping[str, str] | None = None, rollout_mode: str = "full",
-                 replay: ReplayConfig | None = None, loss: WeightedMAE | None = None) -> None:
+                 replay: ReplayConfig | None = None, loss: WeightedMAE | None = None,
+                 new_weights_init: str = "zero", pretrained_config: AuroraConfig | None = None) -> None:
         self.config = config
         self.loss_fn = loss or WeightedMAE()
         self.name = name
         self.rollout_average = rollout_average
         self._set_rollout_mode(rollout_mode, replay)
         self.pretrained = dict(pretrained or {})
+        if new_weights_init not in ("zero", "default"):
+            raise UsageError(f"new_weights_init must be zero or default, got {new_weights_init!r}")
+        self.new_weights_init = new_weights_init
+        self.pretrained_config = pretrained_config  # None: the config.json beside the parts, else ``config``
+        self._new_notes: dict[str, str] = {}
+        self._fresh_masks: dict[tuple[str, ...], np.ndarray] = {}
         self._known_grid: KnownGrid | None = None  # set by setup()
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
@@ -103,41 +122,99 @@ class AuroraTask(ReplayTraining):
         """Fresh parameters, with the pretrained parts swapped in. Traceable: the trainer
         calls it under ``jit``; the pretrained arrays (read on the host when the task was
         made) enter through a host callback rather than as compiled-in constants."""
-        params = init_params(self.config, rng, self._crop(example_batch).inputs)
+        fresh = init_params(self.config, rng, self._crop(example_batch).inputs)
+        params = fresh
         if self._host_parts:
+            from aurora_loop.model.extend import apply_fresh
+
             host = self._host_parts
             shapes = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), host)
             loaded = jax.pure_callback(lambda: host, shapes)
-            params = _overlay(params, loaded)
+            params = _overlay(fresh, loaded)
+            # --new_weights_init default: new variables' slices from the fresh initialisation
+            # (the host parts hold zeros there).
+            params = apply_fresh(params, fresh, self._fresh_masks, jnp.where)
         return params
 
     def _read_pretrained(self) -> dict[str, Any]:
-        """The pretrained parts as float32 numpy trees, checked against the config."""
+        """The pretrained parts as float32 numpy trees shaped for the config.
+
+        The pretrained model may have fewer variables or a shorter history than ``config``:
+        its weights are then mapped by variable name, and the new slices start from zeros
+        (``new_weights_init``; :func:`aurora_loop.model.extend.adapt_pretrained`). Anything
+        else that does not fit is a UsageError naming the parameter.
+        """
         import numpy as np
         import orbax.checkpoint as ocp
 
-        from aurora_loop.model.checkpoint import _check_against, is_lora_path, param_shapes
+        from aurora_loop.model.checkpoint import PARTS, param_shapes
+        from aurora_loop.model.extend import ExtendError, adapt_pretrained, describe_extension, new_slice_masks, new_variables
+        from aurora_loop.model.normalisation import surface_stats
 
-        expected = param_shapes(self.config)
-        out = {}
-        fresh_lora = 0
         for part, path in self.pretrained.items():
-            if part not in expected:
-                raise UsageError(f"unknown model part {part!r}; parts are {', '.join(expected)}")
+            if part not in PARTS:
+                raise UsageError(f"unknown model part {part!r}; parts are {', '.join(PARTS)}")
             if not os.path.isdir(path):
                 raise UsageError(f"no {part} checkpoint at {path}; write one with aurora-loop import-checkpoint")
+        old, source = self._pretrained_model_config()
+        added = new_variables(old, self.config)
+        for name in added.get("surf_vars", ()) + added.get("static_vars", ()):
+            try:
+                surface_stats(name, self.config.surf_stats_dict)
+            except KeyError as err:
+                raise UsageError(f"new variable {name!r}: {str(err).strip(chr(34) + chr(39))}") from None
+        expected = param_shapes(self.config)
+        out, notes = {}, {}
+        for part, path in self.pretrained.items():
             restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
             try:
                 # LoRA adapters added to a model pretrained without them start fresh (B = 0,
                 # so the model still computes what it was pretrained to), as the reference's
-                # load_checkpoint(strict=False) leaves them.
-                fresh_lora += len(_check_against({part: restored}, {part: expected[part]}, allow_missing=is_lora_path))
+                # load_checkpoint(strict=False) leaves them; so do new variables' slices.
+                adapted, new = adapt_pretrained({part: restored}, old, self.config, {part: expected[part]}, init="zero")
+            except ExtendError as err:
+                raise UsageError(f"{err} (pretrained config: {source})") from None
             except CheckpointError as err:
                 raise UsageError(f"the pretrained {part} checkpoint {path} does not fit the model: {err}") from err
-            out[part] = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), restored)
-        if fresh_lora and jax.process_index() == 0:
-            print(f"Pretrained weights loaded; {fresh_lora} LoRA parameters are not in them and start fresh", flush=True)
+            out[part] = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), adapted[part])
+            notes.update(new)
+        notes.update({f"{part}.{k}": f"new: no pretrained {part}" for part in expected if part not in out
+                      for k in _dotted_leaves(expected[part])})
+        self._new_notes = notes
+        if self.new_weights_init == "default":
+            self._fresh_masks = {p: m for p, m in new_slice_masks(old, self.config).items() if p[0] in out}
+        fresh_lora = sum(v == "new: LoRA adapter" for v in notes.values())
+        extension = describe_extension(old, self.config)
+        if jax.process_index() == 0:
+            if extension:
+                start = "zeros" if self.new_weights_init == "zero" else "the fresh initialisation"
+                init = f"; new variables' slices start from {start} (--new_weights_init {self.new_weights_init})" if added else ""
+                print(f"Extending the pretrained model ({source}): {extension}{init}; every other pretrained weight is loaded", flush=True)
+            if fresh_lora:
+                print(f"Pretrained weights loaded; {fresh_lora} LoRA parameters are not in them and start fresh", flush=True)
         return out
+
+    def _pretrained_model_config(self) -> tuple[AuroraConfig, str]:
+        """The pretrained model's config and where it came from: ``pretrained_config``, else the
+        ``config.json`` beside a part directory (the import/export layout), else ``config``."""
+        if self.pretrained_config is not None:
+            return self.pretrained_config, "pretrained_config"
+        for path in self.pretrained.values():
+            candidate = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+            if os.path.isfile(candidate):
+                try:
+                    return load_config(os.path.dirname(candidate)), candidate
+                except (TypeError, ValueError, KeyError) as err:
+                    first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+                    raise UsageError(f"{candidate} is not an Aurora model configuration ({first})") from None
+        return self.config, "the model's own config"
+
+    def new_parameters(self) -> dict[str, str]:
+        """Dotted parameter path (as ``--print_param_groups`` prints it) -> a note, for every
+        parameter that is new or partly new next to the pretrained weights: ``"new: tp"``
+        (a new variable's slice), ``"history slot 3 new"``, ``"new: LoRA adapter"``, ``"new:
+        no pretrained backbone"``. Empty without pretrained weights (everything is fresh)."""
+        return dict(self._new_notes)
 
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = self._crop(batch)
@@ -203,7 +280,19 @@ def checked_model_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
 def model_config(preset: str, config: Any) -> AuroraConfig:
     """The AuroraConfig for a TrainingConfig: a checkpoint's ``config.json`` when
     ``checkpoint_dir`` has one, else the preset on the data's variables; then
-    ``model_kwargs`` (reference keywords) and the flags' bf16 / remat / time step on top."""
+    ``model_kwargs`` (reference keywords) and the flags' bf16 / remat / time step on top.
+    Normalisation statistics: built-in ones stay; ``stats`` (a file of ``aurora-loop stats``)
+    fills the gaps (variables, or levels, the table lacks); a variable left without any is a
+    UsageError naming it."""
+
+    def with_stats(model: AuroraConfig) -> AuroraConfig:
+        from aurora_loop.stats import fill_model_stats, store_levels
+
+        levels = getattr(config, "levels", None) or ()
+        levels = tuple(v for v in (levels.split(",") if isinstance(levels, str) else levels) if str(v).strip())
+        levels = tuple(float(v) for v in levels) or store_levels(getattr(config, "dataset_path", None))
+        return fill_model_stats(model, getattr(config, "stats", None), levels)
+
     overrides = checked_model_kwargs(getattr(config, "model_kwargs", None))
     compute_bf16 = bool(getattr(config, "bf16", False)) or getattr(config, "precision", "fp32") != "fp32"
     overrides.update(autocast=compute_bf16, remat=bool(getattr(config, "remat", False)))
@@ -219,12 +308,13 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
                 f"{os.path.join(directory, 'config.json')} is not an Aurora model configuration ({first}); "
                 "point --checkpoint_dir at a directory written by aurora-loop import-checkpoint or export-checkpoint"
             ) from None
-        return loaded.replace(**overrides)
+        overrides.update(extended_variables(loaded, config))  # flags naming variables the checkpoint lacks extend it
+        return with_stats(loaded.replace(**overrides))
     for name in ("surf_vars", "static_vars", "atmos_vars"):
         value = getattr(config, name, None)
         if value is not None:
             overrides[name] = tuple(value)
-    return AuroraConfig.preset(preset, **overrides)
+    return with_stats(AuroraConfig.preset(preset, **overrides))
 
 
 def loss_config(config: Any) -> WeightedMAE:
@@ -249,7 +339,7 @@ def _factory(preset: str):
             paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
         return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths,
                           rollout_mode=getattr(config, "rollout_mode", "full"), replay=replay_config(config),
-                          loss=loss_config(config))
+                          loss=loss_config(config), new_weights_init=getattr(config, "new_weights_init", "zero"))
 
     return make
 

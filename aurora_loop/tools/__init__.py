@@ -19,9 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("sample_data", "write a synthetic WeatherBench2-layout Zarr store (learnable weather)"),
     "convert": ("convert", "turn NetCDF/GRIB files into a WeatherBench2-layout Zarr store"),
     "import-checkpoint": ("import_checkpoint", "convert a reference Aurora checkpoint (.ckpt/.npz/.safetensors) into encoder/backbone/decoder checkpoints"),
-    "export-checkpoint": ("export_checkpoint", "write a run's checkpoint as encoder/backbone/decoder weights for handing on"),
+    "export-checkpoint": ("export_checkpoint", "write a run's checkpoint for handing on: encoder/backbone/decoder orbax weights, or the PyTorch reference's state dict (torch, safetensors, npz)"),
     "forecast": ("forecast", "roll a trained model out to a WeatherBench2 forecast Zarr store"),
     "evaluate": ("evaluate", "score a forecast store against the truth: RMSE, bias, ACC vs baselines; CSV/JSON and plots"),
+    "stats": ("stats", "normalisation statistics (mean, std per variable and level) of a store, for aurora-train --stats"),
 }
 
 

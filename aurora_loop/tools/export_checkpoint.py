@@ -1,7 +1,8 @@
-"""``aurora-loop export-checkpoint RUN_DIR [--step N|latest|best] --out DIR``: hand weights on.
+"""``aurora-loop export-checkpoint RUN_DIR [--step N|latest|best] [--format F] --out PATH``: hand weights on.
 
 Reads the training checkpoint ``RUN_DIR/checkpoints/<step>/`` (written by ModelCheckpoint)
-and writes the parameters alone in the seed's layout:
+and writes the parameters alone. ``--format orbax`` (the default) writes the seed's layout
+to the directory ``PATH``:
 
 - ``DIR/encoder``, ``DIR/backbone``, ``DIR/decoder``: orbax PyTree checkpoints of the
   parameters' top-level parts of those names (Aurora's layout; what
@@ -15,8 +16,29 @@ and writes the parameters alone in the seed's layout:
   config; ``DIR/training_config.json``: the run's ``config.json``; ``DIR/export.json``:
   where the weights came from (run, step, parts).
 
-Nothing is overwritten: an existing non-empty ``DIR`` is refused unless ``--force``; the
-export is written to a temporary sibling and renamed into place when complete.
+``--format torch|safetensors|npz`` (Aurora runs only: tasks with a ``model_config``) write
+the PyTorch reference's name-based ``state_dict()`` (float32;
+:func:`aurora_loop.model.reference_export.params_to_state_dict`) to the file ``PATH``
+(``.ckpt``/``.pt``/``.pth``, ``.safetensors``, ``.npz`` respectively) and the reference's
+constructor keyword arguments to ``PATH.json`` (e.g. ``model.ckpt`` and ``model.ckpt.json``):
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(open("model.ckpt.json")).items()}
+    if "timestep" in kwargs:  # present only when not the default 6 h; in hours
+        kwargs["timestep"] = datetime.timedelta(hours=kwargs["timestep"])
+    model = aurora.Aurora(**kwargs)
+    model.load_checkpoint_local("model.ckpt")
+
+The lists must become tuples: the reference's encoder extends ``surf_vars`` in place
+(``surf_vars += static_vars``), so a list argument silently gives the decoder heads for the
+static variables too, and the strict load fails.
+
+``torch`` is ``torch.save`` of a plain dict name -> tensor (needs the optional ``torch``
+extra); ``safetensors`` is written here without the ``safetensors`` package; all three are
+read back by ``aurora-loop import-checkpoint``.
+
+Nothing is overwritten: an existing non-empty ``DIR`` (or an existing file ``PATH`` or
+``PATH.json``) is refused unless ``--force``; the export is written to a temporary sibling
+and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -25,21 +47,32 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from aurora_loop.checkpoint_weights import WEIGHT_CHOICES, WEIGHTS_HELP
 from aurora_loop.errors import UsageError
 
 PARTS = ("encoder", "backbone", "decoder")
+FORMATS = ("orbax", "torch", "safetensors", "npz")
+# The file name endings each state-dict format writes (what import-checkpoint reads).
+EXTENSIONS = {"torch": (".ckpt", ".pt", ".pth"), "safetensors": (".safetensors",), "npz": (".npz",)}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output_dir (holding checkpoints/)")
     parser.add_argument("--step", default="latest", help="checkpoint step to export: a number, 'latest' (default) or 'best' (ModelCheckpoint's monitored best)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist or be empty, unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing DIR")
+    parser.add_argument("--format", choices=FORMATS, default="orbax",
+                        help="orbax (default): encoder/, backbone/, decoder/ in the directory PATH, as import-checkpoint writes; "
+                             "torch, safetensors, npz: the PyTorch reference's state_dict in the file PATH (.ckpt, .safetensors, .npz) "
+                             "with its aurora.Aurora keyword arguments in PATH.json (Aurora runs only; torch needs pip install 'aurora_loop[torch]')")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="directory (orbax; must not exist or be empty) or file (the other formats; must not exist) to write, unless --force")
+    parser.add_argument("--force", action="store_true", help="replace an existing PATH (and PATH.json)")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
 
 
@@ -125,8 +158,12 @@ def _model_config_json(training_config: Mapping[str, Any] | None) -> str | None:
     return model_config.to_json() if hasattr(model_config, "to_json") else None
 
 
-def export(run_dir: str, out: str, step: str = "latest", force: bool = False, weights: str = "auto") -> dict[str, Any]:
-    """Write the export (see the module docstring); returns what ``export.json`` records."""
+def export(run_dir: str, out: str, step: str = "latest", force: bool = False, weights: str = "auto",
+           format: str = "orbax") -> dict[str, Any]:
+    """Write the export (see the module docstring); returns what ``export.json`` records
+    (for the state-dict formats: the same record, which is not written)."""
+    if format != "orbax":
+        return export_state_dict(run_dir, out, format, step=step, force=force, weights=weights)
     import orbax.checkpoint as ocp
 
     run_dir, out = os.path.abspath(run_dir), os.path.abspath(out)
@@ -181,9 +218,151 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False, we
     return record
 
 
+# --- the reference's state dict: torch / safetensors / npz ------------------------------------
+
+def _require_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--format torch needs PyTorch: pip install 'aurora_loop[torch]', or use --format safetensors "
+                         "(or npz), which need no torch") from None
+    return torch
+
+
+def write_safetensors(path: str, state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state`` (name -> array, stored as little-endian float32 ``F32``) as a
+    ``.safetensors`` file: an 8-byte little-endian header length, the JSON header (dtype,
+    shape, data_offsets; padded with spaces to 8 bytes), then the tensors' raw bytes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs, offset = [], 0
+    for name, value in state.items():
+        raw = np.ascontiguousarray(value, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": [int(n) for n in np.shape(value)], "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        for raw in blobs:
+            fh.write(raw)
+
+
+def _write_state(path: str, fmt: str, state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    if fmt == "torch":
+        torch = _require_torch()
+        torch.save({name: torch.from_numpy(np.ascontiguousarray(value, np.float32)) for name, value in state.items()}, path)
+    elif fmt == "safetensors":
+        write_safetensors(path, state, metadata)
+    else:
+        with open(path, "wb") as fh:  # a file object: numpy adds no ".npz" of its own
+            np.savez(fh, **state)
+
+
+def _check_out_file(out: str, fmt: str, force: bool) -> str:
+    """``PATH.json`` for the state-dict file ``out``, after refusing an unusable ``out``."""
+    if not out.lower().endswith(EXTENSIONS[fmt]):
+        raise UsageError(f"--out {out}: --format {fmt} writes a {' / '.join(EXTENSIONS[fmt])} file; "
+                         f"name it so (e.g. model{EXTENSIONS[fmt][0]}), as import-checkpoint tells formats by their ending")
+    kwargs_path = out + ".json"
+    for path in (out, kwargs_path):
+        if os.path.isdir(path):
+            raise UsageError(f"--out {out}: {path} is a directory; --format {fmt} writes a file, give a file name")
+        if os.path.exists(path) and not force:
+            raise UsageError(f"{path} exists; choose another --out or pass --force to replace it")
+    return kwargs_path
+
+
+def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", force: bool = False,
+                      weights: str = "auto") -> dict[str, Any]:
+    """Write the reference's state dict of a run's checkpoint to ``out`` in ``fmt`` (torch,
+    safetensors or npz) and its ``aurora.Aurora`` keyword arguments to ``out + ".json"``."""
+    from aurora_loop.checkpoint_weights import restore_state_weights
+    from aurora_loop.model.checkpoint import CheckpointError
+    from aurora_loop.model.config import AuroraConfig
+    from aurora_loop.model.reference_export import atmos_stats_overrides, params_to_state_dict, reference_kwargs_json
+
+    if fmt not in EXTENSIONS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    run_dir, out = os.path.abspath(run_dir), os.path.abspath(out)
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"RUN_DIR {run_dir} does not exist; pass a training run's --output_dir")
+    if fmt == "torch":
+        _require_torch()
+    kwargs_path = _check_out_file(out, fmt, force)
+    checkpoint_dir = os.path.join(run_dir, "checkpoints")
+    chosen = choose_step(checkpoint_dir, step)
+
+    training_config = None
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as fh:
+            training_config = json.load(fh)
+    model_json = _model_config_json(training_config)
+    if model_json is None:
+        task = (training_config or {}).get("model", "unknown")
+        raise UsageError(f"--format {fmt} writes the Aurora reference's state dict, but the run's model ({task}) is not an Aurora "
+                         f"model (or its task cannot be rebuilt from {config_path}: it gives no model_config); use --format orbax")
+    config = AuroraConfig.from_json(model_json)
+
+    params, weights_read = restore_state_weights(os.path.join(checkpoint_dir, str(chosen), "state"), weights)
+    try:
+        state = params_to_state_dict(config, params)
+    except CheckpointError as err:
+        raise UsageError(f"step {chosen} of {run_dir} does not fit the run's Aurora config: {err}") from err
+    record = {
+        "run_dir": run_dir,
+        "step": chosen,
+        "format": fmt,
+        "layout": "reference state_dict",
+        "tensors": len(state),
+        "parameters": int(sum(v.size for v in state.values())),
+        "kwargs": kwargs_path,
+        "weights": "ema" if weights_read == "ema_params" else "raw",
+        "atmos_stats": atmos_stats_overrides(config),
+    }
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    temps = []
+    try:
+        for target in (kwargs_path, out):
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+            os.close(fd)
+            temps.append(tmp)
+        with open(temps[0], "w", encoding="utf-8") as fh:
+            json.dump(reference_kwargs_json(config), fh, indent=2)
+            fh.write("\n")
+        _write_state(temps[1], fmt, state, {"format": "pt", "producer": "aurora_loop export-checkpoint",
+                                             "step": str(chosen), "weights": record["weights"]})
+        os.replace(temps[0], kwargs_path)
+        os.replace(temps[1], out)  # the weights last: a weights file always has its kwargs beside it
+    except BaseException:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
-    record = export(args.run_dir, args.out, step=str(args.step), force=args.force, weights=args.weights)
+    fmt = getattr(args, "format", "orbax")
+    record = export(args.run_dir, args.out, step=str(args.step), force=args.force, weights=args.weights, format=fmt)
     out = os.path.abspath(args.out)
+    if fmt != "orbax":
+        print(f"Exported step {record['step']} to {out}: the reference's state_dict ({fmt}, {record['tensors']} tensors, "
+              f"{record['parameters']:,} parameters); its aurora.Aurora keyword arguments are in {record['kwargs']} "
+              "(turn their lists into tuples before calling aurora.Aurora)")
+        if record["weights"] == "ema":
+            print("The exported weights are the run's moving average (--ema_decay); pass --weights raw for the trained ones")
+        if record["atmos_stats"]:
+            stats = ", ".join(f"{k}={tuple(v)}" for k, v in sorted(record["atmos_stats"].items()))
+            print(f"The run overrides atmospheric normalisation statistics, which aurora.Aurora takes no argument for: "
+                  f"set aurora.normalisation.locations[key], scales[key] = (location, scale) for {stats}")
+        return 0
     if record["layout"] == "model":
         print(f"Exported step {record['step']} to {out}/model: the parameters have no encoder/backbone/decoder parts "
               f"(not an Aurora model), so they were written whole")

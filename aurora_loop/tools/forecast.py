@@ -32,6 +32,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format of the output (default 2, consolidated, as WeatherBench2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
+    parser.add_argument("--compile_cache", default="~/.cache/aurora_loop/xla", metavar="DIR",
+                        help="JAX's persistent compilation cache, so the next forecast of the same shapes skips compiling "
+                             "($XDG_CACHE_HOME is honoured; JAX_COMPILATION_CACHE_DIR wins; none: off)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -57,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists; choose a new path or pass --overwrite")
     _use_cpu_devices(args.num_devices)
+    from aurora_loop.compile_cache import enable_compile_cache
+
+    enable_compile_cache(args.compile_cache)
     from aurora_loop.forecast import forecast_from_checkpoint
 
     path, count = forecast_from_checkpoint(

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from aurora_loop.datasets.sample_data import DEFAULT_LEVELS, write_sample_store
+from aurora_loop.datasets.sample_data import (
+    DEFAULT_LEVELS,
+    STANDARD_SURFACE,
+    SURFACE_VARIABLES,
+    check_surface_variables,
+    write_sample_store,
+)
 from aurora_loop.errors import UsageError
 
 
@@ -31,12 +37,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="pressure levels in hPa (default 100,250,500,850)")
     parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (default 2, as WeatherBench2)")
     parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (default 6)")
+    parser.add_argument("--surf_vars", default=",".join(STANDARD_SURFACE),
+                        help=f"surface variables, Aurora names (comma list; default {','.join(STANDARD_SURFACE)}; "
+                             f"available: {', '.join(SURFACE_VARIABLES)})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.times < 1 or args.step_hours < 1:
         raise UsageError(f"--times and --step_hours must be at least 1, got {args.times} and {args.step_hours}")
-    path = write_sample_store(args.out, grid=args.grid, times=args.times, seed=args.seed, levels=args.levels, zarr_format=args.zarr_format, step_hours=args.step_hours)
+    surf_vars = check_surface_variables([v.strip() for v in args.surf_vars.split(",") if v.strip()])
+    path = write_sample_store(args.out, grid=args.grid, times=args.times, seed=args.seed, levels=args.levels, zarr_format=args.zarr_format, step_hours=args.step_hours,
+                              surf_vars=surf_vars)
     h, w = args.grid
-    print(f"wrote {path}: {args.times} times x {h}x{w} grid, levels {list(args.levels)} hPa, seed {args.seed}")
+    print(f"wrote {path}: {args.times} times x {h}x{w} grid, levels {list(args.levels)} hPa, surface variables {','.join(surf_vars)}, seed {args.seed}")
     return 0
