@@ -120,6 +120,40 @@ def test_a_known_grid_gives_the_host_callbacks_areas_as_constants() -> None:
     assert np.all(np.isnan(np.asarray(scale)))
 
 
+def test_a_known_grid_can_carry_given_patch_areas() -> None:
+    """``root_area`` replaces the computed areas (the reference's, to compare with it), is
+    part of the grid's identity, keeps the NaN guard, and is never silently dropped."""
+    lat = np.linspace(90, -90, 32)
+    lon = np.linspace(0, 360, 64, endpoint=False)
+    computed = posenc.root_area_host(lat, lon, 4)
+    given = computed.copy()
+    given[2, 5] = np.nextafter(given[2, 5], np.float32(np.inf))  # one ulp, as another CPU's torch.sin
+    known = posenc.KnownGrid(lat, lon, root_area=given.reshape(-1))
+    assert known == posenc.KnownGrid(lat, lon, root_area=given.reshape(-1).copy())
+    assert hash(known) == hash(posenc.KnownGrid(lat, lon, root_area=given.reshape(-1).copy()))
+    assert known != posenc.KnownGrid(lat, lon) and known != posenc.KnownGrid(lat, lon, root_area=computed.reshape(-1))
+    assert known != posenc.KnownGrid(lat, lon, root_area=given)  # another layout, another key
+
+    def scale(grid):
+        return np.asarray(jax.jit(lambda a, b: posenc.position_scale_encoding(a, b, 4, 32, grid)[1])(lat, lon))
+
+    expected = np.asarray(fourier.fourier_expansion(jnp.asarray(given.reshape(-1)), 32, fourier.SCALE))
+    np.testing.assert_array_equal(scale(known), expected)
+    np.testing.assert_array_equal(scale(posenc.KnownGrid(lat, lon, root_area=given)), expected)
+    changed = np.any(scale(known) != scale(posenc.KnownGrid(lat, lon)), axis=-1)
+    assert changed.tolist() == (np.arange(8 * 16) == 2 * 16 + 5).tolist()
+    assert np.all(np.isnan(np.asarray(jax.jit(
+        lambda a, b: posenc.position_scale_encoding(a, b, 4, 32, known)[1])(lat - 0.5, lon))))
+    with pytest.raises(ValueError, match="given patch areas"):
+        posenc.position_scale_encoding(lat[:28], lon, 4, 32, known)
+    with pytest.raises(ValueError, match="needs"):
+        posenc.position_scale_encoding(lat, lon, 4, 32, posenc.KnownGrid(lat, lon, root_area=given.T))
+    with pytest.raises(ValueError, match="float32"):
+        posenc.KnownGrid(lat, lon, root_area=given.astype(np.float64) * (1 + 1e-12))
+    with pytest.raises(ValueError, match="positive"):
+        posenc.KnownGrid(lat, lon, root_area=-given)
+
+
 def test_shifted_window_mask() -> None:
     mask = windows.shifted_window_mask((2, 8, 16), (2, 4, 8), (0, 2, 4))
     assert mask.shape == (4, 64, 64)

@@ -136,7 +136,8 @@ def apply(
       capture_intermediates: also return ``{"encoder": (B, L', D), "backbone": (B, L', 2D)}``.
       known_grid: the batch's grid, known on the host before tracing
         (:class:`~aurora_loop.model.posenc.KnownGrid`, cropped coordinates): the patch
-        areas become constants instead of a host callback.
+        areas become constants instead of a host callback. One made with ``root_area``
+        feeds those patch areas (e.g. the PyTorch reference's) instead of computing them.
 
     Returns:
       The prediction (t = 1): fields in physical units, float32, cropped to a multiple of the
@@ -185,20 +186,24 @@ def next_input(batch: Batch, prediction: Batch) -> Batch:
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _rollout_step(config: AuroraConfig, params: Params, batch: Batch, step: Array) -> tuple[Batch, dict[str, Array]]:
-    return apply(config, params, batch, rollout_step=step, capture_intermediates=True)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _rollout_step(config: AuroraConfig, params: Params, batch: Batch, step: Array,
+                  known_grid: Any = None) -> tuple[Batch, dict[str, Array]]:
+    return apply(config, params, batch, rollout_step=step, capture_intermediates=True, known_grid=known_grid)
 
 
 def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
-            intermediates: bool = False) -> Iterator[Batch] | Iterator[tuple[Batch, dict[str, Array]]]:
+            intermediates: bool = False,
+            known_grid: Any = None) -> Iterator[Batch] | Iterator[tuple[Batch, dict[str, Array]]]:
     """Yield ``steps`` autoregressive predictions, like the reference's ``aurora.rollout``.
 
     Each step is one jitted :func:`apply`, compiled once per (config, shapes): the roll-out
     step is passed traced. Prediction ``k`` (1-based) has ``metadata.rollout_step ==
     batch.metadata.rollout_step + k`` and its time advanced by ``k * config.timestep_hours``
     (computed on the host in float64). With ``intermediates``, yields ``(prediction,
-    {"encoder": (B, L', D), "backbone": (B, L', 2D)})``.
+    {"encoder": (B, L', D), "backbone": (B, L', 2D)})``. ``known_grid``: as for :func:`apply`
+    (the grid after cropping; every step's batch is on it), e.g. a
+    ``KnownGrid(lat, lon, root_area=...)`` with the reference's patch areas.
     """
     dtype = params_dtype(params)
     batch = batch.astype(dtype).crop(config.patch_size)
@@ -206,7 +211,7 @@ def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
     host_time = np.asarray(jax.device_get(batch.metadata.time), dtype=np.float64)
     for k in range(steps):
         current = batch.replace(metadata=batch.metadata.replace(rollout_step=0))
-        pred, taps = _rollout_step(config, params, current, jnp.int32(base_step + k))
+        pred, taps = _rollout_step(config, params, current, jnp.int32(base_step + k), known_grid)
         host_time = host_time + config.timestep_hours
         pred = pred.replace(metadata=pred.metadata.replace(time=host_time, rollout_step=base_step + k + 1))
         yield (pred, taps) if intermediates else pred

@@ -9,7 +9,9 @@ The reference evaluates them in float32 with a fixed order of operations, and th
 encoding reaches wavelengths of ~1e-4 km: one float32 ulp of a patch's size changes its
 finest components completely. So these helpers reproduce the reference's float32 arithmetic
 operation by operation (sequential window sums, float32 products, correctly rounded sines),
-whatever the model's compute dtype.
+whatever the model's compute dtype. The reference's float32 ``torch.sin`` is not correctly
+rounded and its one-ulp errors depend on the CPU, so to compare with a reference run exactly
+feed it the areas that run used (:class:`KnownGrid`'s ``root_area``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def root_area_host(lat: np.ndarray, lon: np.ndarray, patch_size: int) -> np.ndar
 
 class KnownGrid:
     """A grid's coordinates known on the host before tracing (float32 degrees, lat (H,),
-    lon (W,), as the model sees them: cropped to the patch size).
+    lon (W,), as the model sees them: cropped to the patch size), and optionally the square
+    roots of its patch areas.
 
     With one, the patch areas are computed on the host at trace time (:func:`root_area_host`,
     bit for bit what the host callback computes) and enter the program as constants: no
@@ -74,12 +77,29 @@ class KnownGrid:
     in JAX's persistent compilation cache. A batch on another grid of the same shape gets
     NaN areas (a loud failure, never a silent one); another shape uses the host callback.
     Hashable by value, so modules holding one stay comparable.
+
+    ``root_area``: the square roots of the patch areas to use instead of computing them,
+    float32 km, (H/p * W/p,) row-major or (H/p, W/p); e.g. those the PyTorch reference
+    computed, to compare with it exactly. The reference takes them from float32
+    ``torch.sin``, whose one-ulp errors depend on the CPU, and the scale encoding turns one
+    ulp of an area into a different forecast. Given areas are never silently dropped: a
+    batch whose grid has another shape is an error.
     """
 
-    def __init__(self, lat: Any, lon: Any) -> None:
+    def __init__(self, lat: Any, lon: Any, root_area: Any = None) -> None:
         self.lat = np.asarray(lat, np.float32).copy()
         self.lon = np.asarray(lon, np.float32).copy()
-        self._key = (self.lat.tobytes(), self.lon.tobytes())
+        self.given_root_area = None
+        if root_area is not None:
+            given = np.asarray(root_area)
+            as32 = given.astype(np.float32)
+            if given.ndim not in (1, 2) or not np.array_equal(as32, given):
+                raise ValueError(f"root_area must be float32 values, (h/p * w/p,) or (h/p, w/p); got {given.dtype} {given.shape}")
+            if not np.all(np.isfinite(as32) & (as32 > 0)):
+                raise ValueError("root_area must be positive and finite")
+            self.given_root_area = as32.copy()
+        self._key = (self.lat.tobytes(), self.lon.tobytes(), None if self.given_root_area is None
+                     else (self.given_root_area.shape, self.given_root_area.tobytes()))
 
     def __hash__(self) -> int:
         return hash(self._key)
@@ -90,18 +110,32 @@ class KnownGrid:
     def fits(self, lat: Array, lon: Array) -> bool:
         return np.shape(lat) == self.lat.shape and np.shape(lon) == self.lon.shape
 
+    def root_area_values(self, patch_size: int) -> np.ndarray:
+        """This grid's (h/p, w/p) float32 km: the given areas, else :func:`root_area_host`."""
+        h, w = self.lat.shape[0] // patch_size, self.lon.shape[0] // patch_size
+        given = self.given_root_area
+        if given is None:
+            return root_area_host(self.lat, self.lon, patch_size)
+        if given.shape not in ((h * w,), (h, w)):
+            raise ValueError(f"root_area has shape {given.shape}; a {self.lat.shape[0]}x{self.lon.shape[0]} grid "
+                             f"in patches of {patch_size} needs ({h * w},) or ({h}, {w})")
+        return given.reshape(h, w)
+
     def root_area(self, lat: Array, lon: Array, patch_size: int) -> Array:
         """(h/p, w/p) float32 km; NaN unless ``lat``/``lon`` (traced) are this grid."""
-        area = jnp.asarray(root_area_host(self.lat, self.lon, patch_size))
+        area = jnp.asarray(self.root_area_values(patch_size))
         same = jnp.all(jnp.asarray(lat).astype(jnp.float32) == self.lat) & jnp.all(jnp.asarray(lon).astype(jnp.float32) == self.lon)
         return jnp.where(same, area, jnp.float32(jnp.nan))
 
 
 def patch_root_area(lat: Array, lon: Array, patch_size: int, known: KnownGrid | None = None) -> Array:
-    """:func:`root_area_host` usable under ``jit``: a constant for a ``known`` grid, else a
-    host callback (no gradient flows either way)."""
+    """:func:`root_area_host` usable under ``jit``: a constant for a ``known`` grid (its given
+    areas if it has some), else a host callback (no gradient flows either way)."""
     if known is not None and known.fits(lat, lon):
         return known.root_area(lat, lon, patch_size)
+    if known is not None and known.given_root_area is not None:
+        raise ValueError(f"the given patch areas are for a {known.lat.shape[0]}x{known.lon.shape[0]} grid, "
+                         f"the batch's (cropped) grid is {np.shape(lat)[0]}x{np.shape(lon)[0]}")
     h, w = np.shape(lat)[0] // patch_size, np.shape(lon)[0] // patch_size
     lat = jax.lax.stop_gradient(jnp.asarray(lat).astype(jnp.float32))
     lon = jax.lax.stop_gradient(jnp.asarray(lon).astype(jnp.float32))
