@@ -369,6 +369,9 @@ def validate(config: TrainingConfig) -> None:
         raise UsageError(f"timestep_hours must be positive, got {config.timestep_hours}")
     loss_settings = [n for n in ("loss_surf_weights", "loss_atmos_weights") if getattr(config, n)]
     loss_settings += ["loss_gamma"] * (config.loss_gamma != 1.0) + ["latitude_weighted_loss"] * config.latitude_weighted_loss
+    if config.model == "conv" and config.stats:
+        raise UsageError("--stats gives Aurora's normalisation statistics; the conv model normalises its inputs itself: "
+                         "use --model tiny, small or aurora, or drop --stats")
     if config.model == "conv" and loss_settings:
         raise UsageError(f"--{loss_settings[0]} sets the Aurora loss; the conv model has its own: use --model tiny, small or aurora, or drop it")
     if not config.loss_gamma > 0:

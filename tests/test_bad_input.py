@@ -113,6 +113,7 @@ def test_too_few_time_steps(tmp_path, capsys):
         (["--model", "tiny", "--model_kwargs", '{"lora_mode": "every"}'], "--model_kwargs: lora_mode must be one of"),
         (["--model", "tiny", "--model_kwargs", "use_lora=true"], "model_kwargs is not valid JSON"),
         (["--model_kwargs", '{"use_lora": true}'], "the conv model takes none"),
+        (["--stats", "stats.json"], "--stats gives Aurora's normalisation statistics; the conv model normalises its inputs itself"),
         (["--model", "tiny", "--lora_only"], "no parameter is trainable"),
         (["--lr_schedule_steps", "0"], "lr_schedule_steps must be at least 1"),
     ],
