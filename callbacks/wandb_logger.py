@@ -31,6 +31,9 @@ class WandbLogger(Callback):
       name: the run's display name.
       log_every_n_steps: training scalars cadence.
       image_fields: fields to draw at each validation (see TensorBoardLogger); ``()``: none.
+      lead_time_fields: fields of the ``val/rmse_by_lead`` image (RMSE against lead time,
+        drawn when validation scores two or more leads; see TensorBoardLogger); ``None``: the
+        headline fields; ``()``: none.
       mode: ``online``, ``offline`` or ``disabled`` (default: W&B's own, e.g. ``WANDB_MODE``).
       init_kwargs: more keyword arguments for ``wandb.init``.
     """
@@ -44,6 +47,7 @@ class WandbLogger(Callback):
         log_every_n_steps: int = 10,
         image_fields: Sequence[str] | None = (),
         mode: str | None = None,
+        lead_time_fields: Sequence[str] | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.project = project
@@ -52,6 +56,7 @@ class WandbLogger(Callback):
         self.name = name
         self.log_every_n_steps = log_every_n_steps
         self.image_fields = image_fields
+        self.lead_time_fields = lead_time_fields
         self.mode = mode
         self.init_kwargs = dict(init_kwargs or {})
         self.run_id: str | None = None
@@ -110,7 +115,19 @@ class WandbLogger(Callback):
             return
         payload: dict[str, Any] = {f"val/{k}": float(v) for k, v in metrics.items()}
         payload.update(images)
+        by_lead = self._rmse_by_lead(metrics, step)
+        if by_lead is not None:
+            payload["val/rmse_by_lead"] = self._wandb().Image(by_lead)
         run.log(payload, step=step)
+
+    def _rmse_by_lead(self, metrics: Mapping[str, float], step: int) -> Any:
+        """RMSE against lead time as an (H, W, 3) image, or ``None`` (see TensorBoardLogger)."""
+        if self.lead_time_fields is not None and not self.lead_time_fields:
+            return None
+        from aurora_loop.callbacks.lead_time import lead_curves, render_lead_curves
+
+        curves = lead_curves(metrics, self.lead_time_fields)
+        return render_lead_curves(curves, title=f"validation RMSE by lead time, step {step}") if curves else None
 
     def _maps(self, trainer: Any, step: int) -> dict[str, Any]:
         if self.image_fields is not None and not self.image_fields:

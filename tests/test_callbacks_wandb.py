@@ -110,12 +110,17 @@ def test_offline_run_logs_scalars_maps_and_resumes_the_same_run(tmp_path, monkey
                                  callbacks=[resumed])
     resumed.on_fit_start(fake)
     resumed.log_metrics(fake, 6, {"perf/steps_per_sec": 3.0})
+    # Scores at several lead times (an Aurora roll-out validation) also draw RMSE against lead.
+    resumed.on_validate(fake, 8, {"loss": 1.0, "rmse/2t/6h": 1.0, "rmse/2t/12h": 1.5, "mae/2t/6h": 0.8, "mae/2t/12h": 1.2})
     resumed.close()
     assert resumed.run_id == run_id
     # (Offline run directories are named by the second they started, so the resumed run may
     # share the first one's directory.)
     resumed_rows = [history(f) for f in glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))]
     assert [rows[6]["perf/steps_per_sec"] for rows in resumed_rows if 6 in rows] == [3.0]
+    (by_lead,) = [rows[8] for rows in resumed_rows if 8 in rows]
+    assert by_lead["val/rmse/2t/12h"] == 1.5 and by_lead["val/rmse_by_lead/_type"] == "image-file"
+    assert "val/rmse_by_lead/_type" not in rows[4]  # the conv task scores no lead times
 
 
 @pytest.mark.parametrize("with_monitor", [True, False], ids=["with_lr_monitor", "without_lr_monitor"])
