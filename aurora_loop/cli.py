@@ -379,8 +379,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     if main:
         scores = trainer.last_val_metrics
         summary = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
-        timed_out = next((cb for cb in callbacks if getattr(cb, "reason", None) and type(cb).__name__ == "TimeLimit"), None)
-        if timed_out is not None:
+        from aurora_loop.callbacks.time_limit import TimeLimit
+
+        if any(isinstance(cb, TimeLimit) and cb.reason for cb in callbacks):
             print(f"Stopped by --max_time {config.max_time} at step {trainer.global_step} after saving{summary}; "
                   "rerun the same command to continue")
         else:

@@ -25,16 +25,15 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
-import time as _time
 from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from aurora_loop.datasets.variables import ATMOS, DEFAULT_MAP, SURF
 from aurora_loop.errors import UsageError
+from aurora_loop.progress import Progress
 
 #: CF metadata of the WB2 variables: name -> (units, standard_name, long_name).
 CF_VARIABLES: dict[str, tuple[str, str, str]] = {
@@ -408,25 +407,6 @@ class ForecastWriter:
 
 # --- the roll-out ----------------------------------------------------------------------------
 
-class Progress:
-    """A one-line progress bar on a terminal, a line per update otherwise (``stream``: stderr)."""
-
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
-        self.total, self.label, self.stream = total, label, stream or sys.stderr
-        self.start = _time.perf_counter()
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, done: int) -> None:
-        elapsed = _time.perf_counter() - self.start
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} init times  {elapsed:.1f}s"
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        if self.tty and done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def batches(indices: np.ndarray, size: int) -> Iterable[np.ndarray]:
     """``indices`` in consecutive chunks of ``size``."""
     for i in range(0, len(indices), size):
@@ -477,7 +457,7 @@ def run_forecast(
     writer = ForecastWriter(out, store, leads, attrs, zarr_format=zarr_format, overwrite=overwrite)
     params = jax.device_put(loaded.params, replicated(mesh))
     predict = None
-    bar = Progress(len(init_indices), "forecast") if progress else None
+    bar = Progress(len(init_indices), "forecast", unit="init times") if progress else None
     done = 0
     try:
         for chunk in batches(np.asarray(init_indices), batch_size):

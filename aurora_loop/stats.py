@@ -27,9 +27,7 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
-import time as _time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
@@ -37,6 +35,7 @@ import numpy as np
 
 from aurora_loop.errors import UsageError
 from aurora_loop.model.normalisation import ATMOS_STATS, has_atmos_stats, has_surface_stats, level_key, stats_key
+from aurora_loop.progress import Progress
 
 HOW_TO = "compute them with aurora-loop stats STORE --out stats.json and pass --stats stats.json"
 
@@ -90,30 +89,6 @@ class Moments:
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof 0)."""
         return np.sqrt(self.m2 / np.maximum(self.count, 1))
-
-
-class Progress:
-    """A one-line progress bar on a terminal, a line per update otherwise (stderr)."""
-
-    def __init__(self, total: int, label: str, unit: str = "times", stream: TextIO | None = None) -> None:
-        self.total, self.label, self.unit = total, label, unit
-        self.stream = stream or sys.stderr
-        self.start = _time.perf_counter()
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.tenths = -1  # off a terminal, a line per tenth of the way
-
-    def update(self, done: int) -> None:
-        tenths = 10 * done // max(self.total, 1)
-        if not self.tty and tenths == self.tenths:
-            return
-        self.tenths = tenths
-        elapsed = _time.perf_counter() - self.start
-        filled = int(30 * done / max(self.total, 1))
-        line = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {self.unit}  {elapsed:.1f}s"
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        if self.tty and done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def _datetime(value: str | np.datetime64 | None, flag: str) -> np.datetime64 | None:
@@ -189,7 +164,7 @@ def compute(
     surf_names, atmos_names = list(store.fields[SURF]), list(store.fields[ATMOS])
     moments = {("surf", n): Moments.zeros(1) for n in surf_names}
     moments.update({("atmos", n): Moments.zeros(len(levels)) for n in atmos_names})
-    bar = Progress(stop - first, "stats", stream=stream) if progress and moments else None
+    bar = Progress(stop - first, "stats", unit="times", stream=stream, every_tenth=True) if progress and moments else None
     surf_buf = np.empty((chunk_times, h, w), np.float32)
     atmos_buf = np.empty((chunk_times, len(levels), h, w), np.float32) if atmos_names else None
     for t0 in range(first, stop, chunk_times):
