@@ -230,13 +230,20 @@ class Sample:
     ``inputs`` has t = history steps (oldest first) and ``metadata.time`` of the newest input;
     ``targets`` has t = rollout_steps (the next steps, in order) and ``metadata.time`` of the
     first target. Both share the grid, levels and static fields.
+
+    ``lead_hours`` (b,) float32, optional: the lead time in hours of the *last* target
+    step from the step before it, per example, for models with ``variable_lead_time``
+    trained on sampled lead times (``--lead_times``); every earlier target step is one
+    model step after the previous one. ``None``: every step is one model step.
     """
 
     inputs: Batch
     targets: Batch
+    lead_hours: Array | None = None
 
     def partition_specs(self, axis: str | tuple[str, ...] = "data") -> Sample:
-        return Sample(self.inputs.partition_specs(axis), self.targets.partition_specs(axis))
+        lead = None if self.lead_hours is None else PartitionSpec(axis)
+        return Sample(self.inputs.partition_specs(axis), self.targets.partition_specs(axis), lead)
 
     @property
     def batch_size(self) -> int:

@@ -46,10 +46,23 @@ class CheckpointError(ValueError):
 
 # --- layouts -------------------------------------------------------------------------------
 
-def from_legacy_layout(state: Mapping[str, np.ndarray], patch_size: int) -> dict[str, np.ndarray]:
-    """The published checkpoints' layout -> the name-based layout (other keys unchanged)."""
+def from_legacy_layout(state: Mapping[str, np.ndarray], patch_size: int,
+                       config: AuroraConfig | None = None) -> dict[str, np.ndarray]:
+    """The published checkpoints' layout -> the name-based layout (other keys unchanged).
+
+    The 1.0 checkpoints fuse the standard variables in a fixed order. The 1.5 ones
+    (``aurora.model.compat._adapt_checkpoint_v1p5``) fuse the model's own variables in its
+    order: surface then static in one embedding, the surface heads over every surface
+    variable (output-only ones included). ``config`` gives those orders; a fused tensor
+    whose size matches the 1.0 order is read in that order.
+    """
     out = {(k[4:] if k.startswith("net.") else k): np.asarray(v) for k, v in state.items()}
-    for part, order in (("surf", LEGACY_SURF_ORDER), ("atmos", LEGACY_ATMOS_ORDER)):
+    surf_order, atmos_order, head_order = LEGACY_SURF_ORDER, LEGACY_ATMOS_ORDER, LEGACY_SURF_ORDER[:4]
+    if config is not None:
+        fused = out.get("encoder.surf_token_embeds.weight")
+        if fused is not None and fused.shape[1] != len(LEGACY_SURF_ORDER):
+            surf_order, atmos_order, head_order = config.surf_vars + config.static_vars, config.atmos_vars, config.surf_vars
+    for part, order in (("surf", surf_order), ("atmos", atmos_order)):
         key = f"encoder.{part}_token_embeds.weight"
         if key in out:
             fused = out.pop(key)
@@ -57,7 +70,7 @@ def from_legacy_layout(state: Mapping[str, np.ndarray], patch_size: int) -> dict
                 raise CheckpointError(f"{key} has {fused.shape[1]} variables, expected {len(order)} ({', '.join(order)})")
             for i, name in enumerate(order):
                 out[f"encoder.{part}_token_embeds.weights.{name}"] = fused[:, i : i + 1]
-    for part, order in (("surf", LEGACY_SURF_ORDER[:4]), ("atmos", LEGACY_ATMOS_ORDER)):
+    for part, order in (("surf", head_order), ("atmos", atmos_order)):
         key = f"decoder.{part}_head"
         if f"{key}.weight" in out:
             weight, bias = out.pop(f"{key}.weight"), out.pop(f"{key}.bias")
@@ -102,16 +115,16 @@ def _flax_path(name: str) -> tuple[str, ...]:
     while i < len(parts):
         seg = parts[i]
         nxt = parts[i + 1] if i + 1 < len(parts) else None
-        if seg in ("encoder_layers", "decoder_layers", "blocks") and nxt is not None and nxt.isdigit():
+        if seg in ("encoder_layers", "decoder_layers", "context_down_layers", "blocks") and nxt is not None and nxt.isdigit():
             path.append(f"{seg}_{nxt}")
             i += 2
         elif seg == "layers" and nxt is not None and nxt.isdigit():
             path.append(f"layers_{nxt}")
             path.append(_PERCEIVER_PARTS[parts[i + 2]])
             i += 3
-        elif seg in ("net", "time_mlp") and nxt in _MLP_PARTS:
-            if seg == "time_mlp":
-                path.append("time_mlp")
+        elif seg in ("net", "time_mlp", "noise_mlp") and nxt in _MLP_PARTS:
+            if seg != "net":
+                path.append(seg)
             path.append(_MLP_PARTS[nxt])
             i += 2
         elif seg == "ln_modulation" and nxt == "1":
@@ -286,7 +299,7 @@ def load_reference_params(config: AuroraConfig, state_dict: Mapping[str, Any]) -
     Accepts tensors too (anything ``numpy.asarray`` takes). Raises :class:`CheckpointError`
     with the offending parameter's name on a mismatch.
     """
-    state = from_legacy_layout({k: np.asarray(v) for k, v in state_dict.items()}, config.patch_size)
+    state = from_legacy_layout({k: np.asarray(v) for k, v in state_dict.items()}, config.patch_size, config)
     state = _pad_history(state, config.max_history_size)
     return state_dict_to_params(config, state, param_shapes(config))
 

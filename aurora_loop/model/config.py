@@ -1,15 +1,25 @@
 """``AuroraConfig``: the architecture's hyper-parameters, named as the reference names them.
 
 ``AuroraConfig(**kwargs)`` accepts the keyword arguments of the PyTorch reference's
-``aurora.Aurora`` constructor, so a configuration can be copied over verbatim. Options of
-the air-pollution, wave and 1.5 variants are recognised but rejected unless left at their
-defaults (they are out of scope). ``AuroraConfig.preset(name)`` gives the named models:
+``aurora.Aurora`` constructor, so a configuration can be copied over verbatim. The options
+of Aurora 1.5 (``AuroraV1p5``, ``AuroraV1p5Ensemble``) are implemented; those of the
+air-pollution and wave variants are recognised but rejected unless left at their defaults.
+``use_fp16_safe_attention`` is accepted and ignored: it only clamps float16 intermediates,
+and this port computes in float32 or bfloat16, where it changes nothing.
+``AuroraConfig.preset(name)`` gives the named models:
 
 - ``aurora``: the 1.3 B parameter defaults of ``aurora.Aurora`` (LoRA on, as the fine-tuned
   checkpoint expects);
 - ``small``: ``aurora.AuroraSmallPretrained`` (embed_dim 256, depths (2, 6, 2), no LoRA);
 - ``tiny``: a CPU-sized model for demos and tests (embed_dim 32, 2 latent levels), the
-  configuration of the parity fixture.
+  configuration of the parity fixture;
+- ``v1p5`` / ``v1p5_ensemble``: the defaults of ``aurora.AuroraV1p5`` /
+  ``aurora.AuroraV1p5Ensemble`` (26 surface variables of which 7 output-only, 36 static,
+  per-sample lead times, input clipping, log-scaled ``scaled_*`` fields, prescribed
+  insolation; the ensemble adds backbone noise), except ``autocast``: the reference's
+  float16 autocast has no counterpart here (use bfloat16 through ``autocast=True``);
+- ``v1p5_tiny`` / ``v1p5_ensemble_tiny``: those with the ``tiny`` backbone (the 1.5 parity
+  fixtures' size).
 
 The config is frozen and hashable, so it can be a static argument of ``jax.jit``.
 """
@@ -37,12 +47,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "positive_atmos_vars": (),
     "clamp_at_first_step": False,
     "simulate_indexing_bug": False,
-    "stochastic": False,
-    "use_updated_lead_time_embedding": False,
-    "variable_lead_time": False,
-    "rollout_input_clipping": None,
-    "output_only_surf_vars": (),
-    "output_only_atmos_vars": (),
 }
 # Reference options accepted and ignored (they change nothing numerically here).
 _IGNORED = ("use_fp16_safe_attention",)
@@ -120,6 +124,28 @@ class AuroraConfig:
     remat: bool = False
     """Rematerialise the encoder, every Swin block and the decoder in the backward pass
     (activation checkpointing)."""
+    # -- Aurora 1.5 -----------------------------------------------------------------------
+    use_updated_lead_time_embedding: bool = False
+    """Lead-time encoding with wavelengths from 6 h (not 1 min) and a linear channel."""
+    variable_lead_time: bool = False
+    """Lead times per example (hours) instead of the fixed ``timestep_hours``."""
+    output_only_surf_vars: tuple[str, ...] = ()
+    """Surface variables (of ``surf_vars``) that are predicted but never read: zeros after
+    normalisation in the input, dropped when a roll-out advances."""
+    output_only_atmos_vars: tuple[str, ...] = ()
+    """Atmospheric variables that are predicted but never read (as the surface ones)."""
+    rollout_input_clipping: tuple[tuple[str, tuple[float | None, float | None]], ...] = ()
+    """``name -> (min, max)`` bounds (``None``: unbounded) applied to a prediction before a
+    roll-out feeds it back (the prediction itself stays unclipped). Accepts the reference's
+    ``{"tcc": {"min": 0, "max": 1}}``."""
+    stochastic: bool = False
+    """Inject noise into the backbone's conditioning (the ensemble model): per token, through
+    ``noise_mlp``, carried to coarser stages by ``context_down_layers``."""
+    log_transform_scaled: bool = False
+    """Log-transform surface variables named ``scaled_*`` before normalising and invert it
+    after (Aurora 1.5; the reference's ``AuroraV1p5`` does this by class, not by keyword)."""
+    prescribed_insolation: bool = False
+    """Replace the ``insolation`` prediction by the formula at the valid time (Aurora 1.5)."""
 
     def __init__(self, **kwargs: Any) -> None:
         fields = {f.name: f for f in dataclasses.fields(type(self))}
@@ -146,6 +172,8 @@ class AuroraConfig:
             if name in ("surf_stats", "atmos_stats"):
                 items = value.items() if isinstance(value, Mapping) else (value or ())
                 value = tuple(sorted((str(k), (float(v[0]), float(v[1]))) for k, v in items))
+            if name == "rollout_input_clipping":
+                value = _clipping(value)
             value = _tuple(value)
             object.__setattr__(self, name, value)
         self._validate()
@@ -171,6 +199,14 @@ class AuroraConfig:
         for key, _ in self.atmos_stats:
             if "_" not in key:
                 raise ValueError(f"atmos_stats key {key!r} must name a variable and a level, like 'z_500'")
+        for group, names, known in (("output_only_surf_vars", self.output_only_surf_vars, self.surf_vars),
+                                    ("output_only_atmos_vars", self.output_only_atmos_vars, self.atmos_vars)):
+            stray = [n for n in names if n not in known]
+            if stray:
+                raise ValueError(f"{group} {stray} must also be in {group.replace('output_only_', '')}")
+        for name, _ in self.rollout_input_clipping:
+            if name not in self.surf_vars and name not in self.atmos_vars:
+                raise ValueError(f"rollout_input_clipping names {name!r}, which is not a surface or atmospheric variable")
 
     # -- conveniences ------------------------------------------------------------------
     @property
@@ -178,6 +214,21 @@ class AuroraConfig:
         """Every statistics override in one dict, the reference's convention: surface/static
         names and atmospheric ``"name_level"`` keys (what ``Batch.normalise`` takes)."""
         return {**dict(self.surf_stats), **dict(self.atmos_stats)}
+
+    @property
+    def input_surf_vars(self) -> tuple[str, ...]:
+        """The surface variables a batch supplies (``surf_vars`` less the output-only ones)."""
+        return tuple(v for v in self.surf_vars if v not in self.output_only_surf_vars)
+
+    @property
+    def input_atmos_vars(self) -> tuple[str, ...]:
+        """The atmospheric variables a batch supplies."""
+        return tuple(v for v in self.atmos_vars if v not in self.output_only_atmos_vars)
+
+    @property
+    def log_transformed_surf_vars(self) -> tuple[str, ...]:
+        """The ``scaled_*`` surface variables under ``log_transform_scaled``."""
+        return tuple(v for v in self.surf_vars if v.startswith("scaled_")) if self.log_transform_scaled else ()
 
     @property
     def backbone_dtype(self) -> Any:
@@ -192,6 +243,7 @@ class AuroraConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["surf_stats"] = {k: list(v) for k, v in self.surf_stats}
         out["atmos_stats"] = {k: list(v) for k, v in self.atmos_stats}
+        out["rollout_input_clipping"] = {k: {"min": lo, "max": hi} for k, (lo, hi) in self.rollout_input_clipping}
         return out
 
     def to_json(self) -> str:
@@ -203,10 +255,29 @@ class AuroraConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> AuroraConfig:
-        """The named configuration (``aurora``, ``small``, ``tiny``) with optional overrides."""
+        """The named configuration (``aurora``, ``small``, ``tiny``, ``v1p5``, ...) with
+        optional overrides (reference keyword arguments). As in the reference's
+        ``AuroraV1p5``, a ``rollout_input_clipping`` override adds to the preset's bounds
+        (a variable it names gets the new bounds, the others keep theirs)."""
         if name not in PRESETS:
             raise KeyError(f"unknown Aurora preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        base = dict(PRESETS[name])
+        if "rollout_input_clipping" in overrides and base.get("rollout_input_clipping"):
+            merged = dict(_clipping(base["rollout_input_clipping"]))
+            merged.update(dict(_clipping(overrides.pop("rollout_input_clipping"))))
+            base["rollout_input_clipping"] = tuple(sorted(merged.items()))
+        return cls(**{**base, **overrides})
+
+
+def _clipping(value: Any) -> tuple[tuple[str, tuple[float | None, float | None]], ...]:
+    """Clipping bounds as sorted ``(name, (min, max))`` pairs, from the reference's dict of
+    ``{"min": .., "max": ..}`` dicts or from pairs."""
+    items = value.items() if isinstance(value, Mapping) else (value or ())
+    out = []
+    for name, bounds in items:
+        lo, hi = (bounds.get("min"), bounds.get("max")) if isinstance(bounds, Mapping) else tuple(bounds)
+        out.append((str(name), (None if lo is None else float(lo), None if hi is None else float(hi))))
+    return tuple(sorted(out))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -233,3 +304,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         use_lora=False,
     ),
 }
+
+_V1P5_SURF = (
+    ("2t", "10u", "10v", "msl", "2d", "tcwv", "tcc", "100u", "100v", "sp", "lcc", "mcc")
+    + ("hcc", "skt", "stl1", "swvl1", "ci", "scaled_sd", "i10fg", "blh", "uvb_1h")
+    + ("ssrd_1h", "ttr_1h", "scaled_tp_1h", "scaled_sf_1h", "insolation")
+)
+_V1P5_STATIC = (
+    ("lsm", "z", "anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "slt_0", "slt_1")
+    + ("slt_2", "slt_3", "slt_4", "slt_5", "slt_6", "slt_7", "sdfor", "sdor", "tvh_0")
+    + ("tvh_18", "tvh_19", "tvh_3", "tvh_4", "tvh_5", "tvh_6", "tvl_0", "tvl_1", "tvl_10")
+    + ("tvl_11", "tvl_13", "tvl_16", "tvl_17", "tvl_2", "tvl_7", "tvl_9")
+)
+_V1P5_CLIPPING = {
+    "tcwv": (0.0, None), "tcc": (0.0, 1.0), "lcc": (0.0, 1.0), "mcc": (0.0, 1.0), "hcc": (0.0, 1.0),
+    "swvl1": (0.0, 70.0), "ci": (0.0, 1.0), "scaled_sd": (0.0, 10.0),
+}
+PRESETS["v1p5"] = dict(
+    surf_vars=_V1P5_SURF,
+    static_vars=_V1P5_STATIC,
+    output_only_surf_vars=("i10fg", "blh", "uvb_1h", "ssrd_1h", "ttr_1h", "scaled_tp_1h", "scaled_sf_1h"),
+    rollout_input_clipping=tuple(sorted(_V1P5_CLIPPING.items())),
+    variable_lead_time=True,
+    use_updated_lead_time_embedding=True,
+    use_lora=False,
+    log_transform_scaled=True,
+    prescribed_insolation=True,
+)
+PRESETS["v1p5_ensemble"] = dict(PRESETS["v1p5"], stochastic=True)
+_TINY_BACKBONE = {k: v for k, v in PRESETS["tiny"].items() if k != "use_lora"}
+PRESETS["v1p5_tiny"] = dict(PRESETS["v1p5"], **_TINY_BACKBONE)
+PRESETS["v1p5_ensemble_tiny"] = dict(PRESETS["v1p5_ensemble"], **_TINY_BACKBONE)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from aurora_loop.model.config import AuroraConfig
-from aurora_loop.model.fourier import absolute_time_encoding, lead_time_encoding, levels_encoding
+from aurora_loop.model.fourier import absolute_time_encoding, levels_encoding
 from aurora_loop.model.layers import MLP, dense, layer_norm
 from aurora_loop.model.perceiver import PerceiverResampler
 from aurora_loop.model.posenc import position_scale_encoding
@@ -81,10 +81,12 @@ class Perceiver3DEncoder(nn.Module):
         lon: Array,
         time: Array,
         levels: tuple[float, ...],
+        lead: Array,
     ) -> Array:
         """surf: name -> (B, T, H, W) (static variables included, broadcast over B and T);
         atmos: name -> (B, T, C, H, W); lat (H,), lon (W,) degrees; time (B,) hours since 1970;
-        levels: the C pressure levels (hPa)."""
+        levels: the C pressure levels (hPa); lead: the lead-time encoding (B, D)
+        (:func:`~aurora_loop.model.fourier.lead_times_encoding`)."""
         cfg = self.config
         d, p = cfg.embed_dim, cfg.patch_size
         surf_names, atmos_names = tuple(surf), tuple(atmos)
@@ -127,7 +129,6 @@ class Perceiver3DEncoder(nn.Module):
         x = x + dense(d, "pos_embed")(pos.astype(dtype)) + dense(d, "scale_embed")(scale.astype(dtype))
         x = x.reshape(b, -1, d)
 
-        lead = jnp.asarray(lead_time_encoding(cfg.timestep_hours, d), dtype)
-        x = x + dense(d, "lead_time_embed")(lead)
+        x = x + dense(d, "lead_time_embed")(jnp.asarray(lead, dtype))[:, None, :]
         absolute = absolute_time_encoding(time, d).astype(dtype)  # (B, D)
         return x + dense(d, "absolute_time_embed")(absolute)[:, None, :]

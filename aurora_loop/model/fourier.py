@@ -50,6 +50,7 @@ _AREA_EARTH = 4 * np.pi * RADIUS_EARTH_KM * RADIUS_EARTH_KM
 POSITION = (_DELTA, 720.0)  # degrees
 SCALE = (_MIN_PATCH_AREA, _AREA_EARTH)  # the square root of a patch area, km
 LEAD_TIME = (1 / 60, 24 * 7 * 3)  # hours
+LEAD_TIME_UPDATED = (6.0, 24 * 7 * 3)  # hours: Aurora 1.5's smoother lead-time encoding
 LEVELS = (0.01, 1e5)  # hPa
 ABSOLUTE_TIME = (1.0, 24 * 365.25)  # hours
 
@@ -124,9 +125,28 @@ def static_expansion(values: Any, d: int, bounds: tuple[float, float]) -> np.nda
     return np.concatenate([np.sin(prod), np.cos(prod)], axis=-1).astype(np.float32)
 
 
-def lead_time_encoding(hours: float, d: int) -> np.ndarray:
-    """A lead time in hours (static) -> (d,) float32."""
-    return static_expansion(hours, d, LEAD_TIME)
+def lead_time_encoding(hours: float, d: int, updated: bool = False) -> np.ndarray:
+    """A lead time in hours (static) -> (d,) float32. ``updated``: Aurora 1.5's encoding
+    (:func:`lead_times_encoding`)."""
+    if not updated:
+        return static_expansion(hours, d, LEAD_TIME)
+    enc = static_expansion(hours, d, LEAD_TIME_UPDATED)
+    enc[..., d // 2 - 1] = np.float32(np.float64(hours) / LEAD_TIME_UPDATED[1])
+    return enc
+
+
+def lead_times_encoding(hours: Array, d: int, updated: bool = False) -> Array:
+    """Lead times per example (b,) hours (traced) -> (b, d) float32.
+
+    ``updated`` (Aurora 1.5's ``use_updated_lead_time_embedding``): wavelengths from 6 h
+    to 3 weeks, and the sine of the longest wavelength (nearly linear over any lead time
+    used) replaced by the exactly linear ``hours / (3 weeks)``.
+    """
+    enc = fourier_expansion(hours, d, LEAD_TIME_UPDATED if updated else LEAD_TIME)
+    if updated:
+        linear = (jnp.asarray(hours) / LEAD_TIME_UPDATED[1]).astype(jnp.float32)
+        enc = enc.at[..., d // 2 - 1].set(linear)
+    return enc
 
 
 def absolute_time_encoding(hours_since_epoch: Array, d: int) -> Array:

@@ -35,6 +35,44 @@ SURFACE_STATS: dict[str, tuple[float, float]] = {
     "slt": (0.0, 7.0),
 }
 
+# Aurora 1.5's additional surface variables (``aurora.AuroraV1p5``), copied from the
+# reference's statistics table (``aurora/normalisation.py``, microsoft-aurora 2.0.1).
+# ``scaled_*`` entries describe the log-transformed field (``log(x + 1e-3) - log(1e-3)``), ``*_1h``
+# fields are one-hour accumulations (J m-2, m). The 1.5 static fields arrive normalised
+# already (location 0, scale 1).
+V1P5_SURFACE_STATS: dict[str, tuple[float, float]] = {
+    "2d": (273.876923, 20.7733974),
+    "tcwv": (18.2695427, 16.429491),
+    "tcc": (0.67472446, 0.365822792),
+    "100u": (0.02712852507829666, 6.970843315124512),
+    "100v": (0.19762367010116577, 6.088253498077393),
+    "sp": (96647.375, 9586.69140625),
+    "lcc": (0.4616926610469818, 0.3931414783000946),
+    "mcc": (0.2986297309398651, 0.3729339838027954),
+    "hcc": (0.32651442289352417, 0.4131758511066437),
+    "skt": (278.8576354980469, 22.333234786987305),
+    "stl1": (279.56781005859375, 21.44609832763672),
+    "swvl1": (0.08593245595693588, 0.14150479435920715),
+    "ci": (0.11092530190944672, 0.29736775159835815),
+    "scaled_sd": (1.3165518045425415, 3.0272440910339355),
+    "i10fg": (9.003422737121582, 4.655707359313965),
+    "blh": (629.0673217773438, 470.48150634765625),
+    "uvb_1h": (69617.6, 106110.3),
+    "ssrd_1h": (588904.6, 891503.2),
+    "ttr_1h": (-814438.7, 177100.2),
+    "scaled_tp_1h": (0.0703631192445755, 0.18630525469779968),
+    "scaled_sf_1h": (0.013227290473878384, 0.05945565551519394),
+    "insolation": (0.0, 1.0),
+}
+V1P5_STATIC_STATS: dict[str, tuple[float, float]] = {name: (0.0, 1.0) for name in (
+    "anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "slt_0", "slt_1", "slt_2", "slt_3", "slt_4",
+    "slt_5", "slt_6", "slt_7", "sdfor", "sdor", "tvh_0", "tvh_18", "tvh_19", "tvh_3", "tvh_4",
+    "tvh_5", "tvh_6", "tvl_0", "tvl_1", "tvl_10", "tvl_11", "tvl_13", "tvl_16", "tvl_17", "tvl_2",
+    "tvl_7", "tvl_9"
+)}
+SURFACE_STATS.update(V1P5_SURFACE_STATS)
+SURFACE_STATS.update(V1P5_STATIC_STATS)
+
 ATMOS_STATS: dict[str, dict[int, tuple[float, float]]] = {
     "z": {
         50: (199373.0, 5875.553),
@@ -209,3 +247,29 @@ def normalise_atmos(x: Array, name: str, levels: Sequence[float], inverse: bool 
     loc = np.asarray(locs, dtype=dtype)[:, None, None] if np.dtype(dtype) != np.float64 else locs[:, None, None]
     scale = np.asarray(scales, dtype=dtype)[:, None, None] if np.dtype(dtype) != np.float64 else scales[:, None, None]
     return x * scale + loc if inverse else (x - loc) / scale
+
+
+LOG_TRANSFORM_EPS = 1e-3
+"""Offset of Aurora 1.5's log transform of ``scaled_*`` fields (m or m of water)."""
+
+
+def log_transform(x: Array) -> Array:
+    """``log(x + eps) - log(eps)``, eps = 1e-3: how Aurora 1.5 sees precipitation, snowfall and
+    snow depth (``scaled_*`` variables) before normalising them."""
+    import math
+
+    return _xp(x).log(x + LOG_TRANSFORM_EPS) - math.log(LOG_TRANSFORM_EPS)
+
+
+def log_untransform(x: Array) -> Array:
+    """Inverse of :func:`log_transform`: ``eps * (exp(x) - 1)``."""
+    return LOG_TRANSFORM_EPS * (_xp(x).exp(x) - 1)
+
+
+def _xp(x: Array) -> Any:
+    """numpy for host arrays, jax.numpy otherwise."""
+    if isinstance(x, np.ndarray | np.generic):
+        return np
+    import jax.numpy as jnp
+
+    return jnp

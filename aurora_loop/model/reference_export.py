@@ -34,11 +34,16 @@ REFERENCE_KWARGS = (
     "mlp_ratio", "drop_path", "drop_rate", "enc_depth", "dec_depth", "dec_mlp_ratio", "perceiver_ln_eps",
     "max_history_size", "timestep", "stabilise_level_agg", "use_lora", "lora_steps", "lora_mode",
     "surf_stats", "autocast",
+    # Aurora 1.5 (microsoft-aurora 2.0.1)
+    "use_updated_lead_time_embedding", "variable_lead_time", "output_only_surf_vars", "output_only_atmos_vars",
+    "rollout_input_clipping", "stochastic",
 )
 # AuroraConfig fields that are no keyword argument of the reference (dropped from the kwargs):
 # ``remat`` is this port's own; ``atmos_stats`` the reference takes from the module-level
 # tables ``aurora.normalisation.locations`` / ``scales`` (see :func:`atmos_stats_overrides`).
-OWN_FIELDS = ("remat", "atmos_stats")
+# ``log_transform_scaled`` / ``prescribed_insolation`` the reference sets by class
+# (``aurora.AuroraV1p5``; see :func:`reference_class`).
+OWN_FIELDS = ("remat", "atmos_stats", "log_transform_scaled", "prescribed_insolation")
 DEFAULT_TIMESTEP_HOURS = 6.0
 
 
@@ -56,11 +61,22 @@ def reference_kwargs(config: AuroraConfig) -> dict[str, Any]:
         elif name == "surf_stats":
             if value:
                 out["surf_stats"] = {k: (float(v[0]), float(v[1])) for k, v in value}
+        elif name == "rollout_input_clipping":
+            out[name] = {k: {"min": lo, "max": hi} for k, (lo, hi) in value} or None
         elif name in REFERENCE_KWARGS:
             out[name] = value
         else:  # a new AuroraConfig field must be classified here, never dropped silently
             raise ValueError(f"AuroraConfig.{name} is neither a reference keyword argument nor listed in OWN_FIELDS")
     return out
+
+
+def reference_class(config: AuroraConfig) -> str:
+    """The reference class to build with :func:`reference_kwargs`: ``AuroraV1p5`` (or
+    ``AuroraV1p5Ensemble`` when stochastic) for a config with Aurora 1.5's class-level
+    transforms, ``Aurora`` otherwise."""
+    if config.log_transform_scaled or config.prescribed_insolation:
+        return "AuroraV1p5Ensemble" if config.stochastic else "AuroraV1p5"
+    return "Aurora"
 
 
 def atmos_stats_overrides(config: AuroraConfig) -> dict[str, tuple[float, float]]:
@@ -99,7 +115,7 @@ def reference_kwargs_json(config: AuroraConfig) -> dict[str, Any]:
 
 _PERCEIVER_INDEX = {"attn": "0", "ff": "1", "ln1": "2", "ln2": "3"}
 _MLP_INDEX = {"fc1": "0", "fc2": "2"}
-_NUMBERED = re.compile(r"^(encoder_layers|decoder_layers|blocks|layers)_(\d+)$")
+_NUMBERED = re.compile(r"^(encoder_layers|decoder_layers|context_down_layers|blocks|layers)_(\d+)$")
 
 
 def _reference_module(path: tuple[str, ...]) -> str:
@@ -121,8 +137,8 @@ def _reference_module(path: tuple[str, ...]) -> str:
             out += [m.group(1), m.group(2)]
         elif seg == "modulation":
             out += ["ln_modulation", "1"]
-        elif seg in _MLP_INDEX and prev == "time_mlp":
-            out.append(_MLP_INDEX[seg])  # backbone.time_mlp.{0,2}
+        elif seg in _MLP_INDEX and prev in ("time_mlp", "noise_mlp"):
+            out.append(_MLP_INDEX[seg])  # backbone.{time,noise}_mlp.{0,2}
         elif seg in _MLP_INDEX and prev in ("surf_mlp", "ff"):
             out += ["net", _MLP_INDEX[seg]]  # the Perceiver MLP: <mlp>.net.{0,2}
         else:

@@ -100,7 +100,8 @@ class WindowAttention(nn.Module):
 
 
 class AdaptiveLayerNorm(nn.Module):
-    """``LN(x) * scale(c) + shift(c)`` with (shift, scale) = Linear(SiLU(c)); c (B, Dc)."""
+    """``LN(x) * scale(c) + shift(c)`` with (shift, scale) = Linear(SiLU(c)); c (B, Dc), or
+    (B, L, Dc) per token (the stochastic backbone)."""
 
     dtype: Dtype | None = None
 
@@ -109,7 +110,7 @@ class AdaptiveLayerNorm(nn.Module):
         d = x.shape[-1]
         zeros = nn.initializers.zeros
         mod = nn.Dense(2 * d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros, name="modulation")(nn.silu(c))
-        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+        shift, scale = jnp.split(mod[:, None, :] if mod.ndim == 2 else mod, 2, axis=-1)
         return layer_norm("ln", affine=False, dtype=self.dtype)(x) * scale + shift
 
 
@@ -127,7 +128,7 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
-        """x (B, C*H*W, D), c (B, Dc), res = (C, H, W) -> (B, C*H*W, D)."""
+        """x (B, C*H*W, D), c (B, Dc) or (B, C*H*W, Dc), res = (C, H, W) -> (B, C*H*W, D)."""
         cc, h, w = res
         b, length, d = x.shape
         if length != cc * h * w:
@@ -219,9 +220,14 @@ def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class PatchMerging(nn.Module):
-    """2 x 2 patches -> one: (B, C*H*W, D) -> (B, C*ceil(H/2)*ceil(W/2), 2D)."""
+    """2 x 2 patches -> one: (B, C*H*W, D) -> (B, C*ceil(H/2)*ceil(W/2), out_dim or 2D).
+
+    ``norm=False`` leaves out the layer norm (the stochastic backbone merges its per-token
+    conditioning this way, keeping its width)."""
 
     dtype: Dtype | None = None
+    out_dim: int | None = None
+    norm: bool = True
 
     @nn.compact
     def __call__(self, x: Array, res: Triple) -> Array:
@@ -231,8 +237,9 @@ class PatchMerging(nn.Module):
         h2, w2 = grid.shape[2] // 2, grid.shape[3] // 2
         grid = grid.reshape(b, c, h2, 2, w2, 2, d).transpose(0, 1, 2, 4, 3, 5, 6)
         x = grid.reshape(b, c * h2 * w2, 4 * d)
-        x = layer_norm("norm", dtype=self.dtype)(x)
-        return dense(2 * d, "reduction", use_bias=False, dtype=self.dtype)(x)
+        if self.norm:
+            x = layer_norm("norm", dtype=self.dtype)(x)
+        return dense(self.out_dim or 2 * d, "reduction", use_bias=False, dtype=self.dtype)(x)
 
 
 class PatchSplitting(nn.Module):
@@ -323,12 +330,20 @@ def encoder_resolutions(patch_res: Triple, stages: int) -> tuple[list[Triple], l
 
 
 class Swin3DBackbone(nn.Module):
-    """The U-Net: (B, L, D) tokens + lead-time encoding (Dt,) -> (B, L, 2D)."""
+    """The U-Net: (B, L, D) tokens + lead-time encoding (B, D) -> (B, L, 2D).
+
+    The blocks are conditioned on ``c = time_mlp(lead encoding)`` (B, D). A stochastic
+    model (``config.stochastic``, the 1.5 ensemble) adds ``noise_mlp(noise)`` per token,
+    ``noise`` (B, L, D) standard normal, and merges that per-token ``c`` down to each
+    coarser encoder stage with ``context_down_layers_i``; the decoder stages reuse the
+    encoder's ``c`` of their resolution.
+    """
 
     config: AuroraConfig
 
     @nn.compact
-    def __call__(self, x: Array, lead_encoding: Array, patch_res: Triple, rollout_step: int | Array) -> Array:
+    def __call__(self, x: Array, lead_encoding: Array, patch_res: Triple, rollout_step: int | Array,
+                 noise: Array | None = None) -> Array:
         cfg = self.config
         dtype = cfg.backbone_dtype
         if patch_res[0] % cfg.window_size[0]:
@@ -339,6 +354,10 @@ class Swin3DBackbone(nn.Module):
         b = x.shape[0]
         time = jnp.broadcast_to(jnp.asarray(lead_encoding, x.dtype), (b, cfg.embed_dim))
         c = MLP(cfg.embed_dim, act="silu", dtype=dtype, name="time_mlp")(time)
+        if cfg.stochastic:
+            if noise is None:
+                raise ValueError("a stochastic Aurora needs noise (B, L, D): pass noise= or rng=")
+            c = c[:, None, :] + MLP(cfg.embed_dim, act="silu", dtype=dtype, name="noise_mlp")(noise.astype(x.dtype))
 
         res, pads = encoder_resolutions(patch_res, len(cfg.encoder_depths))
         n_enc, n_dec = len(cfg.encoder_depths), len(cfg.decoder_depths)
@@ -346,17 +365,20 @@ class Swin3DBackbone(nn.Module):
             window_size=tuple(cfg.window_size), mlp_ratio=cfg.mlp_ratio, use_lora=cfg.use_lora,
             lora_steps=cfg.lora_steps, lora_mode=cfg.lora_mode, remat=cfg.remat, dtype=dtype,
         )
-        skips = []
+        skips, contexts = [], []
         for i in range(n_enc):
+            contexts.append(c)
             stage = SwinStage(cfg.encoder_depths[i], cfg.encoder_num_heads[i], downsample=i < n_enc - 1,
                               name=f"encoder_layers_{i}", **common)
             x, unscaled = stage(x, c, res[i], (0, 0, 0), rollout_step)
             skips.append(unscaled)
+            if cfg.stochastic and i < n_enc - 1:
+                c = PatchMerging(dtype, out_dim=cfg.embed_dim, norm=False, name=f"context_down_layers_{i}")(c, res[i])
         for i in range(n_dec):
             index = n_dec - i - 1
             stage = SwinStage(cfg.decoder_depths[i], cfg.decoder_num_heads[i], upsample=i < n_dec - 1,
                               name=f"decoder_layers_{i}", **common)
-            x, _ = stage(x, c, res[index], pads[index - 1], rollout_step)
+            x, _ = stage(x, contexts[index] if cfg.stochastic else c, res[index], pads[index - 1], rollout_step)
             if 0 < i < n_dec - 1:
                 x = x + skips[index - 1]
             elif i == n_dec - 1:

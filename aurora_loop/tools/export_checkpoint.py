@@ -283,7 +283,12 @@ def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", fo
     from aurora_loop.checkpoint_weights import restore_state_weights
     from aurora_loop.model.checkpoint import CheckpointError
     from aurora_loop.model.config import AuroraConfig
-    from aurora_loop.model.reference_export import atmos_stats_overrides, params_to_state_dict, reference_kwargs_json
+    from aurora_loop.model.reference_export import (
+        atmos_stats_overrides,
+        params_to_state_dict,
+        reference_class,
+        reference_kwargs_json,
+    )
 
     if fmt not in EXTENSIONS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -323,6 +328,7 @@ def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", fo
         "kwargs": kwargs_path,
         "weights": "ema" if weights_read == "ema_params" else "raw",
         "atmos_stats": atmos_stats_overrides(config),
+        "reference_class": reference_class(config),
     }
 
     parent = os.path.dirname(out)
@@ -354,8 +360,8 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     if fmt != "orbax":
         print(f"Exported step {record['step']} to {out}: the reference's state_dict ({fmt}, {record['tensors']} tensors, "
-              f"{record['parameters']:,} parameters); its aurora.Aurora keyword arguments are in {record['kwargs']} "
-              "(turn their lists into tuples before calling aurora.Aurora)")
+              f"{record['parameters']:,} parameters); its aurora.{record['reference_class']} keyword arguments are in {record['kwargs']} "
+              f"(turn their lists into tuples before calling aurora.{record['reference_class']})")
         if record["weights"] == "ema":
             print("The exported weights are the run's moving average (--ema_decay); pass --weights raw for the trained ones")
         if record["atmos_stats"]:

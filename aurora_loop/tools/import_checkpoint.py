@@ -1,6 +1,7 @@
 """``aurora-loop import-checkpoint``: a reference Aurora checkpoint -> this project's layout.
 
     aurora-loop import-checkpoint aurora-0.25-small-pretrained.ckpt --model small --out DIR
+    aurora-loop import-checkpoint aurora-0.25-v1.5-ensemble.ckpt --model v1p5_ensemble --out DIR
 
 Reads a PyTorch ``.ckpt`` (needs the optional ``torch`` extra), or a state dict saved as
 ``.npz`` or ``.safetensors``, in the current name-based or the published (``net.``-prefixed,
@@ -29,7 +30,7 @@ _SAFETENSORS_DTYPES = {
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="reference checkpoint: .ckpt (torch), .npz or .safetensors state dict")
     parser.add_argument("--model", required=True,
-                        help="the architecture: a preset (tiny, small, aurora) or a JSON file of the reference's keyword arguments")
+                        help="the architecture: a preset (tiny, small, aurora, v1p5, v1p5_ensemble, ...) or a JSON file of the reference's keyword arguments")
     parser.add_argument("--out", required=True, help="new directory to write encoder/, backbone/, decoder/ and config.json to")
 
 
