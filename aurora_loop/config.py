@@ -55,6 +55,8 @@ class TrainingConfig:
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
     checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
     timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
+    lead_times: tuple[float, ...] = _field((), "sample the lead time of each training example's last target step from these hours (comma list, e.g. 1,3,6; Aurora 1.5's sub-6-hour steps): inputs and earlier targets lie the model step apart (--timestep_hours, else the largest lead time), the last target the drawn lead after the step before it; every lead and the model step must be multiples of the store's time step; validation keeps the model step; empty: every step is the data's step")
+    ensemble_members: int = _field(1, "ensemble members the model draws per example (at least 1; 1: a deterministic forecast)")
     bf16: bool = _field(False, "same as --precision bf16-mixed (kept for existing scripts)")
     precision: str = _field("fp32", "fp32 (all float32), bf16-mixed (float32 parameters, bfloat16 compute where the model supports it) or bf16-params (bfloat16 parameters and compute; the optimizer keeps float32 master weights)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
@@ -367,6 +369,11 @@ def validate(config: TrainingConfig) -> None:
         raise UsageError(f"save_every_n_minutes must be positive (or none), got {config.save_every_n_minutes}")
     if config.timestep_hours is not None and not config.timestep_hours > 0:
         raise UsageError(f"timestep_hours must be positive, got {config.timestep_hours}")
+    bad_leads = [v for v in config.lead_times if not v > 0]
+    if bad_leads:
+        raise UsageError(f"lead_times must be positive hours, got {bad_leads[0]:g}; e.g. --lead_times 1,3,6")
+    if config.ensemble_members < 1:
+        raise UsageError(f"ensemble_members must be at least 1, got {config.ensemble_members}; e.g. --ensemble_members 4")
     loss_settings = [n for n in ("loss_surf_weights", "loss_atmos_weights") if getattr(config, n)]
     loss_settings += ["loss_gamma"] * (config.loss_gamma != 1.0) + ["latitude_weighted_loss"] * config.latitude_weighted_loss
     if config.model == "conv" and config.stats:

@@ -26,6 +26,9 @@ class Loader(Protocol):
     - ``__len__()``: batches per epoch.
     - ``state_dict()`` -> ``{"epoch": int, "position": int, ...}`` (JSON-able);
       ``load_state_dict(state)`` restores it, so the next ``__iter__`` continues there.
+    - Anything random in a batch (the shuffle, a lead time drawn per example such as
+      ``Sample.lead_hours``) is a function of the seed, the epoch and the example's position
+      in the epoch only, so a resumed run reads the batches an uninterrupted one would.
 
     Optional: ``example_batch()`` returns one batch shaped like every batch without moving
     the position (the trainer builds the state from it; without it the trainer reads the

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from aurora_loop.datasets.loader import ZarrLoader
 from aurora_loop.datasets.samples import SampleSpec, sample_index, split_starts
@@ -35,19 +38,60 @@ def selection_from_config(config: Any) -> VariableSelection:
     )
 
 
-def sample_specs(config: Any) -> tuple[SampleSpec, SampleSpec | None]:
+def _multiple(hours: float, step_hours: float) -> int | None:
+    """``hours / step_hours`` when it is a whole number >= 1, else None."""
+    ratio = float(hours) / step_hours
+    whole = int(round(ratio))
+    return whole if whole >= 1 and abs(ratio - whole) <= 1e-6 * max(1.0, ratio) else None
+
+
+def lead_steps(lead_times: Sequence[float], timestep_hours: float | None, time_step: np.timedelta64) -> tuple[int, tuple[int, ...]]:
+    """(model step T, lead times) in store steps, for ``--lead_times`` on a store of ``time_step``.
+
+    T is ``timestep_hours`` when given, else the largest lead time; T and every lead time must
+    be positive whole multiples of the store's step (a one-line UsageError naming the fix
+    otherwise). Lead times are kept in the order given, duplicates dropped.
+    """
+    dt = float(time_step / np.timedelta64(1, "s")) / 3600.0
+    leads = tuple(dict.fromkeys(float(v) for v in lead_times))
+    bad = [v for v in leads if not v > 0]
+    if bad:
+        raise UsageError(f"lead_times must be positive hours, got {bad[0]:g}; e.g. --lead_times 1,3,6")
+    for lead in leads:
+        if _multiple(lead, dt) is None:
+            raise UsageError(f"--lead_times {lead:g} h is not a multiple of the store's {dt:g} h time step; give lead times in multiples of {dt:g} h "
+                             "or use a store with a finer step (e.g. aurora-loop sample-data --step_hours 1)")
+    model_step = float(timestep_hours) if timestep_hours else max(leads)
+    stride = _multiple(model_step, dt)
+    if stride is None:
+        source = "--timestep_hours" if timestep_hours else "the largest of --lead_times"
+        raise UsageError(f"the model step {model_step:g} h ({source}) is not a multiple of the store's {dt:g} h time step; "
+                         f"pass --timestep_hours as a multiple of {dt:g} h")
+    return stride, tuple(_multiple(v, dt) or 0 for v in leads)
+
+
+def sample_specs(config: Any, time_step: np.timedelta64 | None = None) -> tuple[SampleSpec, SampleSpec | None]:
     """(training spec, validation spec) of a config: ``history`` inputs and ``rollout_steps``
     targets; validation takes ``val_rollout_steps`` targets when set (``None`` when unset:
-    validation samples are shaped like training's)."""
+    validation samples are shaped like training's).
+
+    With ``lead_times`` (and the store's ``time_step``) the steps lie the model step T apart
+    (:func:`lead_steps`) and training draws the last target's lead from ``lead_times``;
+    validation keeps every step T apart (its spec is then never None)."""
     history = int(getattr(config, "history", 2) or 2)
     spec = SampleSpec(history=history, rollout_steps=int(getattr(config, "rollout_steps", 1) or 1))
     if spec.rollout_steps < 1 or spec.history < 1:
         raise UsageError(f"history and rollout_steps must be at least 1, got {spec.history} and {spec.rollout_steps}")
     val_steps = getattr(config, "val_rollout_steps", None)
+    if val_steps is not None and int(val_steps) < 1:
+        raise UsageError(f"val_rollout_steps must be at least 1 (or none), got {val_steps}")
+    lead_times = tuple(getattr(config, "lead_times", ()) or ())
+    if lead_times and time_step is not None:
+        stride, leads = lead_steps(lead_times, getattr(config, "timestep_hours", None), time_step)
+        val = SampleSpec(history=history, rollout_steps=int(val_steps or spec.rollout_steps), stride=stride)
+        return SampleSpec(history=history, rollout_steps=spec.rollout_steps, stride=stride, leads=leads), val
     if val_steps is None:
         return spec, None
-    if int(val_steps) < 1:
-        raise UsageError(f"val_rollout_steps must be at least 1 (or none), got {val_steps}")
     return spec, SampleSpec(history=history, rollout_steps=int(val_steps))
 
 
@@ -65,7 +109,12 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     ``train_start`` / ``train_end`` / ``val_start`` / ``val_end`` (ISO strings or None: with
     none set, the last ~20% of the times validate), ``nan_policy`` ("error" or "skip"),
     ``cache_mb`` (256: stores whose selected fields fit are read into memory once),
-    ``tfds_data_dir`` (for ``tfds:`` paths).
+    ``tfds_data_dir`` (for ``tfds:`` paths), ``lead_times`` (() = none) and ``timestep_hours``
+    (None): with lead times, training samples take their steps the model step T apart
+    (``timestep_hours``, else the largest lead time; a multiple of the store's step) and draw
+    the last target's lead per example from ``lead_times`` (the batch's ``lead_hours``);
+    validation samples keep every step T apart (``lead_hours`` None). See
+    :mod:`aurora_loop.datasets.samples`.
     The training loader shuffles with (seed, epoch); validation keeps time order.
     """
     path = getattr(config, "dataset_path", None)
@@ -78,6 +127,8 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         store: WeatherStore | RecordStore = open_tfds(str(path), selection, getattr(config, "tfds_data_dir", None), static_path)
     else:
         store = WeatherStore(path, selection, static_path=static_path, cache_mb=float(getattr(config, "cache_mb", 256)))
+    if getattr(config, "lead_times", None):
+        spec, val_spec = sample_specs(config, store.time_step)
     train, val = split_starts(
         store.times,
         spec,

@@ -8,14 +8,23 @@ What the conversion does, in order:
    become hPa), ``lat`` / ``lon`` -> ``latitude`` / ``longitude``, ``valid_time`` -> ``time``
    where it is the time dim; an ensemble dim (``number``, ``member``, ``realization``) stays
    as ``number`` unless one member is picked;
-3. renames variables: the user's map first, then ERA5 short names (``z t u v q t2m u10 v10
-   msl lsm slt`` and GRIB's ``2t 10u 10v``) to WB2 names; ``z`` on pressure levels is
+3. renames variables: the user's map first, then ERA5 short names (:data:`ERA5_NAMES`: ``z t u
+   v q w t2m u10 v10 msl lsm slt``, GRIB's ``2t 10u 10v``, and the extension / Aurora 1.5 ones:
+   ``tp u100 v100 tcc sp d2m tcwv sst lcc mcc hcc skt stl1 swvl1 siconc sd tisr i10fg blh uvb
+   ssrd ttr sf`` and the statics ``anor isor sdor sdfor slor cl dl cvh cvl tvh tvl``, each
+   under its NetCDF and GRIB spelling) to WB2 names; ``z`` on pressure levels is
    ``geopotential``, without levels ``geopotential_at_surface``; static fields lose their time
-   dim (first time kept);
+   dim (first time kept). ERA5's accumulations (``tp sf ssrd ttr uvb tisr``) are sums over the
+   hour before each time, so they become the ``_1hr`` WB2 names (``tp`` ->
+   ``total_precipitation_1hr``, Aurora 1.5's ``scaled_tp_1h``); ``tisr`` keeps WB2's
+   ``toa_incident_solar_radiation`` (J m-2: not Aurora 1.5's dimensionless insolation, which
+   aurora-loop computes from the time and grid);
 4. orients as WB2 does: latitude ascending (-90 -> 90), longitude in [0, 360) ascending,
    levels ascending, time sorted (duplicate times are an error);
-5. casts floating data to ``dtype`` (float32 by default), drops the sources' encodings and
-   writes with ``to_zarr``, one time step per chunk.
+5. casts floating data to ``dtype`` (float32 by default), drops the sources' encodings, gives
+   every variable without ``units`` the CF units of its WB2 name
+   (:data:`aurora_loop.datasets.variables.CF_METADATA`; ``long_name`` likewise) and writes with
+   ``to_zarr``, one time step per chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import numpy as np
 import xarray as xr
 
 from aurora_loop.datasets.layout import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
-from aurora_loop.datasets.variables import DEFAULT_MAP, STATIC
+from aurora_loop.datasets.variables import CF_METADATA, DEFAULT_MAP, STATIC
 from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 
@@ -47,6 +56,47 @@ ERA5_NAMES: dict[str, str] = {
     "msl": "mean_sea_level_pressure",
     "lsm": "land_sea_mask",
     "slt": "soil_type",
+    "w": "vertical_velocity",
+    # Surface fields beyond Aurora's standard four (NetCDF and GRIB spellings).
+    "tp": "total_precipitation_1hr",  # m, the hour before the valid time
+    "u100": "100m_u_component_of_wind",
+    "100u": "100m_u_component_of_wind",
+    "v100": "100m_v_component_of_wind",
+    "100v": "100m_v_component_of_wind",
+    "tcc": "total_cloud_cover",
+    "sp": "surface_pressure",
+    "d2m": "2m_dewpoint_temperature",
+    "2d": "2m_dewpoint_temperature",
+    "tcwv": "total_column_water_vapour",
+    "sst": "sea_surface_temperature",
+    "lcc": "low_cloud_cover",
+    "mcc": "medium_cloud_cover",
+    "hcc": "high_cloud_cover",
+    "skt": "skin_temperature",
+    "stl1": "soil_temperature_level_1",
+    "swvl1": "volumetric_soil_water_layer_1",
+    "siconc": "sea_ice_cover",
+    "ci": "sea_ice_cover",
+    "sd": "snow_depth",  # m of water equivalent
+    "tisr": "toa_incident_solar_radiation",  # J m-2 over the hour (not Aurora 1.5's insolation)
+    "i10fg": "instantaneous_10m_wind_gust",
+    "blh": "boundary_layer_height",
+    "uvb": "downward_uv_radiation_at_the_surface_1hr",
+    "ssrd": "surface_solar_radiation_downwards_1hr",
+    "ttr": "top_net_thermal_radiation_1hr",
+    "sf": "snowfall_1hr",
+    # Statics.
+    "anor": "angle_of_sub_gridscale_orography",
+    "isor": "anisotropy_of_sub_gridscale_orography",
+    "sdor": "standard_deviation_of_orography",
+    "sdfor": "standard_deviation_of_filtered_subgrid_orography",
+    "slor": "slope_of_sub_gridscale_orography",
+    "cl": "lake_cover",
+    "dl": "lake_depth",
+    "cvh": "high_vegetation_cover",
+    "cvl": "low_vegetation_cover",
+    "tvh": "type_of_high_vegetation",
+    "tvl": "type_of_low_vegetation",
 }
 STATIC_WB2 = set(DEFAULT_MAP[STATIC])
 GRIB_SUFFIXES = (".grib", ".grb", ".grib1", ".grib2", ".grb2")
@@ -155,6 +205,11 @@ def to_wb2(ds: xr.Dataset, variable_map: Mapping[str, str] | None = None, member
             ds[name] = ds[name].astype(dtype)
     for var in (*ds.data_vars.values(), *ds.coords.values()):
         var.encoding = {}
+    for name in ds.data_vars:
+        if str(name) in CF_METADATA:
+            units, _standard, long_name = CF_METADATA[str(name)]
+            ds[name].attrs.setdefault("units", units)
+            ds[name].attrs.setdefault("long_name", long_name)
     ds["latitude"].attrs.setdefault("units", "degrees_north")
     ds["longitude"].attrs.setdefault("units", "degrees_east")
     return ds

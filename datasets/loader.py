@@ -7,6 +7,11 @@ reads and yields only its contiguous share ``[r * B / P, (r + 1) * B / P)`` of i
 batches depend only on (seed, epoch, position), never on threads or timing, and
 ``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
 
+Sampled lead times (``spec.leads``): the example at position ``k`` of epoch ``e``'s order
+gets lead ``spec.leads[j_k]``, where ``j = numpy.random.default_rng((seed, e, LEAD_STREAM))
+.integers(len(leads), size=len(order))``: a function of (seed, epoch, position) only, like
+the order, so the draws too are the same for any number of processes, threads or resumes.
+
 Reading happens on ``num_workers`` threads (zarr decompression releases the GIL), each
 loading whole batches ahead of the consumer into a bounded window of ``prefetch`` batches;
 batches are still yielded in order. ``num_workers=0`` reads in the caller's thread. Batch
@@ -33,6 +38,8 @@ from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Sample
 
 NAN_POLICIES = ("error", "skip")
+#: Third entropy word of the lead-time draws' generator (the order's is ``(seed, epoch)``).
+LEAD_STREAM = 0x1EAD
 
 
 def process_share(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -70,7 +77,8 @@ class ZarrLoader:
 
     Yields per batch a ``Sample`` whose inputs hold surf (b, history, h, w), atmos
     (b, history, c, h, w), static (h, w), metadata.time (b,) hours since 1970 (float64), with
-    b = batch_size / process_count; targets likewise with t = rollout_steps.
+    b = batch_size / process_count; targets likewise with t = rollout_steps. With sampled
+    lead times (``spec.leads``) ``lead_hours`` (b,) float32 holds each example's draw.
     """
 
     def __init__(
@@ -115,8 +123,9 @@ class ZarrLoader:
 
     @property
     def time_step(self) -> np.timedelta64:
-        """Spacing of the data's time steps (the model's lead time per rollout step)."""
-        return self.store.time_step
+        """The model's step (the lead time per roll-out step): the data's time step times the
+        spec's stride (the data's step itself unless lead times are sampled)."""
+        return self.store.time_step * int(self.spec.stride)
 
     # -- Loader protocol ------------------------------------------------------------------
 
@@ -127,7 +136,10 @@ class ZarrLoader:
         self.epoch, self.position = int(epoch), 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batches": len(self), "skipped": self.skipped}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batches": len(self), "skipped": self.skipped}
+        if self.spec.leads:
+            state["lead_hours"] = self._lead_hours()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         batches = state.get("batches")
@@ -135,16 +147,21 @@ class ZarrLoader:
             raise UsageError(
                 f"the checkpoint's loader had {batches} batches per epoch, this one has {len(self)}; resume with the same data, split, batch size and rollout steps"
             )
+        saved = [float(v) for v in state.get("lead_hours", [])]
+        if saved != (self._lead_hours() if self.spec.leads else []):
+            before = ",".join(f"{v:g}" for v in saved) or "none"
+            now = ",".join(f"{v:g}" for v in self._lead_hours()) if self.spec.leads else "none"
+            raise UsageError(f"the checkpoint's loader sampled lead times {before} h, this one {now} h; resume with the same --lead_times")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.skipped = int(state.get("skipped", 0))
 
     def example_batch(self) -> Sample:
         """Batch 0 of epoch 0 (this process's share), read in the caller's thread; the
         position does not move. The trainer learns every batch's shapes from it."""
-        return self._load(self.order(0), 0, self._share()).batch
+        return self._load(self._rows(0), 0, self._share()).batch
 
     def __iter__(self) -> Iterator[Sample]:
-        order = self.order(self.epoch)
+        order = self._rows(self.epoch)
         share = self._share()
         if self.num_workers == 0:
             while self.position < len(self):
@@ -172,6 +189,27 @@ class ZarrLoader:
             return self.index
         return np.random.default_rng((self.seed, int(epoch))).permutation(self.index)
 
+    def leads(self, epoch: int) -> np.ndarray | None:
+        """The epoch's lead per position of its order, in store steps (None: not sampled).
+
+        A function of (seed, epoch) only, so every process, thread count and resumed run
+        draws the same lead for the same example of the same epoch."""
+        if not self.spec.leads:
+            return None
+        choices = np.asarray(self.spec.leads, dtype=np.int64)
+        draws = np.random.default_rng((self.seed, int(epoch), LEAD_STREAM)).integers(len(choices), size=self.index.shape[0])
+        return choices[draws]
+
+    def _rows(self, epoch: int) -> np.ndarray:
+        """The epoch's order, with each row's lead (store steps) as a third column when lead
+        times are sampled: rows ``(member, start[, lead])``."""
+        order, leads = self.order(epoch), self.leads(epoch)
+        return order if leads is None else np.column_stack([order, leads])
+
+    def _lead_hours(self) -> list[float]:
+        step = float(self.store.time_step / np.timedelta64(1, "s")) / 3600.0
+        return [round(int(lead) * step, 9) for lead in self.spec.leads]
+
     def _share(self) -> slice:
         index, count = self._process
         index = jax.process_index() if index is None else index
@@ -184,19 +222,21 @@ class ZarrLoader:
         return loaded.batch
 
     def _load(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
-        """Read this process's share of global batch ``position`` of ``order``."""
+        """Read this process's share of global batch ``position`` of ``order`` (rows
+        ``(member, start[, lead])``, see :meth:`_rows`)."""
         base = position * self.batch_size
         arrays = BatchArrays(self.store, self.spec, share.stop - share.start, self._pool)
         skipped = sum(self._fill_clean(arrays, slot, order, base + k) for slot, k in enumerate(range(share.start, share.stop)))
         return _Loaded(arrays.sample(), skipped)
 
     def _fill_clean(self, arrays: BatchArrays, slot: int, order: np.ndarray, k: int) -> int:
-        """Fill ``slot`` with example ``k`` of ``order`` or, skipping NaNs, the next clean one;
-        returns 1 if it had to skip, else 0."""
+        """Fill ``slot`` with example ``k`` of ``order`` or, skipping NaNs, the next clean one
+        (with its own lead); returns 1 if it had to skip, else 0."""
         n = order.shape[0]
         for misses in range(n):
-            member, start = (int(v) for v in order[(k + misses) % n])
-            arrays.fill(slot, start, member)
+            row = order[(k + misses) % n]
+            member, start = int(row[0]), int(row[1])
+            arrays.fill(slot, start, member, int(row[2]) if row.shape[0] > 2 else None)
             if not arrays.has_nan(slot):
                 return int(misses > 0)
             if self.nan_policy == "error":

@@ -4,6 +4,13 @@ A sample starting at time index ``i`` reads the contiguous steps ``i .. i + hist
 rollout_steps - 1``: the first ``history`` are the inputs (oldest first), the rest the
 targets. A start is valid only when every step it touches lies in the split's time range.
 A store with an ensemble dim gives one sample per (member, start).
+
+With a model step of ``stride`` store steps (``SampleSpec.stride``: the model step T over the
+store's step dt, e.g. 6 on an hourly store) the steps lie ``stride`` apart instead: inputs at
+``i, i + s, .., n = i + (history - 1) s`` (newest ``n``), targets at ``n + s, .., n + (R - 1) s``
+and the last at ``n + (R - 1) s + l``, where ``l`` (``SampleSpec.leads``: the sampled lead
+times, in store steps) is drawn per example by the loader; without ``leads`` it is ``s``.
+Only those time indices are read.
 """
 
 from __future__ import annotations
@@ -22,15 +29,40 @@ from aurora_loop.model.batch import Batch, Metadata, Sample
 
 @dataclasses.dataclass(frozen=True)
 class SampleSpec:
-    """Steps per sample: ``history`` inputs (Aurora uses 2) and ``rollout_steps`` targets."""
+    """Steps per sample: ``history`` inputs (Aurora uses 2) and ``rollout_steps`` targets.
+
+    ``stride``: store time steps between consecutive inputs and roll-out targets (the model
+    step over the store's step; 1 = contiguous). ``leads``: the lead times, in store steps,
+    that the last target's offset from the step before it is drawn from per example
+    (``()``: always ``stride``; then the batch's ``lead_hours`` is None).
+    """
 
     history: int = 2
     rollout_steps: int = 1
+    stride: int = 1
+    leads: tuple[int, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        """Time steps one sample holds (inputs and targets)."""
+        return self.history + self.rollout_steps
+
+    @property
+    def max_lead(self) -> int:
+        """The largest offset, in store steps, of the last target from the step before it."""
+        return max(self.leads) if self.leads else self.stride
 
     @property
     def span(self) -> int:
-        """Time steps one sample reads."""
-        return self.history + self.rollout_steps
+        """Store time steps one sample covers, first input to the farthest last target."""
+        return (self.steps - 2) * self.stride + self.max_lead + 1
+
+    def offsets(self, lead: int | None = None) -> np.ndarray:
+        """(steps,) time-index offsets from the start (the oldest input) of every step read,
+        with the last target ``lead`` store steps after the step before it (None: ``stride``)."""
+        offsets = np.arange(self.steps, dtype=np.int64) * self.stride
+        offsets[-1] = offsets[-2] + (self.stride if lead is None else int(lead))
+        return offsets
 
 
 def _as_datetime64(value: str | np.datetime64 | None, name: str) -> np.datetime64 | None:
@@ -79,7 +111,7 @@ def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_ran
     """
     starts_per_batch = math.ceil(batch_size / members)
     # Name the flag that sets the validation roll-out, so a too-short split says what to shrink.
-    val_flag = "--rollout_steps" if val_spec is None else "--val_rollout_steps"
+    val_flag = "--rollout_steps" if val_spec is None or val_spec.rollout_steps == spec.rollout_steps else "--val_rollout_steps"
     val_spec = val_spec or spec
     if any(v not in (None, "") for v in (*train_range, *val_range)):
         train = valid_starts(times, spec, *train_range, name="train")
@@ -90,7 +122,7 @@ def split_starts(times: np.ndarray, spec: SampleSpec, batch_size: int, train_ran
         if n - n_val < starts_per_batch + spec.span - 1:
             need = 2 * starts_per_batch + spec.span + val_spec.span - 2
             steps = f"{spec.history} history + {spec.rollout_steps} target steps"
-            if val_spec != spec:
+            if val_spec.rollout_steps != spec.rollout_steps:
                 steps = f"{steps} (validation: {val_spec.rollout_steps} target steps)"
             raise UsageError(
                 f"the store holds {n} times, too few for one training and one validation batch of {batch_size} "
@@ -119,10 +151,11 @@ class BatchArrays:
     """The numpy arrays of one batch of ``size`` examples, filled slot by slot from a store.
 
     Each variable has one float32 array of all ``history + rollout_steps`` steps, surf
-    (size, span, h, w) and atmos (size, span, c, h, w); an example's span is read into its
+    (size, steps, h, w) and atmos (size, steps, c, h, w); an example's steps are read into its
     slot with one zarr call per variable (zarr decompresses the span's chunks in parallel and,
     when it can, straight into the slot), so there are no per-example arrays and no
-    collation copy. ``inputs`` / ``targets`` are views of the first ``history`` and the last
+    collation copy; a sampled lead time other than the stride costs a second call for the
+    last target. ``inputs`` / ``targets`` are views of the first ``history`` and the last
     ``rollout_steps`` steps. With a :class:`BufferPool` the arrays reuse the memory of
     batches nothing refers to any more.
     """
@@ -132,22 +165,49 @@ class BatchArrays:
         h, w = store.shape
         c = len(store.levels)
         empty = np.empty if pool is None else pool.empty
-        self.surf = {k: empty((size, spec.span, h, w), np.float32) for k in store.fields[SURF]}
-        self.atmos = {k: empty((size, spec.span, c, h, w), np.float32) for k in store.fields[ATMOS]}
+        self.surf = {k: empty((size, spec.steps, h, w), np.float32) for k in store.fields[SURF]}
+        self.atmos = {k: empty((size, spec.steps, c, h, w), np.float32) for k in store.fields[ATMOS]}
         self.starts = np.zeros(size, dtype=np.int64)
+        self.leads = np.full(size, spec.stride, dtype=np.int64)  # the last target's offset, store steps
 
-    def fill(self, slot: int, start: int, member: int = 0) -> None:
-        """Read the example starting at time index ``start`` (of ``member``) into ``slot``."""
-        self.store.read_into({k: v[slot] for k, v in self.surf.items()}, {k: v[slot] for k, v in self.atmos.items()}, start, member)
+    def fill(self, slot: int, start: int, member: int = 0, lead: int | None = None) -> None:
+        """Read the example starting at time index ``start`` (of ``member``) into ``slot``, its
+        last target ``lead`` store steps after the step before it (None: the stride)."""
+        spec = self.spec
+        lead = spec.stride if lead is None else int(lead)
+        surf = {k: v[slot] for k, v in self.surf.items()}
+        atmos = {k: v[slot] for k, v in self.atmos.items()}
+        if lead == spec.stride:
+            self._read(surf, atmos, start, member, spec.stride)
+        else:  # every step but the last on the stride, then the last one alone
+            self._read({k: v[:-1] for k, v in surf.items()}, {k: v[:-1] for k, v in atmos.items()}, start, member, spec.stride)
+            last = start + int(spec.offsets(lead)[-1])
+            self._read({k: v[-1:] for k, v in surf.items()}, {k: v[-1:] for k, v in atmos.items()}, last, member, 1)
         self.starts[slot] = start
+        self.leads[slot] = lead
+
+    def _read(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> None:
+        if step == 1:
+            self.store.read_into(surf, atmos, start, member)
+        else:
+            self.store.read_into(surf, atmos, start, member, step=step)
 
     def has_nan(self, slot: int) -> bool:
         """Whether any field of the example in ``slot`` holds a NaN (min propagates NaN: one fast pass)."""
         return any(bool(np.isnan(v[slot].min())) for v in (*self.surf.values(), *self.atmos.values()))
 
     def sample(self) -> Sample:
-        """The batch: inputs' metadata.time = newest input, targets' = first target (hours)."""
-        h = self.spec.history
+        """The batch: inputs' metadata.time = newest input, targets' = first target (hours);
+        ``lead_hours`` (b,) float32 the last target's lead in hours when the spec samples lead
+        times, else None."""
+        spec = self.spec
+        h = spec.history
+        newest = self.starts + (h - 1) * spec.stride
+        first_target = newest + (spec.stride if spec.rollout_steps > 1 else self.leads)
+        lead_hours = None
+        if spec.leads:
+            step_hours = float(self.store.time_step / np.timedelta64(1, "s")) / 3600.0
+            lead_hours = (self.leads * step_hours).astype(np.float32)
 
         def batch(steps: slice, time_index: np.ndarray) -> Batch:
             return Batch(
@@ -157,16 +217,17 @@ class BatchArrays:
                 metadata=Metadata(lat=self.store.lat, lon=self.store.lon, time=self.store.hours[time_index], atmos_levels=self.store.levels),
             )
 
-        return Sample(inputs=batch(slice(0, h), self.starts + h - 1), targets=batch(slice(h, None), self.starts + h))
+        return Sample(inputs=batch(slice(0, h), newest), targets=batch(slice(h, None), first_target), lead_hours=lead_hours)
 
 
-def read_sample(store: WeatherSource, start: int, spec: SampleSpec, member: int = 0) -> Sample:
+def read_sample(store: WeatherSource, start: int, spec: SampleSpec, member: int = 0, lead: int | None = None) -> Sample:
     """One example (b = 1) starting at time index ``start`` (of ensemble ``member``).
 
     ``inputs``: surf (1, history, h, w), atmos (1, history, c, h, w), metadata.time = the newest
     input's time. ``targets``: t = rollout_steps, metadata.time = the first target's time.
-    Static fields (h, w) are shared by both.
+    Static fields (h, w) are shared by both. ``lead``: the last target's offset in store steps
+    from the step before it, for a spec with ``leads`` (None: the stride).
     """
     arrays = BatchArrays(store, spec, 1)
-    arrays.fill(0, start, member)
+    arrays.fill(0, start, member, lead)
     return arrays.sample()

@@ -45,7 +45,7 @@ from aurora_loop.datasets.layout import (
     role,
     select_levels,
 )
-from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, VariableSelection
+from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, V1P5_OUTPUT_ONLY, VariableSelection
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
 
@@ -239,7 +239,7 @@ class WeatherSource(Protocol):
     @property
     def shape(self) -> tuple[int, int]: ...
 
-    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0) -> None: ...
+    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> None: ...
 
 
 class WeatherStore:
@@ -301,8 +301,9 @@ class WeatherStore:
             looked = ", ".join(self.selection.candidates(kind, name))
             have = ", ".join(sorted(map(str, source.ds.data_vars))) or "none"
             flag = {SURF: "--surf_vars", STATIC: "--static_vars", ATMOS: "--atmos_vars"}[kind]
+            role = " (an output-only variable: the model predicts it, so the store must hold it as a target)" if kind == SURF and name in V1P5_OUTPUT_ONLY else ""
             raise UsageError(
-                f"{kind} variable {name!r} is not in {source.path!r} (looked for {looked}; the store has: {have}); "
+                f"{kind} variable {name!r}{role} is not in {source.path!r} (looked for {looked}; the store has: {have}); "
                 f"map a store variable to it with variable_map or leave it out of {flag}"
             )
         return field
@@ -351,13 +352,22 @@ class WeatherStore:
         atmos = {name: f.read(span, self._level_index, member) for name, f in self.fields[ATMOS].items()}
         return surf, atmos
 
-    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0) -> None:
+    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> None:
         """Like :meth:`read`, writing into given float32 arrays: ``surf[name]`` (t, h, w) and
-        ``atmos[name]`` (t, c, h, w) receive times ``start : start + t``."""
+        ``atmos[name]`` (t, c, h, w) receive times ``start, start + step, ..., start + (t - 1) * step``
+        (``step`` 1: ``start : start + t``). Only those times are read."""
         for name, out in surf.items():
-            self.fields[SURF][name].read_into(out, slice(start, start + out.shape[0]), member=member)
+            self.fields[SURF][name].read_into(out, _times(start, out.shape[0], step), member=member)
         for name, out in atmos.items():
-            self.fields[ATMOS][name].read_into(out, slice(start, start + out.shape[0]), self._level_index, member)
+            self.fields[ATMOS][name].read_into(out, _times(start, out.shape[0], step), self._level_index, member)
+
+
+def _times(start: int, count: int, step: int = 1) -> slice:
+    """The slice of ``count`` time indices ``step`` apart from ``start``."""
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"time step must be at least 1, got {step}")
+    return slice(int(start), int(start) + (int(count) - 1) * step + 1, step)
 
 
 def read_static(selection: VariableSelection, sources: Sequence[ZarrSource], lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:

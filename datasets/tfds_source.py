@@ -164,15 +164,17 @@ class RecordStore:
         self.read_into(surf, atmos, start, member)
         return surf, atmos
 
-    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0) -> None:
-        """Write time steps ``start : start + t`` into ``surf`` (t, h, w) / ``atmos`` (t, c, h, w)."""
+    def read_into(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> None:
+        """Write time steps ``start, start + step, ...`` (t of them) into ``surf`` (t, h, w) /
+        ``atmos`` (t, c, h, w)."""
         steps = next(iter((*surf.values(), *atmos.values()))).shape[0]
         for t in range(steps):
-            record = self.source[int(self._index[start + t])]
+            i = start + t * int(step)
+            record = self.source[int(self._index[i])]
             got = record_time(record["time"])
-            if got != self.times[start + t]:
+            if got != self.times[i]:
                 raise UsageError(
-                    f"record {int(self._index[start + t])} of {self.path} holds {got}, expected {self.times[start + t]}: the records are not evenly spaced in time order "
+                    f"record {int(self._index[i])} of {self.path} holds {got}, expected {self.times[i]}: the records are not evenly spaced in time order "
                     "(or the source changed); write them in time order, every step the same"
                 )
             for name, out in surf.items():

@@ -6,6 +6,7 @@ import argparse
 
 from aurora_loop.datasets.sample_data import (
     DEFAULT_LEVELS,
+    PRESETS,
     STANDARD_SURFACE,
     SURFACE_VARIABLES,
     check_surface_variables,
@@ -32,22 +33,28 @@ def _levels(text: str) -> tuple[int, ...]:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT.zarr", help="store to create (must not exist)")
     parser.add_argument("--grid", type=_grid, default=(32, 64), help="latitudes x longitudes (default 32x64)")
-    parser.add_argument("--times", type=int, default=120, help="number of 6-hourly time steps (default 120 = 30 days)")
+    parser.add_argument("--times", type=int, default=120, help="number of time steps, --step_hours apart (default 120 = 30 days of 6-hourly steps)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="pressure levels in hPa (default 100,250,500,850)")
     parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (default 2, as WeatherBench2)")
-    parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (default 6)")
-    parser.add_argument("--surf_vars", default=",".join(STANDARD_SURFACE),
-                        help=f"surface variables, Aurora names (comma list; default {','.join(STANDARD_SURFACE)}; "
+    parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (default 6; 1 for hourly data, e.g. for --lead_times 1,3,6)")
+    parser.add_argument("--variables", choices=PRESETS, default="standard",
+                        help="variable set: standard (2t,10u,10v,msl; statics lsm,z,slt) or v1p5 (every Aurora 1.5 variable: its 26 surface "
+                             "variables, output-only ones included, and its 36 statics, with slt kept too); default standard")
+    parser.add_argument("--surf_vars", default=None,
+                        help=f"surface variables, Aurora names (comma list; default: the --variables set, {','.join(STANDARD_SURFACE)} for standard; "
                              f"available: {', '.join(SURFACE_VARIABLES)})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.times < 1 or args.step_hours < 1:
         raise UsageError(f"--times and --step_hours must be at least 1, got {args.times} and {args.step_hours}")
-    surf_vars = check_surface_variables([v.strip() for v in args.surf_vars.split(",") if v.strip()])
+    given = None if args.surf_vars is None else [v.strip() for v in args.surf_vars.split(",") if v.strip()]
+    surf_vars = check_surface_variables(given, args.variables)
     path = write_sample_store(args.out, grid=args.grid, times=args.times, seed=args.seed, levels=args.levels, zarr_format=args.zarr_format, step_hours=args.step_hours,
-                              surf_vars=surf_vars)
+                              surf_vars=surf_vars, variables=args.variables)
     h, w = args.grid
-    print(f"wrote {path}: {args.times} times x {h}x{w} grid, levels {list(args.levels)} hPa, surface variables {','.join(surf_vars)}, seed {args.seed}")
+    statics = " and Aurora 1.5's statics" if args.variables == "v1p5" else ""
+    print(f"wrote {path}: {args.times} times ({args.step_hours} h apart) x {h}x{w} grid, levels {list(args.levels)} hPa, "
+          f"surface variables {','.join(surf_vars)}{statics}, seed {args.seed}")
     return 0
