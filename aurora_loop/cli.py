@@ -82,8 +82,24 @@ def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]
     if config_path:
         config = config_from_mapping(load_config_file(config_path), source=f"config file {config_path}")
     config = config_from_mapping(values, source="flag", base=config)
+    config = model_default_variables(config)
     validate(config)
     return config, args
+
+
+def model_default_variables(config: TrainingConfig) -> TrainingConfig:
+    """A model with its own variable set (Aurora 1.5's presets) reads that set unless the
+    variable flags say otherwise: every variable flag left at its default takes the model's
+    (surface variables output-only ones included: the data holds them as targets)."""
+    from aurora_loop.model.config import PRESETS
+
+    preset = PRESETS.get(config.model, {})
+    if "output_only_surf_vars" not in preset:
+        return config
+    default = TrainingConfig()
+    changes = {name: tuple(preset[name]) for name in ("surf_vars", "static_vars", "atmos_vars")
+               if name in preset and getattr(config, name) == getattr(default, name)}
+    return config.replace(**changes) if changes else config
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -307,7 +323,10 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         sample_path = os.path.join(out, "sample_data.zarr")
         if jax.process_index() == 0 and not os.path.exists(sample_path):
             print(f"No --dataset_path given: writing a synthetic WeatherBench2-layout sample to {sample_path}", flush=True)
-            write_sample_store(sample_path, levels=config.levels or (50, 250, 500, 850, 1000))
+            v1p5 = "v1p5" in config.model
+            write_sample_store(sample_path, levels=config.levels or (50, 250, 500, 850, 1000),
+                               variables="v1p5" if v1p5 else "standard", step_hours=1 if config.lead_times else 6,
+                               times=720 if config.lead_times else 120)
         barrier("sample_data")  # the other processes read it next
         config = config.replace(dataset_path=sample_path)
 

@@ -78,3 +78,38 @@ class WeightedMAE:
         if not terms:
             raise ValueError("the batch has no surface or atmospheric variables to score")
         return self.gamma * sum(terms) / len(terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedCRPS(WeightedMAE):
+    """The paper's weighting with the fair CRPS over ``members`` in place of the absolute
+    error: the training loss of Aurora 1.5's ensemble. A degenerate ensemble (all members
+    equal) scores exactly :class:`WeightedMAE`.
+
+    ``loss(prediction, target)`` -> per-example (b,): ``prediction`` holds the members of
+    every example next to each other, fields (b * members, t, [c,] h, w) with example i's
+    members at rows ``i * members .. (i + 1) * members - 1``; ``target`` the same rows
+    (each example's target repeated) or one row per example, (b, ...).
+    """
+
+    members: int = 2
+
+    def __call__(self, prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
+        from aurora_loop.crps import fair_crps
+
+        m = self.members
+        pred = prediction.normalise(surf_stats)
+        true = target.normalise(surf_stats)
+        rows = latitude_weights(target.metadata.lat)[:, None] if self.latitude_weighted else None  # (h, 1)
+
+        def score(p: jax.Array, t: jax.Array) -> jax.Array:
+            ensemble = p.reshape(-1, m, *p.shape[1:]).swapaxes(0, 1)  # (M, b, ...)
+            if t.shape[0] != ensemble.shape[1]:
+                t = t[::m]
+            return fair_crps(ensemble.astype(jnp.float32), t.astype(jnp.float32), rows)
+
+        terms = [self.alpha * self.surface_weight(k) * score(pred.surf_vars[k], v) for k, v in true.surf_vars.items()]
+        terms += [self.beta * self.atmos_weight(k) * score(pred.atmos_vars[k], v) for k, v in true.atmos_vars.items()]
+        if not terms:
+            raise ValueError("the batch has no surface or atmospheric variables to score")
+        return self.gamma * sum(terms) / len(terms)

@@ -136,11 +136,14 @@ def replay_loss(
     buffer: ReplayBuffer,
     rng: jax.Array,
     fresh: Sample | None = None,
+    feed_back: Any = None,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
     """One replay step: ``(loss, (metrics, new_buffer))``, differentiable in ``predict``'s
     parameters (the buffer update carries no gradient).
 
     ``fresh``: this step's dataset batch, inserted before drawing, or ``None``.
+    ``feed_back``: what a prediction becomes before it is stored as the next input
+    (:data:`aurora_loop.rollout.FeedBack`; ``None``: itself).
     ``metrics``: ``replay_lead`` (the lead in steps of the scored prediction, 1..K) and
     ``replay_slots_used`` (non-empty slots after the step).
     """
@@ -154,7 +157,8 @@ def replay_loss(
     target = _target_at(sample.targets, lead, buffer.step_hours[slot])
     prediction = predict(sample.inputs, lead)
     loss = step_loss(prediction, target)
-    history = advance_history(sample.inputs, jax.lax.stop_gradient(prediction), target.metadata.time)
+    fed = prediction if feed_back is None else feed_back(prediction)
+    history = advance_history(sample.inputs, jax.lax.stop_gradient(fed), target.metadata.time)
     inputs = jax.tree.map(lambda buf, new: buf.at[slot].set(new.astype(buf.dtype)), buffer.slots.inputs, history)
     new_lead = buffer.lead.at[slot].add(1)
     updated = buffer.replace(slots=Sample(inputs, buffer.slots.targets), lead=new_lead)
@@ -208,7 +212,7 @@ class ReplayTraining:
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
         """``(loss, (metrics, new_task_state))``; ``batch`` is ``None`` on steps without data."""
         fresh = None if batch is None else self._prepare(batch)
-        return replay_loss(self._predict_fn(params), self._step_loss, task_state, rng, fresh)
+        return replay_loss(self._predict_fn(params), self._step_loss, task_state, rng, fresh, getattr(self, "_feed_back", None))
 
 
 def replay_config(config: Any) -> ReplayConfig | None:

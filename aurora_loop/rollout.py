@@ -20,6 +20,9 @@ from aurora_loop.model.batch import Batch, Sample
 Predictor = Callable[[Batch, jax.Array], Batch]
 # step_loss(prediction, target) -> scalar, both Batches with t = 1.
 StepLoss = Callable[[Batch, Batch], jax.Array]
+# feed_back(prediction) -> what becomes the next input (e.g. Aurora 1.5's input clipping);
+# the loss still sees the prediction itself.
+FeedBack = Callable[[Batch], Batch]
 
 
 def advance_history(inputs: Batch, prediction: Batch, time: jax.Array) -> Batch:
@@ -41,28 +44,43 @@ def rollout_scan(
     per_step: Callable[[Batch, Batch], jax.Array | dict],
     remat: bool = False,
     use_scan: bool | None = None,
+    feed_back: FeedBack | None = None,
 ):
     """Roll ``predict`` out over ``sample.targets.num_steps`` steps.
 
     Returns ``per_step(prediction, target)`` stacked over steps (leading axis = step).
     With ``remat`` each step's activations are recomputed in the backward pass.
+    ``feed_back`` transforms a prediction before it becomes the next input.
+
+    Target times: step k is ``k`` model steps after the first target, except that with
+    ``sample.lead_hours`` (sampled lead times) the last step is that many hours after the
+    step before it.
 
     ``use_scan``: ``lax.scan`` over steps (compiled size independent of the step count), or
     a Python loop that unrolls them. ``None`` picks the loop on CPU, where XLA runs
     convolutions inside a while-loop body about 10x slower (measured: the conv task's
     gradient took 300 ms with scan and 30 ms unrolled), and scan elsewhere.
     """
-    return _rollout(predict, sample, per_step, remat, use_scan)[1]
+    return _rollout(predict, sample, per_step, remat, use_scan, feed_back=feed_back)[1]
 
 
-def _rollout(predict: Predictor, sample: Sample, per_step, remat: bool, use_scan: bool | None, first_step: int = 0):
+def _step_hours(sample: Sample) -> jax.Array:
+    """The model step in hours (b,): between the newest input and the first target, unless
+    that is the (sampled) lead of a one-step sample, whose step is then moot."""
+    return jnp.asarray(sample.targets.metadata.time) - jnp.asarray(sample.inputs.metadata.time)
+
+
+def _rollout(predict: Predictor, sample: Sample, per_step, remat: bool, use_scan: bool | None, first_step: int = 0,
+             feed_back: FeedBack | None = None):
     """:func:`rollout_scan` that also returns the final history (the carry); the steps are
     numbered from ``first_step`` (``predict`` sees that index; times still start at the targets')."""
     if use_scan is None:
         use_scan = jax.default_backend() != "cpu"
     targets = sample.targets
     first_time = jnp.asarray(targets.metadata.time)
-    step_hours = first_time - jnp.asarray(sample.inputs.metadata.time)
+    step_hours = _step_hours(sample)
+    last_step = first_step + targets.num_steps - 1
+    lead_hours = None if sample.lead_hours is None or targets.num_steps < 2 else jnp.asarray(sample.lead_hours)
     # Only the per-step fields are scanned over; grids and static fields stay whole.
     fields = (
         {k: jnp.moveaxis(v, 1, 0)[:, :, None] for k, v in targets.surf_vars.items()},
@@ -71,13 +89,14 @@ def _rollout(predict: Predictor, sample: Sample, per_step, remat: bool, use_scan
 
     def body(inputs: Batch, x):
         step, (surf, atmos) = x
-        target = targets.replace(
-            surf_vars=surf,
-            atmos_vars=atmos,
-            metadata=targets.metadata.replace(time=first_time + (step - first_step).astype(first_time.dtype) * step_hours),
-        )
+        time = first_time + (step - first_step).astype(first_time.dtype) * step_hours
+        if lead_hours is not None:
+            last_time = first_time + (targets.num_steps - 2) * step_hours + lead_hours.astype(first_time.dtype)
+            time = jnp.where(step == last_step, last_time, time)
+        target = targets.replace(surf_vars=surf, atmos_vars=atmos, metadata=targets.metadata.replace(time=time))
         prediction = predict(inputs, step)
-        return advance_history(inputs, prediction, target.metadata.time), per_step(prediction, target)
+        fed = prediction if feed_back is None else feed_back(prediction)
+        return advance_history(inputs, fed, target.metadata.time), per_step(prediction, target)
 
     if remat:
         body = jax.checkpoint(body)
@@ -99,6 +118,7 @@ def rollout_loss(
     remat: bool = False,
     use_scan: bool | None = None,
     mode: str = "full",
+    feed_back: FeedBack | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The roll-out training loss: (loss, per-step losses of shape (rollout_steps,)).
 
@@ -113,7 +133,7 @@ def rollout_loss(
     ``average`` is off (and, with one step, also when it is on).
     """
     if mode == "full":
-        losses = rollout_scan(predict, sample, step_loss, remat=remat, use_scan=use_scan)
+        losses = rollout_scan(predict, sample, step_loss, remat=remat, use_scan=use_scan, feed_back=feed_back)
         return (jnp.mean(losses) if average else losses[-1]), losses
     if mode != "pushforward":
         raise ValueError(f"rollout mode must be one of {ROLLOUT_MODES}, got {mode!r}")
@@ -121,13 +141,14 @@ def rollout_loss(
     inputs, head_losses = sample.inputs, None
     if steps > 1:
         head = Sample(sample.inputs, sample.targets.time_slice(0, steps - 1))
-        inputs, head_losses = jax.lax.stop_gradient(_rollout(predict, head, step_loss, remat, use_scan))
+        inputs, head_losses = jax.lax.stop_gradient(_rollout(predict, head, step_loss, remat, use_scan, feed_back=feed_back))
     first_time = jnp.asarray(sample.targets.metadata.time)
-    step_hours = first_time - jnp.asarray(sample.inputs.metadata.time)
+    step_hours = _step_hours(sample)
+    last_time = first_time + (steps - 1) * step_hours
+    if sample.lead_hours is not None and steps > 1:
+        last_time = first_time + (steps - 2) * step_hours + jnp.asarray(sample.lead_hours).astype(first_time.dtype)
     last_target = sample.targets.time_slice(steps - 1, steps)
-    last_target = last_target.replace(
-        metadata=last_target.metadata.replace(time=first_time + (steps - 1) * step_hours)
-    )
+    last_target = last_target.replace(metadata=last_target.metadata.replace(time=last_time))
     last = _rollout(predict, Sample(inputs, last_target), step_loss, remat, use_scan, first_step=steps - 1)[1]
     losses = last if head_losses is None else jnp.concatenate([head_losses, last])
     return losses[-1], losses

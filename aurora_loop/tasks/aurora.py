@@ -1,4 +1,9 @@
-"""``tiny`` / ``small`` / ``aurora``: the Aurora model as a trainable task.
+"""``tiny`` / ``small`` / ``aurora`` / ``v1p5`` / ``v1p5_tiny``: the Aurora model as a trainable task.
+
+Aurora 1.5 (``v1p5``): the data's output-only variables are targets only (dropped from the
+inputs), a sample's sampled lead time (``--lead_times``, ``Sample.lead_hours``) is the last
+roll-out step's lead, and predictions are clipped (``rollout_input_clipping``) before they
+are fed back. The ensemble model trains as its own task (:mod:`aurora_loop.tasks.aurora_ensemble`).
 
 The loss is the Aurora paper's weighted mean absolute error on *normalised* variables
 (:mod:`aurora_loop.losses`; its weights, ``gamma`` and latitude weighting are settings).
@@ -20,7 +25,7 @@ import numpy as np
 from aurora_loop.errors import UsageError
 from aurora_loop.losses import WeightedMAE
 from aurora_loop.metrics import MeanMetrics, weather_errors
-from aurora_loop.model.aurora import apply, init_params
+from aurora_loop.model.aurora import apply, clip_rollout_inputs, init_params
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.model.checkpoint import CheckpointError, load_config
 from aurora_loop.model.config import AuroraConfig
@@ -96,8 +101,15 @@ class AuroraTask(ReplayTraining):
 
     # -- helpers -----------------------------------------------------------------------------
     def _crop(self, sample: Sample) -> Sample:
+        """Crop to the patch size; output-only variables (Aurora 1.5) leave the inputs."""
         p = self.config.patch_size
-        return Sample(sample.inputs.crop(p), sample.targets.crop(p))
+        inputs = sample.inputs.crop(p)
+        if self.config.output_only_surf_vars or self.config.output_only_atmos_vars:
+            inputs = inputs.replace(
+                surf_vars={k: v for k, v in inputs.surf_vars.items() if k not in self.config.output_only_surf_vars},
+                atmos_vars={k: v for k, v in inputs.atmos_vars.items() if k not in self.config.output_only_atmos_vars},
+            )
+        return Sample(inputs, sample.targets.crop(p), sample.lead_hours)
 
     _prepare = _crop  # what the replay buffer stores
 
@@ -108,11 +120,28 @@ class AuroraTask(ReplayTraining):
         if isinstance(meta.lat, np.ndarray) and isinstance(meta.lon, np.ndarray):
             self._known_grid = KnownGrid(meta.lat, meta.lon)
 
-    def _predict_fn(self, params: Any):
+    def _predict_fn(self, params: Any, sample: Sample | None = None, rng: jax.Array | None = None):
+        """``predict(inputs, step)`` for the roll-out helpers. ``sample``'s sampled lead times
+        (``lead_hours``) apply to its last step; ``rng``: a stochastic model's noise, fresh
+        for every step (without it, a fixed key: evaluation stays reproducible)."""
+        cfg = self.config
+        lead_hours = None if sample is None or not cfg.variable_lead_time else sample.lead_hours
+        last_step = None if sample is None else sample.targets.num_steps - 1
+        if cfg.stochastic and rng is None:
+            rng = jax.random.key(0)
+
         def predict(inputs: Batch, step: jax.Array) -> Batch:
-            return apply(self.config, params, inputs, rollout_step=step, known_grid=self._known_grid)
+            lead = None
+            if lead_hours is not None:
+                lead = jnp.where(step == last_step, jnp.asarray(lead_hours), cfg.timestep_hours)
+            key = None if rng is None else jax.random.fold_in(rng, step)
+            return apply(cfg, params, inputs, rollout_step=step, known_grid=self._known_grid, lead_times=lead, rng=key)
 
         return predict
+
+    def _feed_back(self, prediction: Batch) -> Batch:
+        """A prediction as the next input: clipped to ``rollout_input_clipping`` (Aurora 1.5)."""
+        return clip_rollout_inputs(self.config, prediction)
 
     def _step_loss(self, prediction: Batch, target: Batch) -> jax.Array:
         return jnp.mean(self.loss_fn(prediction, target, self.config.surf_stats_dict))
@@ -219,8 +248,9 @@ class AuroraTask(ReplayTraining):
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         batch = self._crop(batch)
         mode = self._stateless_mode
-        loss, per_step = rollout_loss(self._predict_fn(params), self._step_loss, batch, average=self.rollout_average,
-                                      remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode)
+        loss, per_step = rollout_loss(self._predict_fn(params, batch, rng), self._step_loss, batch, average=self.rollout_average,
+                                      remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode,
+                                      feed_back=self._feed_back)
         return loss, {"rollout_loss_last": per_step[-1]}
 
     def evaluate(self, params: Any, batch: Sample) -> MeanMetrics:
@@ -233,7 +263,7 @@ class AuroraTask(ReplayTraining):
         def per_step(prediction: Batch, target: Batch) -> dict[str, jax.Array]:
             return {"loss": self.loss_fn(prediction, target, self.config.surf_stats_dict), **weather_errors(prediction, target)}
 
-        scores = rollout_scan(self._predict_fn(params), batch, per_step)  # each (steps, b)
+        scores = rollout_scan(self._predict_fn(params, batch), batch, per_step, feed_back=self._feed_back)  # each (steps, b)
         return MeanMetrics.from_rollout(scores, self.config.timestep_hours)
 
     def predict(self, params: Any, sample: Sample) -> Batch:
@@ -243,7 +273,7 @@ class AuroraTask(ReplayTraining):
         def per_step(prediction: Batch, target: Batch) -> tuple[dict, dict]:
             return dict(prediction.surf_vars), dict(prediction.atmos_vars)
 
-        surf, atmos = rollout_scan(self._predict_fn(params), sample, per_step)
+        surf, atmos = rollout_scan(self._predict_fn(params, sample), sample, per_step, feed_back=self._feed_back)
         return sample.targets.replace(
             surf_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in surf.items()},
             atmos_vars={k: jnp.moveaxis(v[:, :, 0], 0, 1) for k, v in atmos.items()},
@@ -327,22 +357,47 @@ def loss_config(config: Any) -> WeightedMAE:
     )
 
 
+def check_lead_and_members(preset: str, model: AuroraConfig, config: Any, ensemble: bool = False) -> None:
+    """One-line UsageErrors for ``--lead_times`` / ``--ensemble_members`` that the model
+    cannot take."""
+    lead_times = tuple(getattr(config, "lead_times", None) or ())
+    members = int(getattr(config, "ensemble_members", 1) or 1)
+    if lead_times and not model.variable_lead_time:
+        raise UsageError(f"--lead_times needs a model with per-sample lead times (v1p5, v1p5_tiny, v1p5_ensemble, ...); "
+                         f"{preset} has a fixed step: leave --lead_times out")
+    if lead_times and getattr(config, "rollout_mode", "full") == "replay":
+        raise UsageError("--lead_times does not combine with --rollout_mode replay (its buffer re-rolls samples step by step); "
+                         "use --rollout_mode full or pushforward")
+    if members > 1 and not ensemble:
+        raise UsageError(f"--ensemble_members {members} needs an ensemble model (v1p5_ensemble, v1p5_ensemble_tiny); "
+                         f"{preset} is deterministic: leave the flag out")
+
+
+def build_aurora_task(preset: str, config: Any, task_class: type = None, **extra: Any) -> AuroraTask:
+    """The task ``preset`` for a TrainingConfig-like ``config``: its model config, the
+    pretrained parts beside ``checkpoint_dir``, the loss and roll-out settings.
+    ``task_class`` (default :class:`AuroraTask`) gets ``extra`` keyword arguments too."""
+    task_class = task_class or AuroraTask
+    try:
+        model = model_config(preset, config)
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"cannot build the {preset} Aurora model: {err}") from err
+    check_lead_and_members(preset, model, config, ensemble=task_class is not AuroraTask)
+    paths = getattr(config, "pretrained_paths", None)
+    if paths is None:
+        directory = getattr(config, "checkpoint_dir", None)
+        paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
+    return task_class(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths,
+                      rollout_mode=getattr(config, "rollout_mode", "full"), replay=replay_config(config),
+                      loss=loss_config(config), new_weights_init=getattr(config, "new_weights_init", "zero"), **extra)
+
+
 def _factory(preset: str):
     def make(config: Any) -> AuroraTask:
-        try:
-            model = model_config(preset, config)
-        except (ValueError, KeyError) as err:
-            raise UsageError(f"cannot build the {preset} Aurora model: {err}") from err
-        paths = getattr(config, "pretrained_paths", None)
-        if paths is None:
-            directory = getattr(config, "checkpoint_dir", None)
-            paths = {p: os.path.join(directory, p) for p in ("encoder", "backbone", "decoder")} if directory else {}
-        return AuroraTask(model, name=preset, rollout_average=getattr(config, "average_rollout_loss", True), pretrained=paths,
-                          rollout_mode=getattr(config, "rollout_mode", "full"), replay=replay_config(config),
-                          loss=loss_config(config), new_weights_init=getattr(config, "new_weights_init", "zero"))
+        return build_aurora_task(preset, config)
 
     return make
 
 
-for _preset in ("tiny", "small", "aurora"):
+for _preset in ("tiny", "small", "aurora", "v1p5", "v1p5_tiny"):
     register_task(_preset)(_factory(_preset))
