@@ -103,6 +103,7 @@ def test_every_prediction_and_variable_is_compared(name: str) -> None:
 def test_parity_x64(name: str) -> None:
     errors, _ = _errors(name, True)
     worst = max(errors, key=errors.get)
+    print(f"{name} x64: worst {worst} {errors[worst]:.2e}")
     assert errors[worst] <= 1e-5, (worst, errors[worst])
 
 
@@ -110,6 +111,7 @@ def test_parity_x64(name: str) -> None:
 def test_parity_float32(name: str) -> None:
     errors, _ = _errors(name, False)
     worst = max(errors, key=errors.get)
+    print(f"{name} float32: worst {worst} {errors[worst]:.2e}")
     assert errors[worst] <= 2e-3, (worst, errors[worst])
 
 

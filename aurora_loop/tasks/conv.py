@@ -160,6 +160,12 @@ class ConvTask(ReplayTraining):
 
 @register_task("conv")
 def make_conv_task(config: Any) -> ConvTask:
+    from aurora_loop.errors import UsageError
+
+    if getattr(config, "lead_times", None):
+        raise UsageError("--lead_times needs a model with per-sample lead times (v1p5, v1p5_tiny, ...); conv has a fixed step")
+    if int(getattr(config, "ensemble_members", 1) or 1) > 1:
+        raise UsageError("--ensemble_members needs an ensemble model (v1p5_ensemble, ...); conv is deterministic")
     return ConvTask(rollout_average=getattr(config, "average_rollout_loss", True), rollout_mode=getattr(config, "rollout_mode", "full"),
                     replay=replay_config(config))
 
