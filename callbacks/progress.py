@@ -95,7 +95,10 @@ class ProgressBar(Callback):
         names = _display_order([k.split("/", 1)[1] for k in metrics if k.startswith("mae/") and k.count("/") == 1])
         lines = [f"Validation at step {step}: loss {metrics.get('loss', float('nan')):.4f}"]
         for name in names:
-            lines.append(f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}")
+            line = f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}"
+            if f"crps/{name}" in metrics:  # an ensemble (the MAE/RMSE are then its mean's)
+                line += f"  CRPS {metrics[f'crps/{name}']:.4g}  spread/skill {metrics.get(f'spread_skill/{name}', float('nan')):.3g}"
+            lines.append(line)
         self._out.write("\n".join(lines) + "\n")
         self._out.flush()
 

@@ -107,6 +107,7 @@ def test_the_ensemble_trains_with_crps_on_sampled_lead_times_over_two_devices(ho
                            "--batch_size", "2", "--num_gpus", "2", "--max_steps", "3", "--val_every_n_steps", "3",
                            "--log_every_n_steps", "1", "--learning_rate", "1e-3"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CRPS" in proc.stdout and "spread/skill" in proc.stdout  # the console shows the ensemble scores
     scalars = _scalars(out)
     for var in ("2t", "scaled_tp_1h", "z500", "blh"):  # output-only variables are scored as targets
         assert np.isfinite(scalars[f"val/crps/{var}"][-1]) and np.isfinite(scalars[f"val/spread_skill/{var}"][-1]), var
