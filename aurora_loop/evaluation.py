@@ -95,6 +95,28 @@ def acc(forecast: np.ndarray, truth: np.ndarray, climatology: np.ndarray, weight
     return _mean_over_inits(per_init)[0]
 
 
+def ensemble_crps(members: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Fair CRPS of an ensemble (as :func:`aurora_loop.crps.fair_crps`, WB2's ``CRPS`` with the
+    unbiased spread term): members (M, I, ..., h, w), truth (I, ..., h, w) -> (...) per lead,
+    mean over init times of the area-weighted mean, in the variable's units."""
+    m = members.shape[0]
+    skill = np.mean(np.abs(members - truth[None]), axis=0)
+    ranked = np.sort(members, axis=0)
+    coeff = (2 * np.arange(m) - m + 1).reshape((m,) + (1,) * (members.ndim - 1))
+    spread = 2 * np.sum(coeff * ranked, axis=0) / (2 * m * (m - 1))
+    return _mean_over_inits(spatial_mean(skill - spread, weights))[0]
+
+
+def spread_skill_ratio(members: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sqrt((M + 1) / M) * sqrt(mean ensemble variance / mean squared error of the ensemble
+    mean): 1 for a calibrated ensemble (:func:`aurora_loop.crps.spread_skill_ratio`)."""
+    m = members.shape[0]
+    variance = _mean_over_inits(spatial_mean(np.var(members, axis=0, ddof=1), weights))[0]
+    mse = _mean_over_inits(spatial_mean((members.mean(axis=0) - truth) ** 2, weights))[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt((m + 1) / m) * np.sqrt(variance / mse)
+
+
 # --- reading and aligning --------------------------------------------------------------------
 
 def _rename_dims(ds: xr.Dataset) -> xr.Dataset:
@@ -224,11 +246,15 @@ def climatology_period(truth_times: np.ndarray, first_init: np.datetime64, perio
 
 # --- evaluation ------------------------------------------------------------------------------
 
+ENSEMBLE_METRICS = ("crps", "spread_skill")  # scored for a forecast with a ``number`` (member) dim
+
+
 @dataclasses.dataclass
 class FieldScores:
     """Scores of one variable at one level (``level`` None for surface variables).
 
-    ``scores[model][metric]``: (L,) per lead time, metric in rmse / bias / acc;
+    ``scores[model][metric]``: (L,) per lead time, metric in rmse / bias / acc (of the
+    ensemble mean for an ensemble forecast, which also gets crps / spread_skill);
     ``count``: (L,) initial times scored per lead; ``mean_error``: (L, h, w) forecast - truth
     averaged over initial times (the forecast only), for error maps.
     """
@@ -279,6 +305,7 @@ class Evaluation:
                         "bias": _finite(metrics["bias"][k]),
                         "acc": _finite(metrics["acc"][k]),
                         "count": int(field.count[k]),
+                        **{name: _finite(metrics[name][k]) for name in ENSEMBLE_METRICS if name in metrics},
                     })
         return out
 
@@ -383,6 +410,10 @@ def evaluate(
             clim = Climatology.of(t, clim_period)
             clim_text = clim.describe()
             member_t = t.isel(number=member) if "number" in t.dims else t
+            ensemble = None
+            if "number" in f.dims:  # an ensemble forecast: its mean is scored, and CRPS and spread/skill added
+                ensemble = f.transpose("number", "time", "prediction_timedelta", "latitude", "longitude").values.astype(np.float64)
+                f = f.mean("number")
             f = f.transpose("time", "prediction_timedelta", "latitude", "longitude").values.astype(np.float64)
             needed = np.unique(np.concatenate([valid_index[valid_index >= 0], init_index[init_index >= 0]]))
             read = member_t.transpose("time", "latitude", "longitude").isel(time=needed).values.astype(np.float64)
@@ -397,6 +428,8 @@ def evaluate(
             if "climatology" in baselines:
                 candidates["climatology"] = c
             scores = {m: {"rmse": rmse(x, o, weights), "bias": bias(x, o, weights), "acc": acc(x, o, c, weights)} for m, x in candidates.items()}
+            if ensemble is not None and ensemble.shape[0] >= 2:
+                scores[model].update(crps=ensemble_crps(ensemble, o, weights), spread_skill=spread_skill_ratio(ensemble, o, weights))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean_error = np.nanmean(f - o, axis=0)

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from aurora_loop.errors import UsageError
-from aurora_loop.evaluation import Evaluation
+from aurora_loop.evaluation import ENSEMBLE_METRICS, Evaluation
 
 COLUMNS = ("model", "variable", "level", "units", "lead_hours", "rmse", "bias", "acc", "count")
 STYLES = {"persistence": dict(linestyle="--", marker="s", color="tab:gray"), "climatology": dict(linestyle=":", marker="^", color="tab:green")}
@@ -33,11 +33,12 @@ def write_tables(result: Evaluation, out_dir: str) -> tuple[str, str]:
     """``scores.csv`` and ``scores.json`` in ``out_dir``; returns their paths."""
     rows = result.rows()
     csv_path, json_path = os.path.join(out_dir, "scores.csv"), os.path.join(out_dir, "scores.json")
+    columns = COLUMNS + tuple(m for m in ENSEMBLE_METRICS if any(m in row for row in rows))  # an ensemble's own scores
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     record = {
         "forecast": result.forecast_path,
         "truth": result.truth_path,

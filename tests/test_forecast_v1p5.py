@@ -163,16 +163,27 @@ def test_ensemble_members_differ_along_number_and_member_0_is_the_single_forecas
     assert "number" not in one.dims and one.attrs["ensemble_members"] == 1
     np.testing.assert_allclose(one["temperature"].values, t[:, 0], rtol=1e-5, atol=1e-3)
 
-    # The same forecast from the loader's side: the store reader takes ``number`` as the
-    # ensemble dim; the ensemble mean scores like any forecast.
+    # The store reader takes ``number`` as the ensemble dim; evaluate scores the ensemble's
+    # mean (rmse/bias/acc, the same as scoring a mean store) and adds CRPS and spread/skill.
     from aurora_loop.datasets.layout import MEMBER_DIMS
 
     assert "number" in MEMBER_DIMS
+    assert tool_main(["evaluate", out, "--truth", store, "--out", str(tmp_path / "report"), "--no-plots"]) == 0
+    rows = json.loads((tmp_path / "report" / "scores.json").read_text())["rows"]
+    ours = [r for r in rows if r["model"] not in ("persistence", "climatology") and r["rmse"] is not None]  # 12 h: no truth
+    assert ours
+    assert {r["lead_hours"] for r in rows} == {6.0, 12.0}
+    assert all(r["crps"] is not None and 0 <= r["crps"] <= r["rmse"] * 1.01 + 1e-9 for r in ours)
+    assert all(r["spread_skill"] is not None and r["spread_skill"] > 0 for r in ours if "solar" not in r["variable"])
+    assert "crps" in (tmp_path / "report" / "scores.csv").read_text().splitlines()[0]
     mean = str(tmp_path / "mean.zarr")
     ds.mean("number", keep_attrs=True).to_zarr(mean, zarr_format=2, consolidated=True)
-    assert tool_main(["evaluate", mean, "--truth", store, "--out", str(tmp_path / "report"), "--no-plots"]) == 0
-    rows = json.loads((tmp_path / "report" / "scores.json").read_text())["rows"]
-    assert {r["lead_hours"] for r in rows} == {6.0, 12.0}
+    assert tool_main(["evaluate", mean, "--truth", store, "--out", str(tmp_path / "mean_report"), "--no-plots"]) == 0
+    mean_rows = json.loads((tmp_path / "mean_report" / "scores.json").read_text())["rows"]
+    key = lambda r: (r["model"], r["variable"], r["level"], r["lead_hours"])  # noqa: E731
+    by_key = {key(r): r for r in mean_rows}
+    for r in ours:
+        assert r["rmse"] == pytest.approx(by_key[key(r)]["rmse"], rel=1e-5), key(r)
 
 
 def test_sub_step_forecast_evaluates_at_every_lead(setup, plain, tmp_path):
