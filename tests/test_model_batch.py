@@ -61,8 +61,9 @@ def test_crop_and_normalise() -> None:
 def test_config_accepts_reference_kwargs() -> None:
     cfg = AuroraConfig(embed_dim=256, timestep=dt.timedelta(hours=12), bf16_mode=True, use_fp16_safe_attention=True)
     assert cfg.timestep_hours == 12 and cfg.autocast and hash(cfg) == hash(AuroraConfig.from_json(cfg.to_json()))
-    with pytest.raises(ValueError, match="stochastic"):
-        AuroraConfig(stochastic=True)
+    assert AuroraConfig(stochastic=True).stochastic  # Aurora 1.5's ensemble option is implemented now
+    with pytest.raises(ValueError, match="level_condition"):  # the air-pollution variant's is not
+        AuroraConfig(level_condition=(500, 850))
     with pytest.raises(TypeError, match="bogus"):
         AuroraConfig(bogus=1)
 
