@@ -46,6 +46,7 @@ import xarray as xr
 
 from aurora_loop.datasets.variables import ATMOS, CF_METADATA, DEFAULT_MAP, SURF
 from aurora_loop.errors import UsageError
+from aurora_loop.model.aurora import AccumulatedNoise
 from aurora_loop.progress import Progress
 
 #: CF metadata of the WB2 variables: name -> (units, standard_name or "", long_name).
@@ -566,38 +567,22 @@ def _noise_draw(shape: tuple[int, ...], sharding: Any) -> Any:
     return jax.jit(draw, out_shardings=(sharding, sharding)) if sharding is not None else jax.jit(draw)
 
 
-class RowNoise:
+class RowNoise(AccumulatedNoise):
     """A stochastic Aurora's noise for a roll-out's forward passes, (b, L', D) each, every row
-    (example) drawn from its own key (:func:`member_keys`). With ``accumulate`` n > 0 a pass
-    gets the sum of the n latest draws over sqrt(n), as
-    :class:`aurora_loop.model.aurora.NoiseStream` (the reference's noise accumulation over a
-    main step's sub-steps)."""
+    (example) drawn from its own key (:func:`member_keys`); accumulated over ``accumulate``
+    passes as :class:`aurora_loop.model.aurora.AccumulatedNoise` (the reference's noise
+    accumulation over a main step's sub-steps)."""
 
     def __init__(self, keys: Any, shape: tuple[int, ...], accumulate: int = 0, sharding: Any = None) -> None:
         import jax
 
+        super().__init__(accumulate)
         self.keys = keys if sharding is None else jax.device_put(keys, sharding)
         self._draw = _noise_draw(tuple(int(v) for v in shape), sharding)
-        self.n = int(accumulate)
-        self.cache: list[Any] = []
-
-    def __iter__(self) -> RowNoise:
-        return self
 
     def _fresh(self) -> Any:
         self.keys, noise = self._draw(self.keys)
         return noise
-
-    def __next__(self) -> Any:
-        fresh = self._fresh()
-        if self.n <= 0:
-            return fresh
-        if len(self.cache) >= self.n:
-            self.cache.pop(0)
-        self.cache.append(fresh)
-        while len(self.cache) < self.n:
-            self.cache.append(self._fresh())
-        return sum(self.cache[1:], self.cache[0]) / (self.n**0.5)
 
 
 def aurora_rollout(cfg: Any, params: Any, inputs: Any, steps: int, fine_lead_times: Sequence[float] | None = None,

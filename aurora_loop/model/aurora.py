@@ -282,8 +282,9 @@ def clip_rollout_inputs(config: AuroraConfig, prediction: Batch) -> Batch:
     return prediction.replace(surf_vars=clip(prediction.surf_vars), atmos_vars=clip(prediction.atmos_vars))
 
 
-class NoiseStream:
-    """The stochastic backbone's noise for a roll-out's successive forward passes.
+class AccumulatedNoise:
+    """The stochastic backbone's noise for a roll-out's successive forward passes (an
+    iterator); subclasses say how one fresh draw is made (``_fresh``).
 
     Without accumulation every pass draws fresh standard-normal noise. With accumulation
     over ``n`` passes (the reference's ``set_noise_accumulation(n)``, which its ``rollout``
@@ -292,24 +293,40 @@ class NoiseStream:
     correlated noise, and every n passes it is new.
     """
 
-    def __init__(self, rng: jax.Array, shape: tuple[int, ...], dtype: Any, accumulate: int = 0) -> None:
-        self.rng, self.shape, self.dtype, self.n = rng, shape, dtype, accumulate
+    def __init__(self, accumulate: int = 0) -> None:
+        self.n = int(accumulate)
         self.cache: list[Array] = []
 
-    def _draw(self) -> Array:
-        self.rng, key = jax.random.split(self.rng)
-        return jax.random.normal(key, self.shape, self.dtype)
+    def _fresh(self) -> Array:
+        raise NotImplementedError
 
-    def next(self) -> Array:
-        fresh = self._draw()
+    def __iter__(self) -> AccumulatedNoise:
+        return self
+
+    def __next__(self) -> Array:
+        fresh = self._fresh()
         if self.n <= 0:
             return fresh
         if len(self.cache) >= self.n:
             self.cache.pop(0)
         self.cache.append(fresh)
         while len(self.cache) < self.n:
-            self.cache.append(self._draw())
+            self.cache.append(self._fresh())
         return sum(self.cache[1:], self.cache[0]) / (self.n**0.5)
+
+    next = __next__
+
+
+class NoiseStream(AccumulatedNoise):
+    """:class:`AccumulatedNoise` drawn from one key: each draw splits ``rng``."""
+
+    def __init__(self, rng: jax.Array, shape: tuple[int, ...], dtype: Any, accumulate: int = 0) -> None:
+        super().__init__(accumulate)
+        self.rng, self.shape, self.dtype = rng, shape, dtype
+
+    def _fresh(self) -> Array:
+        self.rng, key = jax.random.split(self.rng)
+        return jax.random.normal(key, self.shape, self.dtype)
 
 
 def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
