@@ -110,7 +110,9 @@ def make_sample(config, grid: tuple[int, int], levels: tuple[int, ...], batch: i
     return stack_samples([Sample(one(2, 438300.0), one(1, 438306.0)) for _ in range(batch)])
 
 
-def measure(task, config, args, levels, num_devices: int, fsdp: bool, precision: str = "bf16-mixed") -> dict:
+def compile_step(task, config, grid, levels, num_devices: int, fsdp: bool, precision: str) -> tuple:
+    """The trainer's train step compiled on abstract state (no parameter is materialised),
+    1 example per device: ``(compiled, abstract state, compile seconds)``."""
     import jax
     import optax
     from jax.sharding import NamedSharding
@@ -119,7 +121,7 @@ def measure(task, config, args, levels, num_devices: int, fsdp: bool, precision:
     from aurora_loop.step import PRECISION_COMPUTE_DTYPES, StepOptions, make_init_fn, make_train_step, state_shardings
 
     mesh = make_mesh(num_devices)
-    sample = make_sample(config, tuple(args.grid), levels, batch=num_devices)
+    sample = make_sample(config, tuple(grid), levels, batch=num_devices)
     optimizer = optax.adamw(1e-4)
     init_fn = make_init_fn(task, optimizer, seed=0)
     abstract = jax.eval_shape(init_fn, sample)  # shapes only: no parameter is materialised
@@ -131,7 +133,13 @@ def measure(task, config, args, levels, num_devices: int, fsdp: bool, precision:
     abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sample, batch_sharding)
     t0 = time.perf_counter()
     compiled = step.lower(abstract_state, abstract_batch).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled, abstract, time.perf_counter() - t0
+
+
+def measure(task, config, args, levels, num_devices: int, fsdp: bool, precision: str = "bf16-mixed") -> dict:
+    import jax
+
+    compiled, abstract, compile_s = compile_step(task, config, args.grid, levels, num_devices, fsdp, precision)
     analysis = compiled.memory_analysis()
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     return {

@@ -43,7 +43,6 @@ import argparse
 import os
 import re
 import sys
-import time
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-params")
 # --tiny: the ``tiny`` preset with two Swin stages of one block each (half its blocks), so
@@ -153,26 +152,10 @@ def collective_stats(hlo_text: str, num_devices: int) -> dict[str, dict[str, flo
 
 def measure(task, config, grid, levels, num_devices: int, fsdp: bool, precision: str, dump_dir: str | None = None) -> dict:
     import jax
-    import optax
-    from jax.sharding import NamedSharding
 
-    from aurora_loop.parallel import make_mesh
-    from aurora_loop.step import PRECISION_COMPUTE_DTYPES, StepOptions, make_init_fn, make_train_step, state_shardings
-    from benchmarks.memory import make_sample
+    from benchmarks.memory import compile_step
 
-    mesh = make_mesh(num_devices)
-    sample = make_sample(config, tuple(grid), levels, batch=num_devices)
-    optimizer = optax.adamw(1e-4)
-    abstract = jax.eval_shape(make_init_fn(task, optimizer, seed=0), sample)
-    shardings = state_shardings(abstract, mesh, fsdp=fsdp)
-    batch_sharding = jax.tree.map(lambda spec: NamedSharding(mesh, spec), sample.partition_specs("data"))
-    options = StepOptions(compute_dtype=PRECISION_COMPUTE_DTYPES[precision])
-    step = make_train_step(task, optimizer, shardings, batch_sharding, mesh, options=options)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sample, batch_sharding)
-    t0 = time.perf_counter()
-    compiled = step.lower(abstract_state, abstract_batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, abstract, compile_s = compile_step(task, config, grid, levels, num_devices, fsdp, precision)
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0]
