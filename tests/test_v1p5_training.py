@@ -124,6 +124,8 @@ def test_the_ensemble_trains_with_crps_on_sampled_lead_times_over_two_devices(ho
     (["--model", "v1p5_tiny", "--ensemble_members", "2"], "--ensemble_members 2 needs an ensemble model"),
     (["--model", "v1p5_ensemble_tiny"], "pass --ensemble_members M with M >= 2"),
     (["--model", "v1p5_tiny", "--lead_times", "1,6", "--rollout_mode", "replay", "--rollout_steps", "2"], "does not combine with --rollout_mode replay"),
+    (["--model", "v1p5_ensemble_tiny", "--ensemble_members", "2", "--rollout_mode", "replay", "--rollout_steps", "2"],
+     "the ensemble task does not train in --rollout_mode replay"),
 ])
 def test_lead_times_and_members_the_model_cannot_take_are_one_line_errors(hourly_store, tmp_path, capsys, flags, message) -> None:
     code = main(["--dataset_path", hourly_store, "--output_dir", str(tmp_path / "run"), "--batch_size", "2", "--num_gpus", "1", *flags])

@@ -245,8 +245,12 @@ class AuroraTask(ReplayTraining):
         no pretrained backbone"``. Empty without pretrained weights (everything is fresh)."""
         return dict(self._new_notes)
 
+    def _training_sample(self, batch: Sample) -> Sample:
+        """What the training loss rolls out: the cropped batch (the ensemble repeats it per member)."""
+        return self._crop(batch)
+
     def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        batch = self._crop(batch)
+        batch = self._training_sample(batch)
         mode = self._stateless_mode
         loss, per_step = rollout_loss(self._predict_fn(params, batch, rng), self._step_loss, batch, average=self.rollout_average,
                                       remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode,

@@ -29,7 +29,7 @@ from aurora_loop.errors import UsageError
 from aurora_loop.losses import WeightedCRPS
 from aurora_loop.metrics import MeanMetrics, per_field, weather_errors
 from aurora_loop.model.batch import Batch, Sample
-from aurora_loop.rollout import rollout_loss, rollout_scan
+from aurora_loop.rollout import rollout_scan
 from aurora_loop.task import register_task
 from aurora_loop.tasks.aurora import AuroraTask, build_aurora_task
 
@@ -73,21 +73,20 @@ class EnsembleAuroraTask(AuroraTask):
         if members < 2:
             raise UsageError(f"the ensemble task trains with the fair CRPS over several members: pass --ensemble_members M "
                              f"with M >= 2 (got {members})")
+        if kwargs.get("rollout_mode") == "replay":
+            # Replay's buffer rolls one sample on per step with the task's deterministic
+            # predictor; it has no member axis and no fresh noise per step.
+            raise UsageError("the ensemble task does not train in --rollout_mode replay; use full or pushforward")
         super().__init__(config, **kwargs)
         self.members = members
         fields = {f.name: getattr(self.loss_fn, f.name) for f in dataclasses.fields(self.loss_fn)}
         self.crps = WeightedCRPS(**{**fields, "members": members})
 
-    def _crps_step(self, prediction: Batch, target: Batch) -> jax.Array:
-        return jnp.mean(self.crps(prediction, target, self.config.surf_stats_dict))
+    def _training_sample(self, batch: Sample) -> Sample:
+        return repeat_members(self._crop(batch), self.members)
 
-    def loss(self, params: Any, batch: Sample, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        batch = repeat_members(self._crop(batch), self.members)
-        mode = self._stateless_mode
-        loss, per_step = rollout_loss(self._predict_fn(params, batch, rng), self._crps_step, batch, average=self.rollout_average,
-                                      remat=self.config.remat and mode == "full" and batch.targets.num_steps > 1, mode=mode,
-                                      feed_back=self._feed_back)
-        return loss, {"rollout_loss_last": per_step[-1]}
+    def _step_loss(self, prediction: Batch, target: Batch) -> jax.Array:
+        return jnp.mean(self.crps(prediction, target, self.config.surf_stats_dict))
 
     def evaluate(self, params: Any, batch: Sample) -> EnsembleMetrics:
         """``loss`` (the CRPS loss), ``crps/<field>``, ``spread_skill/<field>`` and the
