@@ -99,20 +99,13 @@ def test_every_prediction_and_variable_is_compared(name: str) -> None:
         assert ours == json.loads(bytes(data[f"out/pred{k}/time"]).decode())
 
 
+@pytest.mark.parametrize("precision, x64, limit", [("x64", True, 1e-5), ("float32", False, 2e-3)])
 @pytest.mark.parametrize("name", NAMES)
-def test_parity_x64(name: str) -> None:
-    errors, _ = _errors(name, True)
+def test_parity(name: str, precision: str, x64: bool, limit: float) -> None:
+    errors, _ = _errors(name, x64)
     worst = max(errors, key=errors.get)
-    print(f"{name} x64: worst {worst} {errors[worst]:.2e}")
-    assert errors[worst] <= 1e-5, (worst, errors[worst])
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_parity_float32(name: str) -> None:
-    errors, _ = _errors(name, False)
-    worst = max(errors, key=errors.get)
-    print(f"{name} float32: worst {worst} {errors[worst]:.2e}")
-    assert errors[worst] <= 2e-3, (worst, errors[worst])
+    print(f"{name} {precision}: worst {worst} {errors[worst]:.2e}")
+    assert errors[worst] <= limit, (worst, errors[worst])
 
 
 def _fused(cfg: AuroraConfig, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
