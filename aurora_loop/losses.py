@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from aurora_loop.crps import fair_crps
 from aurora_loop.metrics import latitude_weights
 from aurora_loop.model.batch import Batch
 
@@ -95,8 +96,6 @@ class WeightedCRPS(WeightedMAE):
     members: int = 2
 
     def __call__(self, prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
-        from aurora_loop.crps import fair_crps
-
         m = self.members
         pred = prediction.normalise(surf_stats)
         true = target.normalise(surf_stats)
