@@ -49,14 +49,14 @@ class TrainingConfig:
     tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
 
     # Model.
-    model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora, or conv (a small convolutional baseline)")
+    model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora; Aurora 1.5 as v1p5 or v1p5_tiny, its ensemble as v1p5_ensemble or v1p5_ensemble_tiny; or conv (a small convolutional baseline)")
     checkpoint_dir: str | None = _field(None, "directory with pretrained encoder/, backbone/, decoder/ checkpoints to start from")
     checkpoint_encoder: str | None = _field(None, "pretrained encoder checkpoint (overrides checkpoint_dir/encoder)")
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
     checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
     timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
     lead_times: tuple[float, ...] = _field((), "sample the lead time of each training example's last target step from these hours (comma list, e.g. 1,3,6; Aurora 1.5's sub-6-hour steps): inputs and earlier targets lie the model step apart (--timestep_hours, else the largest lead time), the last target the drawn lead after the step before it; every lead and the model step must be multiples of the store's time step; validation keeps the model step; empty: every step is the data's step")
-    ensemble_members: int = _field(1, "ensemble members the model draws per example (at least 1; 1: a deterministic forecast)")
+    ensemble_members: int = _field(1, "members per example for the ensemble models (v1p5_ensemble, v1p5_ensemble_tiny), which train with the fair CRPS over them and need at least 2; other models take only 1")
     bf16: bool = _field(False, "same as --precision bf16-mixed (kept for existing scripts)")
     precision: str = _field("fp32", "fp32 (all float32), bf16-mixed (float32 parameters, bfloat16 compute where the model supports it) or bf16-params (bfloat16 parameters and compute; the optimizer keeps float32 master weights)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
