@@ -2,8 +2,12 @@
 
 import os
 
+from tests.xla_flags import FAST_COMPILE
+
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # steadier on 2 cores
+# Quick XLA:CPU compilation for every test and the subprocesses they start (an XLA_FLAGS of
+# your own wins).
+os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 # aurora-train and forecast keep a persistent compilation cache under $XDG_CACHE_HOME: one
 # per test session, so tests share it (and exercise it) without touching the user's home.
 if "XDG_CACHE_HOME" not in os.environ:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tests.test_scenarios import FAST_COMPILE
+from tests.xla_flags import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

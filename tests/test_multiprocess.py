@@ -34,6 +34,7 @@ from aurora_loop.distributed import (
     distributed_arguments,
 )
 from aurora_loop.errors import UsageError
+from tests.xla_flags import FAST_COMPILE
 
 RUN_TIMEOUT_S = 240  # a hung run fails the test instead of blocking CI
 TRAIN = ["--model", "conv", "--batch_size", "4", "--levels", "500,850", "--num_workers", "1",
@@ -54,7 +55,7 @@ def child_env(devices: int, **extra: str) -> dict[str, str]:
     (so a test run inside a SLURM job does not auto-detect that job)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1",
-               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false", **extra)
+               XLA_FLAGS=FAST_COMPILE, **extra)
     return env
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.xla_flags import FAST_COMPILE
+
 ROOT = Path(__file__).resolve().parents[1]
-FAST_COMPILE = "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ import pytest
 
 from tests.scenario_cell import MAX_STEPS, MICRO, SAVE_EVERY, VAL_EVERY
 from tests.test_multiprocess import LAUNCHER_VARS, free_port
+from tests.xla_flags import FAST_COMPILE
 
 DEVICES = ("1", "4dp", "4fsdp", "2x2")
 MODES = ("full", "pushforward", "replay")
@@ -67,7 +68,6 @@ GROUPS = {"1-full-all-remat-bf16": [r"encoder\..*", "decoder=2"], "4fsdp-replay-
 BF16_PARAMS = {"4dp-pushforward-lora-remat-bf16", "2x2-full-lora-remat-bf16"}  # --precision bf16-params instead of --bf16
 VAL_ROLLOUT = 3
 CELL_TIMEOUT_S = 900
-FAST_COMPILE = "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def cell_id(cell: tuple) -> str:

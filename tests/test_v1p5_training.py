@@ -23,7 +23,7 @@ from aurora_loop.losses import WeightedCRPS, WeightedMAE
 from aurora_loop.model.batch import Batch, Metadata, Sample
 from aurora_loop.rollout import rollout_loss, rollout_scan
 from tests.test_multiprocess import LAUNCHER_VARS
-from tests.test_scenarios import FAST_COMPILE
+from tests.xla_flags import FAST_COMPILE
 
 
 def _batch(b: int, t: int, value: float | np.ndarray = 0.0, time: float = 0.0) -> Batch:
