@@ -392,7 +392,7 @@ def validate(config: TrainingConfig) -> None:
     if config.rollout_mode not in ("full", "pushforward", "replay"):
         raise UsageError(f"rollout_mode must be full, pushforward or replay, got {config.rollout_mode!r}")
     if config.rollout_mode == "replay":
-        from aurora_loop.replay import replay_config  # imports jax: only when replay is asked for
+        from aurora_loop.weather.replay import replay_config  # imports jax: only when replay is asked for
 
         try:
             replay_config(config).check(config.rollout_steps)

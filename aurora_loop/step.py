@@ -1,4 +1,4 @@
-"""The jit-compiled, sharded train and eval steps, the optimizer and the train state.
+"""The jit-compiled, sharded train and eval steps and the train state (the optimizer is in :mod:`aurora_loop.optim`).
 
 One ``jax.jit`` with explicit ``NamedSharding``s over ``Mesh(("data",))`` (pjit semantics):
 parameters and optimizer state replicated, the batch split over ``data``. The task's loss is
@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aurora_loop.accumulation import MicroBatches
 from aurora_loop.parallel import DATA_AXIS, batch_shardings, replicated
-from aurora_loop.param_groups import ParamGroups
 from aurora_loop.task import Task
 
 
@@ -31,7 +30,7 @@ class TrainState:
     ``step``: int32 scalar, optimizer steps taken. ``rng``: a raw uint32 PRNG key of shape
     (2,); step ``s`` uses ``fold_in(rng, s)`` so randomness depends only on (seed, step) and
     a resumed run draws the same numbers. ``task_state``: a stateful task's own arrays
-    (e.g. the replay buffer, :mod:`aurora_loop.replay`), checkpointed with the rest;
+    (e.g. the replay buffer, :mod:`aurora_loop.weather.replay`), checkpointed with the rest;
     ``None`` for ordinary tasks.
     """
 
@@ -78,67 +77,6 @@ def ema_update(ema: Any, params: Any, decay: float, updates_done: jax.Array) -> 
     n = updates_done.astype(jnp.float32)
     d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
     return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), ema, params)
-
-
-def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``peak``, then cosine decay to ``peak / 10`` at ``total_steps``.
-
-    (The Aurora paper's pre-training schedule shape.) With fewer total steps than warm-up
-    steps, the warm-up is shortened to half the run.
-    """
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = min(int(warmup_steps), total_steps // 2)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warmup_steps,
-        decay_steps=total_steps,
-        end_value=peak / 10,
-    )
-
-
-def is_lora_param(path: tuple) -> bool:
-    """Whether a parameter's key path names a LoRA weight (Aurora's ``lora_qkv`` /
-    ``lora_proj`` modules hold ``lora_A`` / ``lora_B``): the path contains "lora"."""
-    return "lora" in jax.tree_util.keystr(path).lower()
-
-
-def make_optimizer(
-    schedule: optax.Schedule | float,
-    weight_decay: float = 0.0,
-    grad_clip_norm: float | None = None,
-    trainable: Callable[[tuple], bool] | None = None,
-    groups: ParamGroups | None = None,
-) -> optax.GradientTransformation:
-    """AdamW on ``schedule``, optionally after clipping gradients to a global norm.
-
-    ``groups`` (:class:`aurora_loop.param_groups.ParamGroups`; or just ``trainable(key_path)
-    -> bool``, e.g. :func:`is_lora_param` for ``--lora_only``): frozen parameters get zero
-    updates and keep no Adam state (``optax.multi_transform`` with ``set_to_zero``), and
-    clipping sees only the others' gradients; a group with a learning-rate factor runs its
-    own AdamW on ``factor x schedule`` (same weight decay, same step count).
-    """
-    groups = groups if groups is not None else ParamGroups(trainable=trainable)
-    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm is not None else []
-    if groups.trivial:
-        return optax.chain(*clip, optax.adamw(schedule, weight_decay=weight_decay))
-
-    def scaled(factor: float) -> optax.Schedule | float:
-        if factor == 1:
-            return schedule
-        return (lambda count: factor * schedule(count)) if callable(schedule) else factor * schedule
-
-    if groups.has_multipliers:
-        by_factor = {label: optax.adamw(scaled(f), weight_decay=weight_decay) for label, f in groups.factors().items()}
-        inner = optax.multi_transform(by_factor, groups.labels)
-    else:
-        inner = optax.adamw(schedule, weight_decay=weight_decay)
-
-    def labels(params: Any) -> Any:
-        groups.check(params)
-        return jax.tree_util.tree_map_with_path(lambda path, _: "train" if groups.is_trainable(path) else "frozen", params)
-
-    return optax.multi_transform({"train": optax.chain(*clip, inner), "frozen": optax.set_to_zero()}, labels)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) -> TrainState:

@@ -43,7 +43,7 @@ class Task(Protocol):
       tasks a Sample: a Batch shaped like ``batch.targets``, one time step per roll-out
       step). Callbacks that show forecasts (TensorBoardLogger's validation maps) use it
       when present, jitted on one device.
-    - A stateful task (e.g. replay mode, :class:`aurora_loop.replay.ReplayTraining`) adds
+    - A stateful task (e.g. replay mode, :class:`aurora_loop.weather.replay.ReplayTraining`) adds
       ``init_state(example_batch) -> task_state | None`` (arrays kept in
       ``TrainState.task_state``, checkpointed, split over the mesh by their own
       ``partition_specs()``), ``stateful_loss(params, task_state, batch, rng) -> (loss,

@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
 from aurora_loop.callbacks.base import Callback
 from aurora_loop.data import Loader
-from aurora_loop.distributed import agree_any
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
+from aurora_loop.parallel.distributed import agree_any
 from aurora_loop.step import (
     PRECISION_COMPUTE_DTYPES,
     StepOptions,
@@ -272,7 +272,7 @@ class Trainer:
       seed: seeds parameter initialisation and the per-step RNG.
       fsdp: shard parameters and optimizer state over the ``data`` axis (``state_shardings``).
       trainable: ``trainable(key_path) -> bool`` names the parameters the optimizer updates
-        (e.g. :func:`aurora_loop.step.is_lora_param`, or ``ParamGroups.is_trainable``);
+        (e.g. :func:`aurora_loop.optim.is_lora_param`, or ``ParamGroups.is_trainable``);
         ``grad_norm`` (and so the NaN guard) covers only those, and XLA can drop the frozen
         ones' gradients. ``None``: all.
       accumulate_grad_batches: micro-batches per optimizer step (gradient accumulation).

@@ -10,7 +10,7 @@ Saves happen at sync steps (``on_sync``), i.e. after that step's validation: eve
 ``every_n_steps`` steps, and with ``every_n_minutes`` also at the first step boundary after
 that much wall-clock time since the last save (or since ``fit`` started). Process 0's clock
 alone decides a timed save and every process learns its decision
-(:func:`aurora_loop.distributed.agree`), so all of them save the same steps. Orbax writes
+(:func:`aurora_loop.parallel.distributed.agree`), so all of them save the same steps. Orbax writes
 to a temporary directory and renames it when complete, so a run killed mid-write leaves no
 checkpoint that ``latest_step`` would pick up.
 
@@ -69,7 +69,7 @@ def _agreed(trainer: Any, agreed: str, request: str) -> bool:
     script) offers only its request ``request``, which is then OR-ed over the processes."""
     if hasattr(trainer, agreed):
         return bool(getattr(trainer, agreed))
-    from aurora_loop.distributed import agree
+    from aurora_loop.parallel.distributed import agree
 
     return agree(bool(getattr(trainer, request, False)))
 
@@ -253,7 +253,7 @@ class ModelCheckpoint(Callback):
         ``every_n_minutes``); each process must call it at the same points."""
         if self.every_n_minutes is None:
             return False
-        from aurora_loop.distributed import agree
+        from aurora_loop.parallel.distributed import agree
 
         return agree(self._time_due())
 

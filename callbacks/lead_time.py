@@ -1,7 +1,7 @@
 """RMSE against lead time, drawn for loggers from the per-lead validation scores.
 
 The Aurora task reports ``rmse/<field>/<lead>h`` (and ``mae/...``) for every roll-out step
-of a validation sample (:func:`aurora_loop.metrics.per_lead`). :func:`lead_curves` gathers
+of a validation sample (:func:`aurora_loop.weather.metrics.per_lead`). :func:`lead_curves` gathers
 them into one curve per field; :func:`render_lead_curves` draws the curves as one small
 panel per field (the fields have different units) with matplotlib's Agg backend, as
 :mod:`aurora_loop.callbacks.maps` draws its maps, and returns an RGB image array.
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aurora_loop.metrics import split_lead_key
+from aurora_loop.weather.metrics import split_lead_key
 
 # Headline fields of WeatherBench2's scorecards.
 DEFAULT_LEAD_FIELDS = ("z500", "t850", "2t", "10u")

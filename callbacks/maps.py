@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from aurora_loop.metrics import per_field
 from aurora_loop.parallel import batch_shardings, place_batch
 from aurora_loop.step import cast_floating
+from aurora_loop.weather.metrics import per_field
 
 DEFAULT_FIELDS = ("2t", "z500")
 

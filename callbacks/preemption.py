@@ -93,7 +93,7 @@ class Preemption(Callback):
         self._trainer = None
         # A signal may have reached only some processes; all of them stopped together (the
         # trainer agrees on should_stop), so all report preemption and exit alike.
-        from aurora_loop.distributed import agree
+        from aurora_loop.parallel.distributed import agree
 
         trainer.preempted = agree(bool(getattr(trainer, "preempted", False)))
 

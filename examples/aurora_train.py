@@ -16,7 +16,7 @@ from aurora_loop.callbacks import Callback, ModelCheckpoint, ProgressBar, Tensor
 from aurora_loop.config import TrainingConfig
 from aurora_loop.datasets import build_loaders
 from aurora_loop.datasets.sample_data import write_sample_store
-from aurora_loop.step import learning_rate_schedule, make_optimizer
+from aurora_loop.optim import learning_rate_schedule, make_optimizer
 from aurora_loop.task import make_task
 from aurora_loop.trainer import Trainer
 

@@ -27,8 +27,7 @@ from aurora_loop.callbacks import ModelCheckpoint, ProgressBar, TensorBoardLogge
 from aurora_loop.config import TrainingConfig, parse_duration
 from aurora_loop.datasets import build_loaders
 from aurora_loop.datasets.sample_data import write_sample_store
-from aurora_loop.param_groups import ParamGroups
-from aurora_loop.step import learning_rate_schedule, make_optimizer
+from aurora_loop.optim import ParamGroups, learning_rate_schedule, make_optimizer
 from aurora_loop.task import make_task
 from aurora_loop.trainer import Trainer
 

@@ -82,7 +82,7 @@ def command(cell: dict[str, Any], store: str, out: str) -> list[str]:
 
 
 def train(cell: dict[str, Any], store: str, directory: str, distributed: list[str]) -> int:
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     status = {}
     status["full"] = main(command(cell, store, os.path.join(directory, "full")) + distributed)
@@ -116,10 +116,10 @@ def analyse(cell: dict[str, Any], directory: str) -> dict[str, Any]:
     import jax
     import numpy as np
 
+    from aurora_loop.cli.export_checkpoint import checkpoint_steps, read_params
+    from aurora_loop.cli.tools import main as tools_main
     from aurora_loop.config import config_from_mapping
     from aurora_loop.task import make_task
-    from aurora_loop.tools import main as tools_main
-    from aurora_loop.tools.export_checkpoint import checkpoint_steps, read_params
 
     full, resumed = os.path.join(directory, "full"), os.path.join(directory, "resumed")
     report: dict[str, Any] = {"status": [json.load(open(p)) for p in sorted(glob.glob(os.path.join(directory, "status-*.json")))]}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.cli import main
+from aurora_loop.cli.train import main
 
 BASE = ["--model", "conv", "--batch_size", "2", "--num_gpus", "1", "--levels", "500,850", "--max_steps", "2"]
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from aurora_loop.metrics import MeanMetrics
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import batch_shardings, make_mesh, place_batch, replicated
 from aurora_loop.step import make_eval_step
 from aurora_loop.tasks.conv import ConvTask
+from aurora_loop.weather.metrics import MeanMetrics
 from tests.synthetic import make_samples
 
 ROLLOUT = 2

@@ -24,7 +24,7 @@ def store(tmp_path_factory):
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
-    return subprocess.run([sys.executable, "-m", "aurora_loop.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", "aurora_loop.cli.train", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -73,7 +73,7 @@ def test_default_run_writes_the_sample_store(tmp_path):
 
 
 def test_flags_override_config_file(tmp_path):
-    from aurora_loop.cli import resolve_config
+    from aurora_loop.cli.train import resolve_config
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"batch_size": 8, "epochs": 3, "surf_vars": ["2t"]}))
@@ -99,7 +99,7 @@ def test_monitor_keeps_the_best_checkpoint_when_saves_fall_on_epoch_ends(store, 
         validated = next(i for i, line in enumerate(lines) if line.startswith(f"Validation at step {step}:"))
         saved = next(i for i, line in enumerate(lines) if line.startswith("Saving checkpoint") and line.split()[2].endswith(f"/{step}"))
         assert validated < saved and "(val/loss " in lines[saved]
-    from aurora_loop.tools import main as aurora_loop_tool
+    from aurora_loop.cli.tools import main as aurora_loop_tool
 
     assert aurora_loop_tool(["export-checkpoint", str(out), "--step", "best", "--out", str(tmp_path / "best")]) == 0
     assert json.loads((tmp_path / "best" / "export.json").read_text())["step"] in (per_epoch, 2 * per_epoch)

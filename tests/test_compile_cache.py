@@ -10,7 +10,7 @@ import sys
 def _train(tmp_path, name, cache_home, *extra):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(XDG_CACHE_HOME=str(cache_home), JAX_NUM_CPU_DEVICES="1")
-    command = [sys.executable, "-m", "aurora_loop.cli", "--model", "conv", "--output_dir", str(tmp_path / name),
+    command = [sys.executable, "-m", "aurora_loop.cli.train", "--model", "conv", "--output_dir", str(tmp_path / name),
                "--dataset_path", str(tmp_path / "store.zarr"), "--levels", "500,850", "--batch_size", "2",
                "--num_gpus", "1", "--max_steps", "1", "--num_workers", "1", *extra]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

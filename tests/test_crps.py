@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from scipy import stats
 
-from aurora_loop.crps import (
+from aurora_loop.model.batch import stack_samples
+from aurora_loop.parallel import DATA_AXIS, make_mesh
+from aurora_loop.weather.crps import (
     crps_ensemble,
     ensemble_scores,
     fair_crps,
@@ -19,9 +21,7 @@ from aurora_loop.crps import (
     spread_skill_ratio,
     spread_skill_ratios,
 )
-from aurora_loop.metrics import MeanMetrics, latitude_weights, weather_errors
-from aurora_loop.model.batch import stack_samples
-from aurora_loop.parallel import DATA_AXIS, make_mesh
+from aurora_loop.weather.metrics import MeanMetrics, latitude_weights, weather_errors
 from tests.synthetic import make_samples
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from aurora_loop.cli.tools import main as aurora_loop
 from aurora_loop.datasets.convert import convert
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.variables import VariableSelection
 from aurora_loop.errors import UsageError
-from aurora_loop.tools import main as aurora_loop
 
 ERA5 = Path(__file__).parent / "data" / "era5-levels-members.nc"
 ATMOS_ONLY = VariableSelection(surf=(), static=(), atmos=("z", "t"))

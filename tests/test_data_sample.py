@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from aurora_loop.cli.tools import main as aurora_loop
 from aurora_loop.datasets.sample_data import sample_dataset, write_sample_store
-from aurora_loop.tools import main as aurora_loop
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.cli import main as aurora_train
+from aurora_loop.cli.tools import main as aurora_loop
+from aurora_loop.cli.train import main as aurora_train
 from aurora_loop.config import TrainingConfig
 from aurora_loop.datasets import build_loaders
 from aurora_loop.datasets.build import lead_steps
@@ -22,7 +23,6 @@ from aurora_loop.datasets.variables import ATMOS, AURORA_V1P5_VARS, DEFAULT_MAP,
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import hours_since_epoch
 from aurora_loop.model.insolation import insolation_numpy
-from aurora_loop.tools import main as aurora_loop
 
 GRID = (16, 32)
 LEVELS = (500, 850)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.evaluation import Climatology, acc, area_weights, bias, climatology_period, evaluate, rmse
-from aurora_loop.tools import main as tool_main
+from aurora_loop.cli.tools import main as tool_main
+from aurora_loop.inference.evaluation import Climatology, acc, area_weights, bias, climatology_period, evaluate, rmse
 
 # Rows at 60N and 0N (a cropped grid, 60 degrees apart): bands 90..30 and 30..-30 have areas
 # sin 90 - sin 30 = 1/2 and sin 30 - sin(-30) = 1, so the mean-1 weights are 2/3 and 4/3.

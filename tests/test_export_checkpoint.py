@@ -13,13 +13,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from aurora_loop.callbacks import ModelCheckpoint
+from aurora_loop.cli.export_checkpoint import export
+from aurora_loop.cli.tools import main as aurora_loop_main
 from aurora_loop.config import TrainingConfig
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
 from aurora_loop.tasks.conv import ConvTask
-from aurora_loop.tools import main as aurora_loop_main
-from aurora_loop.tools.export_checkpoint import export
 from aurora_loop.trainer import Trainer
 from tests.synthetic import make_samples
 

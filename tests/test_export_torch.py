@@ -15,6 +15,9 @@ import optax
 import pytest
 
 from aurora_loop.callbacks import ModelCheckpoint
+from aurora_loop.cli.export_checkpoint import write_safetensors
+from aurora_loop.cli.import_checkpoint import read_npz, read_safetensors
+from aurora_loop.cli.tools import main as aurora_loop_main
 from aurora_loop.config import TrainingConfig
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model import AuroraConfig, load_params, load_reference_params
@@ -29,9 +32,6 @@ from aurora_loop.model.reference_export import (
 )
 from aurora_loop.parallel import make_mesh
 from aurora_loop.task import make_task
-from aurora_loop.tools import main as aurora_loop_main
-from aurora_loop.tools.export_checkpoint import write_safetensors
-from aurora_loop.tools.import_checkpoint import read_npz, read_safetensors
 from aurora_loop.trainer import Trainer
 from tests.fixtures import aurora_data as fx
 from tests.synthetic import make_samples

@@ -261,7 +261,7 @@ def cli_args(store: str, pretrained: str, out: str, *extra: str) -> list[str]:
 
 
 def test_print_param_groups_marks_the_new_parameters(pretrained, store, tmp_path, capsys):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     kwargs = {"max_history_size": 3, "surf_stats": {"tp": list(TP_STATS["tp"])}}
     status = main(cli_args(store, pretrained, str(tmp_path / "run"), "--surf_vars", ",".join(NEW_SURF),
@@ -279,7 +279,7 @@ def test_print_param_groups_marks_the_new_parameters(pretrained, store, tmp_path
 
 
 def test_cli_refuses_a_shorter_history_in_one_line(pretrained, store, tmp_path, capsys):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     status = main(cli_args(store, pretrained, str(tmp_path / "run"), "--history", "1", "--model_kwargs", '{"max_history_size": 1}'))
     err = capsys.readouterr().err.strip()
@@ -289,9 +289,9 @@ def test_cli_refuses_a_shorter_history_in_one_line(pretrained, store, tmp_path, 
 def test_sample_data_writes_the_new_variables(tmp_path, capsys):
     import xarray as xr
 
+    from aurora_loop.cli.tools import main as tools
     from aurora_loop.datasets.store import WeatherStore
     from aurora_loop.datasets.variables import VariableSelection
-    from aurora_loop.tools import main as tools
 
     names = ("2t", "10u", "10v", "msl", "tp", "100u", "100v", "tcc")
     out = str(tmp_path / "s.zarr")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.tools import main as tool_main
+from aurora_loop.cli.tools import main as tool_main
 
 ERA5 = Path(__file__).parent / "data" / "era5-levels-members.nc"
 TRAIN = ["--model", "conv", "--num_gpus", "1", "--batch_size", "2", "--learning_rate", "1e-3", "--warmup_steps", "20",
@@ -24,7 +24,7 @@ INITS = "2020-01-12T00/2020-01-14T18/6h"  # 12 init times in the validation peri
 
 def train(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
-    done = subprocess.run([sys.executable, "-m", "aurora_loop.cli", *TRAIN, *args], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "aurora_loop.cli.train", *TRAIN, *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -76,7 +76,7 @@ def test_forecast_matches_the_task_on_one_device(trained, forecast):
     import jax
 
     from aurora_loop.datasets import SampleSpec, WeatherStore, read_sample, selection_from_config
-    from aurora_loop.forecast import load_model, resolve_checkpoint
+    from aurora_loop.inference.forecast import load_model, resolve_checkpoint
 
     store_path, run = trained
     resolved = resolve_checkpoint(run)
@@ -112,7 +112,7 @@ def test_trained_model_beats_persistence(trained, forecast, tmp_path, capsys):
 
 def test_every_checkpoint_form_gives_the_same_forecast(trained, forecast, tmp_path):
     store, run = trained
-    from aurora_loop.tools.export_checkpoint import export
+    from aurora_loop.cli.export_checkpoint import export
 
     export(run, str(tmp_path / "export"), step="latest")
     forms = {"step": os.path.join(run, "checkpoints", "150"), "export": str(tmp_path / "export")}
@@ -169,7 +169,7 @@ def test_real_era5_forecasts_and_evaluates(tmp_path, capsys):
     assert by_key["conv", "geopotential", 500, 12.0]["count"] == 1 and by_key["conv", "temperature", 850, 24.0]["count"] == 1
     assert all(r["rmse"] is not None and r["rmse"] > 0 for r in rows)
     # Persistence by hand on the real fields (member 3): z500 at 2017-01-01T12 vs 12 h later.
-    from aurora_loop.evaluation import area_weights
+    from aurora_loop.inference.evaluation import area_weights
 
     truth = xr.open_zarr(store)["geopotential"].sel(level=500).isel(number=3)
     x0 = truth.sel(time="2017-01-01T12").values.astype(np.float64)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_loop.tools import main as tool_main
+from aurora_loop.cli.tools import main as tool_main
 
 INITS = "2020-01-01T12,2020-01-01T18"  # need 6 h of history each; the store runs 00..23 h hourly
 ONE = ["--no-progress", "--num_devices", "1", "--batch_size", "1"]  # one example per call: the cheapest compile
@@ -199,7 +199,7 @@ def test_sub_step_forecast_evaluates_at_every_lead(setup, plain, tmp_path):
     assert {r["lead_hours"] for r in mine} == {3.0, 6.0} and all(r["count"] == 1 and r["rmse"] is not None for r in mine)
     # Persistence at 3 h is the truth at 12 h against the truth at 15 h: the valid times are right.
     truth = xr.open_zarr(store)["2m_temperature"]
-    from aurora_loop.evaluation import area_weights
+    from aurora_loop.inference.evaluation import area_weights
 
     x0, x3 = (truth.sel(time=t).values.astype(np.float64) for t in ("2020-01-01T12", "2020-01-01T15"))
     w = area_weights(truth.latitude.values)[:, None]

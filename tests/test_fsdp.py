@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec
 from aurora_loop.config import TrainingConfig
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
+from aurora_loop.optim import learning_rate_schedule, make_optimizer
 from aurora_loop.parallel import make_mesh
-from aurora_loop.step import TrainState, learning_rate_schedule, make_optimizer, state_shardings
+from aurora_loop.step import TrainState, state_shardings
 from aurora_loop.tasks.conv import ConvTask
 from aurora_loop.trainer import Trainer
 from tests.synthetic import make_samples

@@ -15,12 +15,12 @@ from tensorboard.backend.event_processing import event_accumulator
 from aurora_loop.callbacks import TensorBoardLogger
 from aurora_loop.callbacks.lead_time import lead_curves
 from aurora_loop.errors import UsageError
-from aurora_loop.metrics import latitude_weights, lead_label, split_lead_key
 from aurora_loop.model import AuroraConfig
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
 from aurora_loop.tasks.aurora import AuroraTask
 from aurora_loop.trainer import Trainer
+from aurora_loop.weather.metrics import latitude_weights, lead_label, split_lead_key
 from tests.synthetic import make_samples
 
 STEPS = 3  # validation roll-out: leads 6 h, 12 h, 18 h

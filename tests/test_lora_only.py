@@ -11,7 +11,7 @@ import pytest
 from aurora_loop.config import TrainingConfig
 from aurora_loop.errors import UsageError
 from aurora_loop.model import AuroraConfig, stack_samples
-from aurora_loop.step import is_lora_param, make_optimizer
+from aurora_loop.optim import is_lora_param, make_optimizer
 from aurora_loop.tasks.aurora import AuroraTask
 from tests.synthetic import make_samples
 
@@ -123,7 +123,7 @@ def test_lora_only_update_of_an_aurora_moves_only_the_adapters_in_use():
 def test_lora_only_without_pretrained_weights_is_warned_about():
     """A fresh Aurora's Swin blocks are switched off by their zero-initialised modulations, so
     LoRA-only training from scratch moves nothing: aurora-train says so."""
-    from aurora_loop.cli import untrainable_lora_warning
+    from aurora_loop.cli.train import untrainable_lora_warning
     from aurora_loop.task import make_task
 
     fresh = TrainingConfig(model="tiny", lora_only=True, model_kwargs={"use_lora": True})

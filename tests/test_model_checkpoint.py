@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from aurora_loop.cli.tools import main as aurora_loop_main
 from aurora_loop.model import CheckpointError, load_params, load_reference_params, save_params
 from aurora_loop.model.checkpoint import to_legacy_layout
-from aurora_loop.tools import main as aurora_loop_main
 from tests.fixtures import aurora_data as fx
 
 

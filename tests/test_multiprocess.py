@@ -1,9 +1,9 @@
 """Multi-process training on JAX's distributed runtime, for real: 2 processes x 2 CPU devices
 on 127.0.0.1 (gloo collectives) against 1 process x 4 CPU devices.
 
-Every run is a subprocess of ``aurora-train`` (``python -m aurora_loop.cli``); losses come
+Every run is a subprocess of ``aurora-train`` (``python -m aurora_loop.cli.train``); losses come
 from the TensorBoard event files and parameters from the orbax checkpoints the runs write.
-Also here: the flag checks of ``aurora_loop.distributed`` (no JAX start-up needed), a stop
+Also here: the flag checks of ``aurora_loop.parallel.distributed`` (no JAX start-up needed), a stop
 requested on one process only (the trainer's agreement keeps both in step), and a process
 killed mid-run (the survivor must exit non-zero within a bounded time, not hang).
 """
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aurora_loop.distributed import (
+from aurora_loop.errors import UsageError
+from aurora_loop.parallel.distributed import (
     HEARTBEAT_TIMEOUT_ENV,
     INIT_TIMEOUT_ENV,
     _tasks_on_node,
@@ -33,7 +34,6 @@ from aurora_loop.distributed import (
     detect_cluster,
     distributed_arguments,
 )
-from aurora_loop.errors import UsageError
 from tests.xla_flags import FAST_COMPILE
 
 RUN_TIMEOUT_S = 240  # a hung run fails the test instead of blocking CI
@@ -60,7 +60,7 @@ def child_env(devices: int, **extra: str) -> dict[str, str]:
 
 
 def train_command(store: str, out: Path, max_steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "aurora_loop.cli", "--dataset_path", store, "--output_dir", str(out),
+    return [sys.executable, "-m", "aurora_loop.cli.train", "--dataset_path", store, "--output_dir", str(out),
             "--max_steps", str(max_steps), *TRAIN, *extra]
 
 
@@ -233,8 +233,8 @@ STOP_ON_PROCESS_1 = textwrap.dedent(
     """
     import os
     import sys
-    from aurora_loop.cli import resolve_config
-    from aurora_loop.distributed import initialize_distributed
+    from aurora_loop.cli.train import resolve_config
+    from aurora_loop.parallel.distributed import initialize_distributed
 
     config, _ = resolve_config(sys.argv[1:])
     initialize_distributed(config)
@@ -277,8 +277,8 @@ def test_stop_requested_on_one_process_stops_all(store, tmp_path):
 TIME_ON_PROCESS_0 = textwrap.dedent(
     """
     import sys
-    from aurora_loop.cli import resolve_config
-    from aurora_loop.distributed import initialize_distributed
+    from aurora_loop.cli.train import resolve_config
+    from aurora_loop.parallel.distributed import initialize_distributed
 
     config, _ = resolve_config(sys.argv[1:])
     initialize_distributed(config)
@@ -383,8 +383,8 @@ def test_dead_process_ends_the_job_with_an_error(death, store, tmp_path):
 LEAVE_ON_PROCESS_1 = textwrap.dedent(
     """
     import sys
-    from aurora_loop.cli import resolve_config
-    from aurora_loop.distributed import agree, initialize_distributed, leave_job
+    from aurora_loop.cli.train import resolve_config
+    from aurora_loop.parallel.distributed import agree, initialize_distributed, leave_job
 
     config, _ = resolve_config(sys.argv[1:])
     initialize_distributed(config)
@@ -421,7 +421,7 @@ def test_leave_job_after_a_one_sided_error_ends_the_others(tmp_path):
 
 
 def test_leave_job_is_a_plain_return_in_one_process():
-    from aurora_loop.distributed import leave_job
+    from aurora_loop.parallel.distributed import leave_job
 
     assert leave_job(2) == 2 and leave_job(0) == 0
 
@@ -528,7 +528,7 @@ def test_agreement_is_free_with_one_process(monkeypatch):
 
 
 def test_cli_reports_bad_flags_in_one_line(tmp_path, capsys):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     status = main(["--output_dir", str(tmp_path / "run"), "--num_processes", "2", "--process_id", "0"])
     err = capsys.readouterr().err.strip()

@@ -34,7 +34,7 @@ def store(tmp_path_factory):
 
 
 def command(store: str, out) -> list[str]:
-    return [sys.executable, "-m", "aurora_loop.cli", "--dataset_path", store, "--output_dir", str(out),
+    return [sys.executable, "-m", "aurora_loop.cli.train", "--dataset_path", store, "--output_dir", str(out),
             "--model", "conv", "--batch_size", "2", "--num_gpus", "1", "--levels", "500,850",
             "--max_steps", str(MAX_STEPS), "--epochs", "50", "--save_every_n_steps", "2",
             "--log_every_n_steps", "1", "--val_every_n_steps", "5", "--learning_rate", "1e-3", "--warmup_steps", "2"]

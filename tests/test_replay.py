@@ -1,4 +1,4 @@
-"""Replay-buffer roll-out fine-tuning (``--rollout_mode replay``, aurora_loop.replay)."""
+"""Replay-buffer roll-out fine-tuning (``--rollout_mode replay``, aurora_loop.weather.replay)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from aurora_loop.callbacks import Callback, ModelCheckpoint
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
-from aurora_loop.replay import ReplayConfig, empty_buffer, insert, replay_loss
-from aurora_loop.rollout import rollout_scan
 from aurora_loop.tasks.conv import ConvTask
 from aurora_loop.trainer import Trainer
+from aurora_loop.weather.replay import ReplayConfig, empty_buffer, insert, replay_loss
+from aurora_loop.weather.rollout import rollout_scan
 from tests.synthetic import make_samples
 
 STEPS = 3  # rollout_steps: targets per sample, the longest lead in the buffer

@@ -13,8 +13,8 @@ import pytest
 from aurora_loop.config import TrainingConfig, validate
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import Sample, stack_samples
-from aurora_loop.rollout import advance_history, rollout_loss
 from aurora_loop.tasks.conv import ConvTask, make_conv_task
+from aurora_loop.weather.rollout import advance_history, rollout_loss
 from tests.synthetic import make_samples
 
 

@@ -14,7 +14,7 @@ from aurora_loop.datasets.variables import VariableSelection
 from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 from aurora_loop.model.normalisation import ATMOS_STATS, SURFACE_STATS, stats_key
-from aurora_loop.stats import Moments, compute, fill_model_stats
+from aurora_loop.weather.stats import Moments, compute, fill_model_stats
 
 LEVELS = (100, 500, 850)
 TIMES = 20
@@ -124,7 +124,7 @@ def test_sample_store_statistics_have_the_reference_form(tmp_path):
 # --- the command line --------------------------------------------------------------------------
 
 def _cli(args, capsys):
-    from aurora_loop.tools import main
+    from aurora_loop.cli.tools import main
 
     code = main(["stats", *map(str, args)])
     captured = capsys.readouterr()
@@ -263,7 +263,7 @@ def test_stats_keys_follow_the_reference():
     (["--stats", "{missing}"], "--stats {missing} does not exist"),
 ])
 def test_aurora_train_refuses_a_variable_without_statistics(small, tmp_path, capsys, extra, message):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     missing = str(tmp_path / "none.json")
     args = ["--dataset_path", small[0], "--variable_map", "total_precipitation=tp", "--surf_vars", "2t,tp", "--static_vars", "lsm,z",

@@ -11,8 +11,8 @@ from aurora_loop.callbacks import Callback
 from aurora_loop.data import ArrayLoader
 from aurora_loop.errors import UsageError
 from aurora_loop.model.batch import stack_samples
+from aurora_loop.optim import learning_rate_schedule, make_optimizer
 from aurora_loop.parallel import make_mesh
-from aurora_loop.step import learning_rate_schedule, make_optimizer
 from aurora_loop.tasks.conv import ConvTask
 from aurora_loop.trainer import Trainer
 from tests.synthetic import make_samples
@@ -44,8 +44,10 @@ def test_one_and_four_devices_agree(rollout_steps):
     losses_4, params_4 = train_on(4, rollout_steps)
     assert len(losses_1) == 3
     np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
+    # Adam divides by the root of the squared gradients, so a float32 rounding difference from
+    # the devices' reduction order can grow to ~1e-5 relative in a parameter after 3 steps.
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b, a, rtol=5e-5, atol=1e-7)
     # The parameters really moved: the comparison is not between two initialisations.
     assert losses_1[-1] != losses_1[0]
 

@@ -204,7 +204,7 @@ def test_every_n_minutes_saves_by_wall_clock_and_resumes_exactly(tmp_path, unint
 
 
 def test_aurora_train_wires_both_settings(tmp_path):
-    from aurora_loop.cli import default_callbacks
+    from aurora_loop.cli.train import default_callbacks
     from aurora_loop.config import TrainingConfig
 
     config = TrainingConfig(output_dir=str(tmp_path), max_time="01:00:00", save_every_n_minutes=30.0)
@@ -227,7 +227,7 @@ def test_aurora_train_max_time(tmp_path):
     store = str(tmp_path / "sample.zarr")
     write_sample_store(store, grid=(16, 32), times=40, levels=(500, 850))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "aurora_loop.cli", "--dataset_path", store, "--output_dir", str(out), "--model", "conv",
+    command = [sys.executable, "-m", "aurora_loop.cli.train", "--dataset_path", store, "--output_dir", str(out), "--model", "conv",
                "--batch_size", "2", "--num_gpus", "1", "--levels", "500,850", "--log_every_n_steps", "50",
                "--epochs", "1000", "--max_time", "00:00:30", "--save_every_n_minutes", "10"]
     started = time.monotonic()

@@ -11,15 +11,15 @@ import optax
 import pytest
 
 from aurora_loop.callbacks import ModelCheckpoint
-from aurora_loop.checkpoint_weights import restore_state_weights
+from aurora_loop.cli.export_checkpoint import export
 from aurora_loop.data import ArrayLoader
 from aurora_loop.errors import UsageError
+from aurora_loop.inference.runs import restore_state_weights
 from aurora_loop.model.batch import stack_samples
+from aurora_loop.optim import ParamGroups, learning_rate_schedule, make_optimizer, matches
 from aurora_loop.parallel import make_mesh
-from aurora_loop.param_groups import ParamGroups, matches
-from aurora_loop.step import StepOptions, TrainState, _train_step_fn, cast_floating, learning_rate_schedule, make_optimizer
+from aurora_loop.step import StepOptions, TrainState, _train_step_fn, cast_floating
 from aurora_loop.tasks.conv import ConvTask
-from aurora_loop.tools.export_checkpoint import export
 from aurora_loop.trainer import Trainer
 from tests.synthetic import make_samples
 
@@ -88,7 +88,7 @@ def test_a_run_with_accumulation_resumes_exactly_between_updates(tmp_path):
 
 
 def test_accumulation_is_refused_with_replay(tmp_path):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     assert main(["--rollout_mode", "replay", "--rollout_steps", "2", "--accumulate_grad_batches", "2",
                  "--output_dir", str(tmp_path / "a")]) == 2
@@ -146,7 +146,7 @@ def test_a_pattern_that_matches_nothing_is_refused():
 
 
 def test_print_param_groups_lists_every_parameter_and_exits(tmp_path, capsys):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     out = tmp_path / "run"
     code = main(["--model", "tiny", "--batch_size", "4", "--output_dir", str(out), "--print_param_groups", "--freeze", r"encoder\..*",
@@ -246,7 +246,7 @@ def test_bf16_params_take_the_gradient_at_bfloat16_weights_and_update_float32_ma
 
 
 def test_precision_and_bf16_flags_are_checked(tmp_path):
-    from aurora_loop.cli import main
+    from aurora_loop.cli.train import main
 
     assert main(["--precision", "fp16", "--output_dir", str(tmp_path / "a")]) == 2
     assert main(["--bf16", "--precision", "bf16-params", "--output_dir", str(tmp_path / "b")]) == 2
@@ -256,7 +256,7 @@ def test_precision_and_bf16_flags_are_checked(tmp_path):
 def test_a_run_recorded_before_these_settings_existed_still_resumes(tmp_path):
     import json
 
-    from aurora_loop.cli import check_output_dir
+    from aurora_loop.cli.train import check_output_dir
     from aurora_loop.config import TrainingConfig
 
     config = TrainingConfig(output_dir=str(tmp_path))

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora_loop.cli import main
-from aurora_loop.losses import WeightedCRPS, WeightedMAE
+from aurora_loop.cli.train import main
 from aurora_loop.model.batch import Batch, Metadata, Sample
-from aurora_loop.rollout import rollout_loss, rollout_scan
+from aurora_loop.weather.losses import WeightedCRPS, WeightedMAE
+from aurora_loop.weather.rollout import rollout_loss, rollout_scan
 from tests.test_multiprocess import LAUNCHER_VARS
 from tests.xla_flags import FAST_COMPILE
 
@@ -102,7 +102,7 @@ def test_the_ensemble_trains_with_crps_on_sampled_lead_times_over_two_devices(ho
     # A subprocess, so that XLA's slow optimisations can be turned off (as the scenario matrix does).
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", XLA_FLAGS=FAST_COMPILE)
-    proc = subprocess.run([sys.executable, "-m", "aurora_loop.cli", "--model", "v1p5_ensemble_tiny", "--dataset_path", hourly_store,
+    proc = subprocess.run([sys.executable, "-m", "aurora_loop.cli.train", "--model", "v1p5_ensemble_tiny", "--dataset_path", hourly_store,
                            "--output_dir", out, "--lead_times", "1,3,6", "--ensemble_members", "2", "--rollout_steps", "2",
                            "--batch_size", "2", "--num_gpus", "2", "--max_steps", "3", "--val_every_n_steps", "3",
                            "--log_every_n_steps", "1", "--learning_rate", "1e-3"], capture_output=True, text=True, env=env, timeout=600)

@@ -50,7 +50,7 @@ class ExtendError(CheckpointError):
 
 
 def dotted(path: tuple[str, ...]) -> str:
-    """A parameter path as ``aurora_loop.param_groups.param_path`` prints it."""
+    """A parameter path as ``aurora_loop.optim.param_path`` prints it."""
     return ".".join(path)
 
 

@@ -6,7 +6,7 @@ roll-out step's lead, and predictions are clipped (``rollout_input_clipping``) b
 are fed back. The ensemble model trains as its own task (:mod:`aurora_loop.tasks.aurora_ensemble`).
 
 The loss is the Aurora paper's weighted mean absolute error on *normalised* variables
-(:mod:`aurora_loop.losses`; its weights, ``gamma`` and latitude weighting are settings).
+(:mod:`aurora_loop.weather.losses`; its weights, ``gamma`` and latitude weighting are settings).
 Validation reports that loss as ``loss`` plus latitude-weighted ``mae/<var>`` and
 ``rmse/<var>`` in physical units.
 """
@@ -23,17 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora_loop.errors import UsageError
-from aurora_loop.losses import WeightedMAE
-from aurora_loop.metrics import MeanMetrics, weather_errors
 from aurora_loop.model.aurora import apply, clip_rollout_inputs, init_params
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.model.checkpoint import CheckpointError, load_config
 from aurora_loop.model.config import AuroraConfig
 from aurora_loop.model.extend import extended_variables
 from aurora_loop.model.posenc import KnownGrid
-from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
-from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
+from aurora_loop.weather.losses import WeightedMAE
+from aurora_loop.weather.metrics import MeanMetrics, weather_errors
+from aurora_loop.weather.replay import ReplayConfig, ReplayTraining, replay_config
+from aurora_loop.weather.rollout import rollout_loss, rollout_scan
 
 
 def _overlay(fresh: Any, loaded: Any) -> Any:
@@ -44,8 +44,8 @@ def _overlay(fresh: Any, loaded: Any) -> Any:
 
 
 def _dotted_leaves(tree: Any) -> list[str]:
-    """The dotted paths of a tree's leaves (``aurora_loop.param_groups.param_path``)."""
-    from aurora_loop.param_groups import param_path
+    """The dotted paths of a tree's leaves (``aurora_loop.optim.param_path``)."""
+    from aurora_loop.optim import param_path
 
     return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -65,10 +65,10 @@ class AuroraTask(ReplayTraining):
       pretrained: part name -> orbax directory (``encoder`` / ``backbone`` / ``decoder``)
         to start from; parts not given are freshly initialised.
       loss: the training loss (default: the paper's weights, :class:`WeightedMAE`).
-      rollout_mode: ``full`` or ``pushforward`` (:func:`aurora_loop.rollout.rollout_loss`;
+      rollout_mode: ``full`` or ``pushforward`` (:func:`aurora_loop.weather.rollout.rollout_loss`;
         with ``config.remat`` and several steps, ``full`` also keeps only each step's input
         for the backward pass; one step relies on the per-block remat alone, since an outer
-        checkpoint would only add a forward pass), or ``replay`` (:mod:`aurora_loop.replay`, with ``replay``).
+        checkpoint would only add a forward pass), or ``replay`` (:mod:`aurora_loop.weather.replay`, with ``replay``).
       new_weights_init: ``zero`` or ``default``: what the slices of variables the pretrained
         model lacks start from (:func:`aurora_loop.model.extend.adapt_pretrained`).
       pretrained_config: the pretrained model's config (default: the ``config.json`` beside
@@ -320,7 +320,7 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
     UsageError naming it."""
 
     def with_stats(model: AuroraConfig) -> AuroraConfig:
-        from aurora_loop.stats import fill_model_stats, store_levels
+        from aurora_loop.weather.stats import fill_model_stats, store_levels
 
         levels = getattr(config, "levels", None) or ()
         levels = tuple(v for v in (levels.split(",") if isinstance(levels, str) else levels) if str(v).strip())

@@ -5,7 +5,7 @@ conditioning; what it learns is a distribution, so it trains on an ensemble scor
 than on the error of one forecast. Every example is forecast ``--ensemble_members M`` times
 with independent noise (members sit next to their example in the batch, so they are split
 over the mesh exactly like the examples), and the loss is the paper's variable weighting
-applied to the fair CRPS over the members (:class:`aurora_loop.losses.WeightedCRPS`), which
+applied to the fair CRPS over the members (:class:`aurora_loop.weather.losses.WeightedCRPS`), which
 for M identical members is the deterministic model's weighted MAE. Fresh noise is drawn for
 every roll-out step, as the reference's roll-out does once its accumulation window is one
 main step.
@@ -24,14 +24,14 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from aurora_loop.crps import MSE_OF_MEAN, SPREAD_VAR, ensemble_scores, spread_skill_ratios
 from aurora_loop.errors import UsageError
-from aurora_loop.losses import WeightedCRPS
-from aurora_loop.metrics import MeanMetrics, per_field, weather_errors
 from aurora_loop.model.batch import Batch, Sample
-from aurora_loop.rollout import rollout_scan
 from aurora_loop.task import register_task
 from aurora_loop.tasks.aurora import AuroraTask, build_aurora_task
+from aurora_loop.weather.crps import MSE_OF_MEAN, SPREAD_VAR, ensemble_scores, spread_skill_ratios
+from aurora_loop.weather.losses import WeightedCRPS
+from aurora_loop.weather.metrics import MeanMetrics, per_field, weather_errors
+from aurora_loop.weather.rollout import rollout_scan
 
 _MEMBERS_KEY = "ensemble_members"
 
@@ -39,7 +39,7 @@ _MEMBERS_KEY = "ensemble_members"
 @flax.struct.dataclass
 class EnsembleMetrics(MeanMetrics):
     """:class:`MeanMetrics` whose report turns the merged spread and skill means into
-    ``spread_skill/<field>`` (:func:`aurora_loop.crps.spread_skill_ratios`)."""
+    ``spread_skill/<field>`` (:func:`aurora_loop.weather.crps.spread_skill_ratios`)."""
 
     def compute(self) -> dict:
         out = super().compute()

@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aurora_loop.metrics import MeanMetrics, weather_errors
 from aurora_loop.model.batch import Batch, Sample
-from aurora_loop.replay import ReplayConfig, ReplayTraining, replay_config
-from aurora_loop.rollout import rollout_loss, rollout_scan
 from aurora_loop.task import register_task
+from aurora_loop.weather.metrics import MeanMetrics, weather_errors
+from aurora_loop.weather.replay import ReplayConfig, ReplayTraining, replay_config
+from aurora_loop.weather.rollout import rollout_loss, rollout_scan
 
 
 def _stack_fields(batch: Batch) -> jax.Array:
@@ -67,8 +67,8 @@ class ConvNet(nn.Module):
 class ConvTask(ReplayTraining):
     """The ``conv`` baseline implementing the Task protocol on ``Sample`` batches.
 
-    ``rollout_mode``: ``full`` or ``pushforward`` (:func:`aurora_loop.rollout.rollout_loss`),
-    or ``replay`` with ``replay`` settings (:mod:`aurora_loop.replay`).
+    ``rollout_mode``: ``full`` or ``pushforward`` (:func:`aurora_loop.weather.rollout.rollout_loss`),
+    or ``replay`` with ``replay`` settings (:mod:`aurora_loop.weather.replay`).
     """
 
     name = "conv"

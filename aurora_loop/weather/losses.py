@@ -26,9 +26,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from aurora_loop.crps import fair_crps
-from aurora_loop.metrics import latitude_weights
 from aurora_loop.model.batch import Batch
+from aurora_loop.weather.crps import fair_crps
+from aurora_loop.weather.metrics import latitude_weights
 
 PAPER_SURFACE_WEIGHTS = {"2t": 3.0, "10u": 0.77, "10v": 0.66, "msl": 1.5}
 PAPER_ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}

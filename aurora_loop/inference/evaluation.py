@@ -50,8 +50,8 @@ SMOOTHING_DAYS = 15
 def area_weights(lat: Any) -> np.ndarray:
     """WB2 area weights of latitude rows (degrees, either order, the grid may be cropped):
     the area of each row's band between midpoints, normalised to mean 1. Shape (h,), float64.
-    Wraps :func:`aurora_loop.metrics.latitude_weights`."""
-    from aurora_loop.metrics import latitude_weights
+    Wraps :func:`aurora_loop.weather.metrics.latitude_weights`."""
+    from aurora_loop.weather.metrics import latitude_weights
 
     weights = np.asarray(latitude_weights(np.asarray(lat, np.float64)), np.float64)
     return weights / weights.mean()
@@ -96,7 +96,7 @@ def acc(forecast: np.ndarray, truth: np.ndarray, climatology: np.ndarray, weight
 
 
 def ensemble_crps(members: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Fair CRPS of an ensemble (as :func:`aurora_loop.crps.fair_crps`, WB2's ``CRPS`` with the
+    """Fair CRPS of an ensemble (as :func:`aurora_loop.weather.crps.fair_crps`, WB2's ``CRPS`` with the
     unbiased spread term): members (M, I, ..., h, w), truth (I, ..., h, w) -> (...) per lead,
     mean over init times of the area-weighted mean, in the variable's units."""
     m = members.shape[0]
@@ -109,7 +109,7 @@ def ensemble_crps(members: np.ndarray, truth: np.ndarray, weights: np.ndarray) -
 
 def spread_skill_ratio(members: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sqrt((M + 1) / M) * sqrt(mean ensemble variance / mean squared error of the ensemble
-    mean): 1 for a calibrated ensemble (:func:`aurora_loop.crps.spread_skill_ratio`)."""
+    mean): 1 for a calibrated ensemble (:func:`aurora_loop.weather.crps.spread_skill_ratio`)."""
     m = members.shape[0]
     variance = _mean_over_inits(spatial_mean(np.var(members, axis=0, ddof=1), weights))[0]
     mse = _mean_over_inits(spatial_mean((members.mean(axis=0) - truth) ** 2, weights))[0]

@@ -1,4 +1,4 @@
-"""Write an :class:`aurora_loop.evaluation.Evaluation` out: CSV/JSON tables, PNG plots, a printed table.
+"""Write an :class:`aurora_loop.inference.evaluation.Evaluation` out: CSV/JSON tables, PNG plots, a printed table.
 
 Files written into the report directory:
 
@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from aurora_loop.errors import UsageError
-from aurora_loop.evaluation import ENSEMBLE_METRICS, Evaluation
+from aurora_loop.inference.evaluation import ENSEMBLE_METRICS, Evaluation
 
 COLUMNS = ("model", "variable", "level", "units", "lead_hours", "rmse", "bias", "acc", "count")
 STYLES = {"persistence": dict(linestyle="--", marker="s", color="tab:gray"), "climatology": dict(linestyle=":", marker="^", color="tab:green")}

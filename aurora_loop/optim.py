@@ -1,4 +1,6 @@
-"""Parameter groups: which parameters train, and at what multiple of the learning rate.
+"""The optimizer: AdamW with its learning-rate schedule, gradient clipping and parameter groups.
+
+Parameter groups say which parameters train, and at what multiple of the learning rate.
 
 A parameter is named by its dotted path, e.g. ``backbone.encoder_layers_0.blocks_1.attn.qkv.kernel``.
 Patterns (Python regular expressions) match a path in full or a whole subtree of it, and
@@ -20,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import optax
 
 from aurora_loop.errors import UsageError
 
@@ -146,3 +149,64 @@ def format_group_table(rows: Sequence[tuple[str, str, tuple[int, ...], int]], no
     for group, (tensors, count) in sorted(totals.items()):
         lines.append(f"group {group}: {tensors} tensors, {count:,} parameters")
     return "\n".join(lines)
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak``, then cosine decay to ``peak / 10`` at ``total_steps``.
+
+    (The Aurora paper's pre-training schedule shape.) With fewer total steps than warm-up
+    steps, the warm-up is shortened to half the run.
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(int(warmup_steps), total_steps // 2)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=peak / 10,
+    )
+
+
+def is_lora_param(path: tuple) -> bool:
+    """Whether a parameter's key path names a LoRA weight (Aurora's ``lora_qkv`` /
+    ``lora_proj`` modules hold ``lora_A`` / ``lora_B``): the path contains "lora"."""
+    return "lora" in jax.tree_util.keystr(path).lower()
+
+
+def make_optimizer(
+    schedule: optax.Schedule | float,
+    weight_decay: float = 0.0,
+    grad_clip_norm: float | None = None,
+    trainable: Callable[[tuple], bool] | None = None,
+    groups: ParamGroups | None = None,
+) -> optax.GradientTransformation:
+    """AdamW on ``schedule``, optionally after clipping gradients to a global norm.
+
+    ``groups`` (:class:`aurora_loop.optim.ParamGroups`; or just ``trainable(key_path)
+    -> bool``, e.g. :func:`is_lora_param` for ``--lora_only``): frozen parameters get zero
+    updates and keep no Adam state (``optax.multi_transform`` with ``set_to_zero``), and
+    clipping sees only the others' gradients; a group with a learning-rate factor runs its
+    own AdamW on ``factor x schedule`` (same weight decay, same step count).
+    """
+    groups = groups if groups is not None else ParamGroups(trainable=trainable)
+    clip = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm is not None else []
+    if groups.trivial:
+        return optax.chain(*clip, optax.adamw(schedule, weight_decay=weight_decay))
+
+    def scaled(factor: float) -> optax.Schedule | float:
+        if factor == 1:
+            return schedule
+        return (lambda count: factor * schedule(count)) if callable(schedule) else factor * schedule
+
+    if groups.has_multipliers:
+        by_factor = {label: optax.adamw(scaled(f), weight_decay=weight_decay) for label, f in groups.factors().items()}
+        inner = optax.multi_transform(by_factor, groups.labels)
+    else:
+        inner = optax.adamw(schedule, weight_decay=weight_decay)
+
+    def labels(params: Any) -> Any:
+        groups.check(params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: "train" if groups.is_trainable(path) else "frozen", params)
+
+    return optax.multi_transform({"train": optax.chain(*clip, inner), "frozen": optax.set_to_zero()}, labels)

@@ -13,10 +13,10 @@ Conventions (shared by every function here):
   example latitude weights ``latitude_weights(lat)[:, None]`` of shape (H, 1) for a field
   (H, W), (C, H, W) or (T, H, W). The spatial mean is ``sum(w * f) / sum(w)`` over the field
   (``w`` broadcast to it), so the weights are normalised to average 1 over the grid; with
-  weights that already average 1 (:func:`aurora_loop.metrics.latitude_weights`) this is
-  exactly ``mean(w * f)``, :func:`aurora_loop.metrics.weather_errors`' weighting.
+  weights that already average 1 (:func:`aurora_loop.weather.metrics.latitude_weights`) this is
+  exactly ``mean(w * f)``, :func:`aurora_loop.weather.metrics.weather_errors`' weighting.
 - Every score is per example: shape (B,), to be averaged over examples by
-  :class:`aurora_loop.metrics.MeanMetrics`.
+  :class:`aurora_loop.weather.metrics.MeanMetrics`.
 
 Everything is computed on the errors ``x_m - y``: CRPS, variance and the pairwise
 differences are shift invariant, and errors are small numbers where the raw values are not
@@ -31,7 +31,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from aurora_loop.metrics import _level_label, latitude_weights
+from aurora_loop.weather.metrics import _level_label, latitude_weights
 
 Array = Any  # jax or numpy array
 
@@ -218,13 +218,13 @@ def ensemble_scores(
     ``members[name]``: (M, B, H, W) for a surface field, (M, B, C, H, W) for an atmospheric
     one; ``target[name]``: the same without M. Both dicts have the same names.
     ``levels``: the C pressure levels (hPa) of the atmospheric fields; each level is scored
-    as its own field named like :func:`aurora_loop.metrics.weather_errors` names it
+    as its own field named like :func:`aurora_loop.weather.metrics.weather_errors` names it
     (``z`` at 500 -> ``z500``, so ``crps/z500`` sits next to ``mae/z500``). With ``levels``,
     a target of 3 dims is a surface field and one of 4 dims is atmospheric (C must equal
     ``len(levels)``); without ``levels`` every field is scored whole, under its own name
     (use that for fields already split per level, or with a time axis).
     ``weights``: broadcastable to (H, W), e.g. ``latitude_weights(lat)[:, None]``; or pass
-    ``lat`` (degrees, (H,)) to use :func:`aurora_loop.metrics.latitude_weights`, as
+    ``lat`` (degrees, (H,)) to use :func:`aurora_loop.weather.metrics.latitude_weights`, as
     ``weather_errors`` does. Neither: unweighted.
 
     Returns (B,) arrays ``crps/<name>`` (:func:`fair_crps`, field units),

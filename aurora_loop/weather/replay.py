@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from aurora_loop.model.batch import Batch, Sample
-from aurora_loop.rollout import Predictor, StepLoss, advance_history
+from aurora_loop.weather.rollout import Predictor, StepLoss, advance_history
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,7 @@ def replay_loss(
 
     ``fresh``: this step's dataset batch, inserted before drawing, or ``None``.
     ``feed_back``: what a prediction becomes before it is stored as the next input
-    (:data:`aurora_loop.rollout.FeedBack`; ``None``: itself).
+    (:data:`aurora_loop.weather.rollout.FeedBack`; ``None``: itself).
     ``metrics``: ``replay_lead`` (the lead in steps of the scored prediction, 1..K) and
     ``replay_slots_used`` (non-empty slots after the step).
     """
@@ -189,7 +189,7 @@ class ReplayTraining:
 
     @property
     def _stateless_mode(self) -> str:
-        """The :func:`aurora_loop.rollout.rollout_loss` mode of the stateless ``loss``: replay
+        """The :func:`aurora_loop.weather.rollout.rollout_loss` mode of the stateless ``loss``: replay
         mode trains through ``stateful_loss``; scored statelessly it is pushforward."""
         return "pushforward" if self.rollout_mode == "replay" else self.rollout_mode
 

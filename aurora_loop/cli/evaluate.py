@@ -3,7 +3,7 @@
 Latitude-weighted RMSE, bias and ACC per variable, level and lead time, for the forecast and
 the baselines (persistence, climatology); ``REPORT_DIR/scores.csv`` and ``scores.json``,
 PNG plots (score vs lead time; error maps at chosen lead times), and a compact table on
-stdout. Definitions and the climatology: :mod:`aurora_loop.evaluation`.
+stdout. Definitions and the climatology: :mod:`aurora_loop.inference.evaluation`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _numbers(text: str | None, flag: str, kind: type) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aurora_loop.evaluation import evaluate
-    from aurora_loop.evaluation_report import lead_indices_for, plot_error_maps, plot_scores, print_table, write_tables
+    from aurora_loop.inference.evaluation import evaluate
+    from aurora_loop.inference.report import lead_indices_for, plot_error_maps, plot_scores, print_table, write_tables
 
     period = _list(args.climatology_period)
     if period and len(period) != 2:

@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from aurora_loop.checkpoint_weights import WEIGHT_CHOICES, WEIGHTS_HELP
 from aurora_loop.errors import UsageError
+from aurora_loop.inference.runs import WEIGHT_CHOICES, WEIGHTS_HELP
 
 PARTS = ("encoder", "backbone", "decoder")
 FORMATS = ("orbax", "torch", "safetensors", "npz")
@@ -126,8 +126,8 @@ def choose_step(checkpoint_dir: str, wanted: str) -> int:
 
 def read_params(state_dir: str, weights: str = "auto") -> Any:
     """The weights of a saved TrainState as numpy arrays (any device count): its moving
-    average when it kept one, unless ``weights`` is ``raw`` (:mod:`aurora_loop.checkpoint_weights`)."""
-    from aurora_loop.checkpoint_weights import restore_state_weights
+    average when it kept one, unless ``weights`` is ``raw`` (:mod:`aurora_loop.inference.runs`)."""
+    from aurora_loop.inference.runs import restore_state_weights
 
     return restore_state_weights(state_dir, weights)[0]
 
@@ -174,7 +174,7 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False, we
         raise UsageError(f"--out {out} exists and is not empty; choose a new directory or pass --force to replace it")
     chosen = choose_step(checkpoint_dir, step)
     step_dir = os.path.join(checkpoint_dir, str(chosen))
-    from aurora_loop.checkpoint_weights import restore_state_weights
+    from aurora_loop.inference.runs import restore_state_weights
 
     params, weights_read = restore_state_weights(os.path.join(step_dir, "state"), weights)
     parts, split = split_params(params)
@@ -280,7 +280,7 @@ def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", fo
                       weights: str = "auto") -> dict[str, Any]:
     """Write the reference's state dict of a run's checkpoint to ``out`` in ``fmt`` (torch,
     safetensors or npz) and its ``aurora.Aurora`` keyword arguments to ``out + ".json"``."""
-    from aurora_loop.checkpoint_weights import restore_state_weights
+    from aurora_loop.inference.runs import restore_state_weights
     from aurora_loop.model.checkpoint import CheckpointError
     from aurora_loop.model.config import AuroraConfig
     from aurora_loop.model.reference_export import (

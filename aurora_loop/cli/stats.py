@@ -47,7 +47,7 @@ def _variable_map(text: str | None) -> dict[str, str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from aurora_loop.datasets.build import selection_from_config
-    from aurora_loop.stats import compute, write_json
+    from aurora_loop.weather.stats import compute, write_json
 
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out} exists; choose another --out or pass --overwrite")

@@ -28,8 +28,8 @@ from aurora_loop.config import (
     load_config_file,
     validate,
 )
-from aurora_loop.distributed import barrier, leave_job
 from aurora_loop.errors import UsageError, report_usage_error
+from aurora_loop.parallel.distributed import barrier, leave_job
 
 PROG = "aurora-train"
 
@@ -154,7 +154,7 @@ def inherit_schedule(config: TrainingConfig, resume: bool) -> TrainingConfig:
     if config.lr_schedule_steps is not None or not resume:
         return config
     out = os.path.abspath(config.output_dir)
-    from aurora_loop.tools.export_checkpoint import checkpoint_steps
+    from aurora_loop.cli.export_checkpoint import checkpoint_steps
 
     if not checkpoint_steps(os.path.join(out, "checkpoints")):
         return config
@@ -269,7 +269,7 @@ def _print_param_groups(task: Any, train_loader: Any, groups: Any) -> int:
     """``--print_param_groups``: the parameter table of ``task`` on the data's shapes."""
     import jax
 
-    from aurora_loop.param_groups import format_group_table, group_table
+    from aurora_loop.optim import format_group_table, group_table
     from aurora_loop.trainer import _example_batch
 
     example = _example_batch(train_loader)
@@ -293,7 +293,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     """
     requested = config
     _use_cpu_devices(config)
-    from aurora_loop.distributed import initialize_distributed
+    from aurora_loop.parallel.distributed import initialize_distributed
 
     initialize_distributed(config)  # before anything touches devices
     from aurora_loop.compile_cache import enable_compile_cache
@@ -303,10 +303,9 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     import numpy as np
 
     from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
+    from aurora_loop.optim import ParamGroups, is_lora_param, learning_rate_schedule, make_optimizer
     from aurora_loop.parallel import check_batch_divisible, make_mesh
-    from aurora_loop.param_groups import ParamGroups
     from aurora_loop.plugins import load_callbacks
-    from aurora_loop.step import is_lora_param, learning_rate_schedule, make_optimizer
     from aurora_loop.task import available_tasks, make_task
     from aurora_loop.trainer import Trainer
 

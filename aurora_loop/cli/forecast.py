@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from aurora_loop.checkpoint_weights import WEIGHT_CHOICES, WEIGHTS_HELP
 from aurora_loop.errors import UsageError
+from aurora_loop.inference.runs import WEIGHT_CHOICES, WEIGHTS_HELP
 
 #: TrainingConfig fields the flags may override (for checkpoints without a training config).
 OVERRIDES = ("surf_vars", "static_vars", "atmos_vars", "levels", "timestep_hours")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--ensemble_members must be at least 1, got {args.ensemble_members}")
     if args.seed < 0:
         raise UsageError(f"--seed must be at least 0, got {args.seed}")
-    from aurora_loop.forecast import parse_fine_lead_times
+    from aurora_loop.inference.forecast import parse_fine_lead_times
 
     parse_fine_lead_times(args.fine_lead_times)  # a bad list fails before anything loads
     if os.path.exists(args.out) and not args.overwrite:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from aurora_loop.compile_cache import enable_compile_cache
 
     enable_compile_cache(args.compile_cache)
-    from aurora_loop.forecast import forecast_from_checkpoint
+    from aurora_loop.inference.forecast import forecast_from_checkpoint
 
     result = forecast_from_checkpoint(
         checkpoint=args.checkpoint,

@@ -220,13 +220,13 @@ def load_model(resolved: tuple[Any, str, str, int | None], example: Any, weights
     ``example``: a Sample of the data to forecast (b >= 1), used to build the task's abstract
     parameters (``jax.eval_shape`` of ``task.init``), which the checkpoint must match.
     ``weights``: of a training checkpoint, the moving average or the trained weights
-    (:mod:`aurora_loop.checkpoint_weights`; an export holds the ones it was made with).
+    (:mod:`aurora_loop.inference.runs`; an export holds the ones it was made with).
     ``task``: the task, when already built (:func:`build_task`); default: built from the
     resolved config.
     """
     import jax
 
-    from aurora_loop.checkpoint_weights import restore_state_weights
+    from aurora_loop.inference.runs import restore_state_weights
 
     config, layout, where, step = resolved
     task = build_task(config) if task is None else task

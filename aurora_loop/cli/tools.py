@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.print_help()
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(f"aurora_loop.tools.{SUBCOMMANDS[argv[0]][0]}")
+    module = importlib.import_module(f"aurora_loop.cli.{SUBCOMMANDS[argv[0]][0]}")
     parser = argparse.ArgumentParser(prog=f"aurora-loop {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
     module.register(parser)
     args = parser.parse_args(argv[1:])
