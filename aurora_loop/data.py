@@ -15,6 +15,15 @@ import jax
 import numpy as np
 
 
+class _RepeatBatch:
+    def __repr__(self) -> str:
+        return "REPEAT_BATCH"
+
+
+REPEAT_BATCH = _RepeatBatch()
+"""Yielded by a loader in place of a batch: train on the previous batch again."""
+
+
 @runtime_checkable
 class Loader(Protocol):
     """Epoch-based, resumable iteration over process-local batches.
@@ -33,6 +42,10 @@ class Loader(Protocol):
     Optional: ``example_batch()`` returns one batch shaped like every batch without moving
     the position (the trainer builds the state from it; without it the trainer reads the
     first batch of epoch 0 and resets the epoch).
+
+    A loader may yield :data:`REPEAT_BATCH` instead of a batch: the step trains on the batch
+    before it again, which is not placed on the devices again (a task that takes several
+    steps per dataset batch wraps its loader so, see ``Task.train_loader``).
     """
 
     def set_epoch(self, epoch: int) -> None: ...
@@ -44,6 +57,22 @@ class Loader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def example_batch(loader: Any) -> Any:
+    """One process-local batch shaped like all of ``loader``'s, without moving its position:
+    the loader's own ``example_batch()`` when it has one (a prefetching loader reads just
+    that batch), else the first batch of epoch 0."""
+    if callable(getattr(loader, "example_batch", None)):
+        return loader.example_batch()
+    loader.set_epoch(0)
+    iterator = iter(loader)
+    try:
+        return next(iterator)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+        loader.set_epoch(0)
 
 
 class ArrayLoader:

@@ -151,19 +151,10 @@ def make_train_step(
     whatever the task's loss reports.
 
     With ``options.accumulate = N > 1`` the batch is N micro-batches as one
-    :class:`aurora_loop.accumulation.MicroBatches` (``batch_sharding`` likewise). With ``batch_sharding=None`` the
-    step takes no batch (``train_step(state)``): for a stateful task's steps between dataset
-    batches (``task.batch_every > 1``).
+    :class:`aurora_loop.accumulation.MicroBatches` (``batch_sharding`` likewise).
     """
     step_fn = _train_step_fn(task, optimizer, trainable, options, state_sharding.params)
     metric_sharding = NamedSharding(mesh, PartitionSpec())
-    if batch_sharding is None:
-        return jax.jit(
-            lambda state: step_fn(state, None),
-            in_shardings=(state_sharding,),
-            out_shardings=(state_sharding, metric_sharding),
-            donate_argnums=(0,),
-        )
     return jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding),
@@ -172,7 +163,7 @@ def make_train_step(
     )
 
 
-def _loss_and_grads(task: Task, params: Any, task_state: Any, batch: Any, rng: jax.Array, compute_dtype: Any):
+def _loss_and_grads(task: Task, params: Any, task_state: Any, batch: Any, rng: jax.Array, compute_dtype: Any, step: jax.Array | None):
     """((loss, task metrics, next task state), gradients as float32-or-params' dtype) of one batch.
 
     With ``compute_dtype`` the gradient is taken with respect to the cast parameters (so it,
@@ -183,7 +174,7 @@ def _loss_and_grads(task: Task, params: Any, task_state: Any, batch: Any, rng: j
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(compute_params, batch, rng)
     else:
         stateful = jax.value_and_grad(task.stateful_loss, has_aux=True)
-        (loss, (metrics, task_state)), grads = stateful(compute_params, task_state, batch, rng)
+        (loss, (metrics, task_state)), grads = stateful(compute_params, task_state, batch, rng, step)
     if compute_dtype is not None:
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return (loss, metrics, task_state), grads
@@ -202,7 +193,7 @@ def _accumulated_loss_and_grads(task: Task, params: Any, micro_batches: MicroBat
     def body(carry, xs):
         index, slices = xs
         batch = micro_batches.micro_batch(slices)
-        (loss, metrics, _), grads = _loss_and_grads(task, params, None, batch, jax.random.fold_in(rng, index), options.compute_dtype)
+        (loss, metrics, _), grads = _loss_and_grads(task, params, None, batch, jax.random.fold_in(rng, index), options.compute_dtype, None)
         grads = jax.lax.with_sharding_constraint(grads, param_sharding)
         total_loss, total_metrics, total_grads = carry
         return (total_loss + loss, jax.tree.map(jnp.add, total_metrics, metrics),
@@ -219,7 +210,7 @@ def _accumulated_loss_and_grads(task: Task, params: Any, micro_batches: MicroBat
 def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainable: Callable[[tuple], bool] | None = None,
                    options: StepOptions = StepOptions(), param_sharding: Any = None):
     """The pure step. A task with a state (``TrainState.task_state`` not ``None``) is scored
-    by ``task.stateful_loss(params, task_state, batch, rng)``, which also returns the next
+    by ``task.stateful_loss(params, task_state, batch, rng, step)``, which also returns the next
     task state; every other task by ``task.loss(params, batch, rng)``."""
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -227,7 +218,7 @@ def _train_step_fn(task: Task, optimizer: optax.GradientTransformation, trainabl
         if options.accumulate > 1:
             (loss, task_metrics, task_state), grads = _accumulated_loss_and_grads(task, state.params, batch, rng, options, param_sharding)
         else:
-            (loss, task_metrics, task_state), grads = _loss_and_grads(task, state.params, state.task_state, batch, rng, options.compute_dtype)
+            (loss, task_metrics, task_state), grads = _loss_and_grads(task, state.params, state.task_state, batch, rng, options.compute_dtype, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         watched = grads if trainable is None else _trainable_leaves(grads, trainable)

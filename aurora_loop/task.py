@@ -43,12 +43,16 @@ class Task(Protocol):
       tasks a Sample: a Batch shaped like ``batch.targets``, one time step per roll-out
       step). Callbacks that show forecasts (TensorBoardLogger's validation maps) use it
       when present, jitted on one device.
+    - ``train_loader(loader) -> Loader``: the training loader the trainer iterates, built
+      from the one it was given (e.g. one that yields each batch and then
+      :data:`aurora_loop.data.REPEAT_BATCH` for a task that trains several steps per batch).
+      Steps, epochs and checkpoints count what it yields.
     - A stateful task (e.g. replay mode, :class:`aurora_loop.weather.replay.ReplayTraining`) adds
       ``init_state(example_batch) -> task_state | None`` (arrays kept in
       ``TrainState.task_state``, checkpointed, split over the mesh by their own
-      ``partition_specs()``), ``stateful_loss(params, task_state, batch, rng) -> (loss,
-      (metrics, new_task_state))`` with ``batch`` ``None`` on steps without data, and
-      ``batch_every``: the trainer takes a dataset batch only every that many steps.
+      ``partition_specs()``) and ``stateful_loss(params, task_state, batch, rng, step) ->
+      (loss, (metrics, new_task_state))``, ``step`` being the optimizer steps already taken
+      (a traced int32 scalar). A stateful task does not combine with gradient accumulation.
     """
 
     name: str
@@ -73,25 +77,28 @@ def register_task(name: str):
     return wrap
 
 
+TASK_ENTRY_POINTS = "aurora_loop.tasks"
+
+
 def available_tasks() -> list[str]:
-    _import_builtin_tasks()
+    _load_task_modules()
     return sorted(_REGISTRY)
 
 
 def make_task(name: str, config: Any) -> Task:
     """Build the registered task ``name`` from a TrainingConfig."""
-    _import_builtin_tasks()
+    _load_task_modules()
     if name not in _REGISTRY:
         raise KeyError(name)
     return _REGISTRY[name](config)
 
 
-def _import_builtin_tasks() -> None:
-    # Task modules register themselves on import; importing them lazily keeps start-up fast.
-    import importlib
-    import pkgutil
+def _load_task_modules() -> None:
+    """Import the modules that register tasks: those the ``aurora_loop.tasks`` entry-point group
+    names (the built-in ones in ``setup.cfg``, and any installed package's). Through entry
+    points, not an import of ``aurora_loop.tasks``, so the core stays below the weather layer;
+    importing lazily keeps start-up fast."""
+    from importlib.metadata import entry_points
 
-    import aurora_loop.tasks as tasks_pkg
-
-    for module in pkgutil.iter_modules(tasks_pkg.__path__):
-        importlib.import_module(f"aurora_loop.tasks.{module.name}")
+    for entry in entry_points(group=TASK_ENTRY_POINTS):
+        entry.load()

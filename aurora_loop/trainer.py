@@ -23,8 +23,8 @@ import optax
 from jax.sharding import Mesh
 
 from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
-from aurora_loop.callbacks.base import Callback
-from aurora_loop.data import Loader
+from aurora_loop.callbacks.base import Callback, CheckpointIO
+from aurora_loop.data import REPEAT_BATCH, Loader, example_batch
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.parallel.distributed import agree_any
 from aurora_loop.step import (
@@ -105,55 +105,6 @@ class _ListLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-NO_BATCH = None  # what _EveryNth yields for a step that takes no dataset batch
-
-
-class _EveryNth:
-    """A Loader yielding each batch of ``loader`` followed by ``n - 1`` ``NO_BATCH`` markers.
-
-    For stateful tasks that train ``n`` steps per dataset batch (replay mode). Its position
-    includes the markers still owed, so a checkpoint between two batches resumes there.
-    """
-
-    def __init__(self, loader: Loader, n: int) -> None:
-        self.loader = loader
-        self.n = n
-        self.owed = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-        self.owed = 0
-
-    def __len__(self) -> int:
-        return len(self.loader) * self.n  # type: ignore[arg-type]
-
-    def example_batch(self) -> Any:
-        return _example_batch(self.loader)
-
-    @property
-    def steps_into_epoch(self) -> int:
-        """Steps of the current epoch already taken (for checkpoints that predate ``epoch_step``)."""
-        return int(self.loader.state_dict()["position"]) * self.n - self.owed
-
-    def __iter__(self) -> Iterator[Any]:
-        while self.owed > 0:  # resumed between two batches
-            self.owed -= 1
-            yield NO_BATCH
-        for batch in self.loader:
-            self.owed = self.n - 1
-            yield batch
-            while self.owed > 0:
-                self.owed -= 1
-                yield NO_BATCH
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "steps_owed": self.owed}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self.owed = int(state["steps_owed"])
-
-
 class _OneShotLoader:
     """Adapts a one-shot iterable (a generator, an iterator) to the Loader protocol.
 
@@ -213,7 +164,7 @@ class _MicroBatches:
         return len(self.loader) // self.n  # type: ignore[arg-type]
 
     def example_batch(self) -> Any:
-        return _example_batch(self.loader)
+        return example_batch(self.loader)
 
     def __iter__(self) -> Iterator[list[Any]]:
         group: list[Any] = []
@@ -238,30 +189,14 @@ def _as_loader(data: Any) -> Loader | None:
     return _ListLoader(data)
 
 
-def _example_batch(loader: Any) -> Any:
-    """One process-local batch shaped like all of ``loader``'s, without moving its position:
-    the loader's own ``example_batch()`` when it has one (a prefetching loader reads just
-    that batch), else the first batch of epoch 0."""
-    if callable(getattr(loader, "example_batch", None)):
-        return loader.example_batch()
-    loader.set_epoch(0)
-    iterator = iter(loader)
-    try:
-        return next(iterator)
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
-        loader.set_epoch(0)
-
-
 class Trainer:
     """Runs a Task's training loop and emits hooks to callbacks.
 
     Args:
       callbacks: hook receivers, called in list order.
       optimizer: an optax transformation (default: ``optax.adamw(1e-3)``).
-      learning_rate: the optimizer's schedule (or a constant), reported by
-        ``learning_rate(step)`` to loggers; the optimizer itself is what trains.
+      log_learning_rate: the optimizer's schedule (or a constant), for reporting only: loggers
+        read it through ``learning_rate(step)``; the optimizer itself is what trains.
       max_epochs: passes over the training data.
       max_steps: stop after this many optimizer steps in total (``None``: epochs decide).
       val_every_n_steps: validate every N steps; ``None``: at the end of each epoch. Either
@@ -290,7 +225,7 @@ class Trainer:
         self,
         callbacks: Sequence[Callback] = (),
         optimizer: optax.GradientTransformation | None = None,
-        learning_rate: optax.Schedule | float | None = None,
+        log_learning_rate: optax.Schedule | float | None = None,
         max_epochs: int = 1,
         max_steps: int | None = None,
         val_every_n_steps: int | None = None,
@@ -314,9 +249,14 @@ class Trainer:
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         if duplicated:
             raise ValueError(f"callbacks share the state_key {duplicated[0]!r}; give each instance its own state_key")
+        checkpoint_io = [cb for cb in callbacks if isinstance(cb, CheckpointIO)]
+        if len(checkpoint_io) > 1:
+            names = ", ".join(type(cb).__name__ for cb in checkpoint_io)
+            raise ValueError(f"two callbacks hold the CheckpointIO role ({names}): keep one, the one that resumes the run")
         self.callbacks = list(callbacks)
+        self.checkpoint_io: CheckpointIO | None = checkpoint_io[0] if checkpoint_io else None
         self.optimizer = optimizer if optimizer is not None else optax.adamw(1e-3)
-        self._learning_rate = learning_rate
+        self._learning_rate = log_learning_rate
         self.max_epochs = max_epochs
         self.max_steps = max_steps
         self.val_every_n_steps = val_every_n_steps
@@ -332,24 +272,24 @@ class Trainer:
 
         self.state: TrainState | None = None
         self.state_shardings: TrainState | None = None
+        # The compiled ``train_step(state, batch) -> (state, metrics)`` of the current fit, as
+        # the callbacks' ``wrap_train_step`` returned it.
+        self.train_step: Callable[[TrainState, Any], tuple[TrainState, Any]] | None = None
         self.task: Task | None = None
         self.train_data: Loader | None = None
         self.val_data: Loader | None = None
         self.global_step = 0
         self.epoch = 0
         self.epoch_step = 0  # steps taken in the current epoch
-        # should_stop / preempted: requests, set by callbacks and signal handlers at any time
-        # and on any one process; the loop acts on their agreed values (``stopping``).
+        # Stop requests (``should_stop`` and :meth:`request_stop`'s), set by callbacks and signal
+        # handlers at any time and on any one process; the loop acts on their agreed values.
         self.should_stop = False
-        self._stop_agreed = False
-        self._preempt_agreed = False
+        self._skip_validation_requested = self._save_requested = self._no_save_requested = False
+        self.stop_reason: str | None = None
+        self._stop_agreed = self._skip_validation_agreed = self._save_agreed = self._no_save_agreed = False
         self.last_val_metrics: dict[str, float] = {}
         self.last_validated_step: int | None = None
         self.resumed_from: int | None = None
-        # Set by callbacks: Preemption (a signal stopped the run) and TerminateOnNaN (the
-        # first step whose loss or gradient norm was not finite).
-        self.preempted = False
-        self.nonfinite_step: int | None = None
         self._sharding_cache: dict[Any, Any] = {}
         self._lr_table: np.ndarray | None = None
 
@@ -384,9 +324,39 @@ class Trainer:
         return self._stop_agreed
 
     @property
-    def stopped_by_signal(self) -> bool:
-        """``preempted`` as agreed by every process (a Preemption signal reached one of them)."""
-        return self._preempt_agreed
+    def stop_skips_validation(self) -> bool:
+        """The agreed stop asked to end without the final validation (a signal: save promptly,
+        the open epoch is finished by the resumed run; a broken state: nothing worth scoring)."""
+        return self._skip_validation_agreed
+
+    @property
+    def stop_checkpoint(self) -> bool | None:
+        """What the agreed stop asks of checkpointing: ``True`` save the state now whatever the
+        schedule (a signal), ``False`` save nothing more (the state is broken; this wins),
+        ``None`` as scheduled."""
+        if self._no_save_agreed:
+            return False
+        return True if self._save_agreed else None
+
+    def request_stop(self, reason: str | None = None, *, validate: bool = True, checkpoint: bool | None = None) -> None:
+        """Ask the loop to stop at the next step boundary. Safe from a signal handler and on any
+        one process: every process stops at the same step.
+
+        Args:
+          reason: a few words for messages, e.g. ``"SIGTERM"`` or ``"the non-finite step 7"``.
+          validate: ``False`` ends without the final validation and leaves the epoch open.
+          checkpoint: ``True`` asks the checkpoint callback to save the state now, ``False``
+            to save nothing more (see :attr:`stop_checkpoint`); ``None``: as scheduled.
+        """
+        if reason is not None and self.stop_reason is None:
+            self.stop_reason = reason
+        if not validate:
+            self._skip_validation_requested = True
+        if checkpoint is True:
+            self._save_requested = True
+        elif checkpoint is False:
+            self._no_save_requested = True
+        self.should_stop = True
 
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """Agree on the stop requests (and ``flags``) over all processes.
@@ -394,13 +364,13 @@ class Trainer:
         A request that a signal handler raises while the processes exchange their flags is
         kept (never overwritten) and joins the next agreement.
         """
-        stop, preempted, *rest = agree_any(self.should_stop, self.preempted, *flags)
+        requests = (self._skip_validation_requested, self._save_requested, self._no_save_requested)
+        stop, skip_validation, save, no_save, *rest = agree_any(self.should_stop, *requests, *flags)
         if stop:
-            self.should_stop = True
-            self._stop_agreed = True
-        if preempted:
-            self.preempted = True
-            self._preempt_agreed = True
+            self.should_stop = self._stop_agreed = True
+        self._skip_validation_agreed |= skip_validation
+        self._save_agreed |= save
+        self._no_save_agreed |= no_save
         return tuple(rest)
 
     def learning_rate(self, step: int) -> float | None:
@@ -464,8 +434,8 @@ class Trainer:
             self.train_data.load_state_dict(meta["train_loader"])
         if meta.get("epoch_step") is not None:
             self.epoch_step = int(meta["epoch_step"])
-        elif isinstance(self.train_data, _EveryNth):  # a checkpoint from before epoch_step was saved
-            self.epoch_step = self.train_data.steps_into_epoch
+        elif hasattr(self.train_data, "steps_into_epoch"):  # a checkpoint from before epoch_step was saved
+            self.epoch_step = int(self.train_data.steps_into_epoch)
         elif meta.get("train_loader") is not None:
             self.epoch_step = int(meta["train_loader"].get("position", 0))
         saved = meta.get("callbacks", {})
@@ -478,23 +448,22 @@ class Trainer:
         """Train ``task`` on ``train_data``; returns the final TrainState.
 
         ``train_data`` / ``val_data``: Loaders (see ``aurora_loop.data``), re-iterables of
-        batches, or (read once) iterators. With ``resume``, a callback offering
-        ``restore_latest`` (ModelCheckpoint) restores the newest checkpoint: parameters,
-        optimizer, step, data position and every callback's state.
+        batches, or (read once) iterators. With ``resume``, the callback holding the
+        :class:`~aurora_loop.callbacks.base.CheckpointIO` role (ModelCheckpoint) restores the
+        newest checkpoint: parameters, optimizer, step, data position and every callback's
+        state.
         """
         self.task = task
         self.train_data = _as_loader(train_data)
-        steps_per_batch = int(getattr(task, "batch_every", 1))
-        if steps_per_batch > 1:
-            if self.accumulate_grad_batches > 1:
-                raise ValueError(f"task {type(task).__name__} takes {steps_per_batch} steps per batch (replay); "
-                                 "gradient accumulation does not combine with it")
-            self.train_data = _EveryNth(self.train_data, steps_per_batch)
+        if callable(getattr(task, "train_loader", None)):
+            self.train_data = task.train_loader(self.train_data)
         if self.accumulate_grad_batches > 1:
             self.train_data = _MicroBatches(self.train_data, self.accumulate_grad_batches)
         self.val_data = _as_loader(val_data)
-        self.should_stop = self.preempted = self._stop_agreed = self._preempt_agreed = False
-        self.nonfinite_step = self.last_validated_step = None
+        self.should_stop = self._stop_agreed = False
+        self._skip_validation_requested = self._save_requested = self._no_save_requested = False
+        self._skip_validation_agreed = self._save_agreed = self._no_save_agreed = False
+        self.stop_reason = self.last_validated_step = None
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
         try:
@@ -510,6 +479,18 @@ class Trainer:
                     log.exception("%s.on_exception failed", type(cb).__name__)
             raise
         return self.state
+
+    def example_val_batch(self) -> Any:
+        """This process's share of one validation batch (host arrays, the first of the validation
+        data), without moving the validation loader's position; ``None`` without validation data
+        or when it is empty. For callbacks that draw or score an example (e.g. forecast maps):
+        :meth:`place` puts it on the mesh."""
+        if self.val_data is None:
+            return None
+        try:
+            return example_batch(self.val_data)
+        except StopIteration:
+            return None
 
     def _shardings(self, batch: Any) -> Any:
         key = jax.tree.structure(batch), tuple(getattr(x, "shape", ()) for x in jax.tree.leaves(batch))
@@ -531,7 +512,7 @@ class Trainer:
         return place_batch(stack_micro_batches(local_batch, shardings), micro_batch_shardings(shardings, self.mesh))
 
     def _setup(self, resume: bool) -> None:
-        host_example = _example_batch(self.train_data)
+        host_example = example_batch(self.train_data)
         if callable(getattr(self.task, "setup", None)):
             self.task.setup(host_example)
         example = self.place(host_example)
@@ -539,6 +520,9 @@ class Trainer:
 
         init_fn = make_init_fn(self.task, self.optimizer, self.seed, ema=self.ema_decay is not None)
         abstract = jax.eval_shape(init_fn, example)
+        if abstract.task_state is not None and self.accumulate_grad_batches > 1:
+            raise ValueError(f"task {type(self.task).__name__} keeps a state across steps (e.g. replay mode's buffer); "
+                             "gradient accumulation does not combine with it: use accumulate_grad_batches=1")
         shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
         self.state_shardings = shardings
         trainable = self.trainable
@@ -546,19 +530,15 @@ class Trainer:
         train_batch_sharding = self._shardings_of(example)
         if self.accumulate_grad_batches > 1:
             train_batch_sharding = micro_batch_shardings(train_batch_sharding, self.mesh)
-        self._train_step = make_train_step(self.task, self.optimizer, shardings, train_batch_sharding, self.mesh, trainable, options)
-        self._train_step_without_batch = make_train_step(self.task, self.optimizer, shardings, None, self.mesh, trainable, options)
+        self.train_step = make_train_step(self.task, self.optimizer, shardings, train_batch_sharding, self.mesh, trainable, options)
+        for cb in self.callbacks:
+            self.train_step = cb.wrap_train_step(self, self.train_step)
         self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh, self.compute_dtype)
 
         restored = None
-        if resume:
-            for cb in self.callbacks:
-                if hasattr(cb, "restore_latest"):
-                    abstract_sharded = jax.tree.map(
-                        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-                    )
-                    restored = cb.restore_latest(self, abstract_sharded)
-                    break
+        if resume and self.checkpoint_io is not None:
+            abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            restored = self.checkpoint_io.restore_latest(self, abstract_sharded)
         if restored is not None:
             self.state, meta = restored
             self.load_meta_state(meta)
@@ -578,7 +558,7 @@ class Trainer:
 
     def _run(self) -> None:
         """The loop. Order at a step that ends an epoch or the run: its ``on_step``, then its
-        validation, ``on_epoch``, and last ``on_sync`` (where checkpoints are written), so a
+        validation, ``on_epoch_end``, and last ``on_sync`` (where checkpoints are written), so a
         checkpoint always carries the validation of its own step."""
         loader = self.train_data
         per_epoch = self.steps_per_epoch
@@ -592,12 +572,14 @@ class Trainer:
                 pending = None
 
         ended_mid_epoch = False
+        placed = None  # the batch on the mesh that a REPEAT_BATCH trains on again
         while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.stopping:
             for local_batch in loader:
-                if local_batch is NO_BATCH:  # a stateful task's step between dataset batches
-                    self.state, device_metrics = self._train_step_without_batch(self.state)
-                else:
-                    self.state, device_metrics = self._train_step(self.state, self._place_train_batch(local_batch))
+                if local_batch is not REPEAT_BATCH:
+                    placed = self._place_train_batch(local_batch)
+                elif placed is None:
+                    raise ValueError("the training loader yielded REPEAT_BATCH before any batch")
+                self.state, device_metrics = self.train_step(self.state, placed)
                 self.global_step += 1
                 self.epoch_step += 1
                 step = self.global_step
@@ -617,7 +599,7 @@ class Trainer:
                 if val_due:
                     self.validate(step)
                 self._agree()  # hooks above may have asked to stop
-                if last_of_epoch and not self._abandoned():
+                if last_of_epoch and not self.stop_skips_validation:
                     break  # the epoch's end below validates (when due) and syncs
                 if self.stopping or self._reached_max_steps():
                     ended_mid_epoch = True
@@ -632,7 +614,7 @@ class Trainer:
                 self._validate_final()
             elif self.val_every_n_steps is None:
                 self.validate(self.global_step)
-            self._emit("on_epoch", self.epoch, dict(self.last_val_metrics))
+            self._emit("on_epoch_end", self.epoch, dict(self.last_val_metrics))
             # The saved position is the start of the next epoch, so a resume never replays one.
             self.epoch += 1
             self.epoch_step = 0
@@ -642,23 +624,18 @@ class Trainer:
             last_synced = self.global_step
         flush()
         if ended_mid_epoch and self._validate_final():
-            self._emit("on_epoch", self.epoch, dict(self.last_val_metrics))  # a partial epoch
+            self._emit("on_epoch_end", self.epoch, dict(self.last_val_metrics))  # a partial epoch
         if last_synced != self.global_step:
             self._emit("on_sync", self.global_step)
 
     def _reached_max_steps(self) -> bool:
         return self.max_steps is not None and self.global_step >= self.max_steps
 
-    def _abandoned(self) -> bool:
-        """The run stops for a signal (save promptly; the epoch stays open, so a resume closes
-        it with its validation) or a non-finite step (nothing worth scoring)."""
-        return self.stopped_by_signal or self.nonfinite_step is not None
-
     def _validate_final(self) -> bool:
         """Validate the parameters the run hands over, unless already done at this step or the
-        run was abandoned (:meth:`_abandoned`). Returns whether the run ends cleanly."""
+        stop asked to skip it (:attr:`stop_skips_validation`). Returns whether the run ends cleanly."""
         self._agree()
-        if self._abandoned():
+        if self.stop_skips_validation:
             return False
         if self.last_validated_step != self.global_step:
             self.validate(self.global_step)
@@ -668,8 +645,8 @@ class Trainer:
         """Score the validation data with the current parameters and emit ``on_validate``.
 
         Returns the scores (keys such as ``loss``, ``mae/2t``), or ``None`` when there is
-        no validation data or a signal arrived mid-way (the pass is given up, nothing is
-        emitted, so that the run saves promptly).
+        no validation data or a stop that skips validation arrived mid-way (a signal: the pass
+        is given up, nothing is emitted, so that the run saves promptly).
         """
         if self.val_data is None:
             return None
@@ -677,7 +654,7 @@ class Trainer:
         total = None
         for local_batch in self.val_data:
             self._agree()
-            if self.stopped_by_signal:
+            if self.stop_skips_validation:
                 return None
             batch_metrics = self._eval_step(self.eval_params, self.place(local_batch))
             total = batch_metrics if total is None else total.merge(batch_metrics)

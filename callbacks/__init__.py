@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from aurora_loop.callbacks.base import Callback
+from aurora_loop.callbacks.base import Callback, CheckpointIO
 
 _LAZY = {
     "ModelCheckpoint": "checkpoint",
@@ -27,7 +27,7 @@ _LAZY = {
     "TimeLimit": "time_limit",
 }
 
-__all__ = ["Callback", *_LAZY]
+__all__ = ["Callback", "CheckpointIO", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,11 +21,11 @@ Which checkpoints stay (orbax preservation policies):
   ``max``). Every validation then triggers a save so each score has its checkpoint; the
   score is stored with the checkpoint (orbax metrics) and in this callback's state.
 
-Never saved: parameters that are not finite, and the state after a step that
-:class:`~aurora_loop.callbacks.TerminateOnNaN` flagged (``trainer.nonfinite_step``); the
-last good checkpoint stays the latest. A preempted run (``trainer.stopped_by_signal``,
-after :class:`~aurora_loop.callbacks.Preemption` caught a signal) is always saved, even
-with ``save_last=False``.
+Never saved: parameters that are not finite, and any state once a stop asked for no more
+checkpoints (``trainer.stop_checkpoint is False``: :class:`~aurora_loop.callbacks.TerminateOnNaN`
+after a non-finite step); the last good checkpoint stays the latest. A stop that asks for a
+checkpoint now (``trainer.stop_checkpoint is True``: :class:`~aurora_loop.callbacks.Preemption`
+after a signal) is always saved, even with ``save_last=False``.
 
 Errors of a background (async) write are raised at the next sync step, the next save or at
 the end of the run; they never vanish.
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from aurora_loop.callbacks.base import Callback
+from aurora_loop.callbacks.base import CheckpointIO
 from aurora_loop.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def metric_key(name: str) -> str:
     return name[4:] if name.startswith("val/") else name
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(CheckpointIO):
     """Save the trainer state every ``every_n_steps`` steps and at the end; resume from it.
 
     Args:
@@ -291,13 +291,13 @@ class ModelCheckpoint(Callback):
         stopping = _agreed(trainer, "stopping", "should_stop")
         final = stopping or (trainer.total_steps is not None and step >= trainer.total_steps)
         validated_now = self._last_val is not None and self._last_val[0] == step
-        preempted = stopping and _agreed(trainer, "stopped_by_signal", "preempted")
+        save_now = stopping and getattr(trainer, "stop_checkpoint", None) is True
         timed = self._agreed_time_due()  # always asked, so every process joins the same agreements
         if (
             self._due(trainer, step)
             or timed
             or (self.save_last and final)
-            or preempted
+            or save_now
             or (self.monitor is not None and validated_now)
         ):
             self.save(trainer, step)
@@ -306,10 +306,10 @@ class ModelCheckpoint(Callback):
         """Save the state after ``step`` unless it is already saved or not trustworthy."""
         if step in self.saved_steps or self.manager.latest_step() == step:
             return False
-        flagged = getattr(trainer, "nonfinite_step", None)
-        if flagged is not None:
+        if getattr(trainer, "stop_checkpoint", None) is False:
             if trainer.is_main_process:
-                print(f"Step {step}: not saving a checkpoint after the non-finite step {flagged}; the last good one stays", flush=True)
+                after = getattr(trainer, "stop_reason", None) or "a stop that keeps no checkpoint"
+                print(f"Step {step}: not saving a checkpoint after {after}; the last good one stays", flush=True)
             return False
         if not bool(_all_finite(trainer.state.params)):
             log.warning("step %d: parameters are not finite; checkpoint skipped, the last good one stays", step)

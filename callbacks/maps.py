@@ -84,21 +84,12 @@ class _ValidationForecasts:
     def __init__(self, trainer: Any) -> None:
         self.forecaster = Forecaster(trainer)
         self.fit_of = (trainer.task, trainer.state_shardings, trainer.val_data)  # a new fit builds anew
-        self.batch = _first_batch(trainer.val_data)
+        self.batch = trainer.example_val_batch()
         self.step: int | None = None
         self.prediction: Any = None
 
 
 _BY_TRAINER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _first_batch(loader: Any) -> Any:
-    from aurora_loop.trainer import _example_batch
-
-    try:
-        return _example_batch(loader)
-    except StopIteration:
-        return None
 
 
 def validation_forecast(trainer: Any, step: int) -> tuple[Any, Any] | None:

@@ -5,9 +5,10 @@ Every ``every_n_steps`` steps (default: every step) it reads the step's ``loss``
 the pipeline stays one step deep; the metrics are replicated, so every process sees the
 same values and stops alike.
 
-On a non-finite value it sets ``trainer.should_stop`` and ``trainer.nonfinite_step``:
-the loop ends at this step boundary, and :class:`~aurora_loop.callbacks.ModelCheckpoint`
-saves nothing from then on (it also refuses non-finite parameters on its own), so the
+On a non-finite value it records the step (:attr:`TerminateOnNaN.nonfinite_step`) and asks
+for a stop that neither validates nor saves (``trainer.request_stop(validate=False,
+checkpoint=False)``): the loop ends at this step boundary, and
+:class:`~aurora_loop.callbacks.ModelCheckpoint` saves nothing from then on (it also refuses non-finite parameters on its own), so the
 newest checkpoint on disk is the last good one.
 """
 
@@ -39,7 +40,6 @@ class TerminateOnNaN(Callback):
     def on_fit_start(self, trainer: Any) -> None:
         # A new fit (e.g. a rerun that resumed from the last good checkpoint) starts clean.
         self.nonfinite_step, self.values = None, {}
-        trainer.nonfinite_step = None
 
     def wants_metrics(self, trainer: Any, step: int) -> bool:
         return self.nonfinite_step is None and step % self.every_n_steps == 0
@@ -51,8 +51,7 @@ class TerminateOnNaN(Callback):
         if not bad:
             return
         self.nonfinite_step, self.values = step, bad
-        trainer.nonfinite_step = step
-        trainer.should_stop = True
+        trainer.request_stop(f"the non-finite step {step}", validate=False, checkpoint=False)
         if self.verbose and trainer.is_main_process:
             shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
             print(f"Step {step}: {shown}; stopping. The last checkpoint before this step is the last good one.", flush=True)

@@ -1,8 +1,9 @@
 """Preemption: SIGTERM / SIGINT only set a flag; the loop saves and exits at the next step boundary.
 
 A cluster that preempts a job sends SIGTERM (SLURM, Kubernetes, spot VMs) and waits a
-grace period; Ctrl-C sends SIGINT. The handler does nothing but set ``trainer.should_stop``
-and ``trainer.preempted``: the loop notices at the next step boundary (also inside
+grace period; Ctrl-C sends SIGINT. The handler does nothing but ask for a stop that saves now
+and skips validation (``trainer.request_stop(validate=False, checkpoint=True)``) and note it in
+:attr:`Preemption.preempted`: the loop notices at the next step boundary (also inside
 validation, which it abandons), :class:`~aurora_loop.callbacks.ModelCheckpoint` saves that
 step whatever its schedule, background writes finish, and ``fit`` returns normally. The
 caller then exits with :data:`PREEMPTED_EXIT_CODE` (``aurora-train`` does) so a scheduler
@@ -13,9 +14,9 @@ installed before (default SIGINT: ``KeyboardInterrupt``; default SIGTERM: termin
 Handlers can only be installed in the main thread; elsewhere this callback warns and
 does nothing. The previous handlers are restored when ``fit`` ends. In a multi-process job
 a signal that reached only some processes still stops all of them at the same step (the
-trainer agrees on ``should_stop`` and ``preempted``; a signal that arrives while the
-processes exchange their flags is kept for the next exchange), and at the end every
-process reports ``preempted``.
+trainer agrees on its stop requests; a signal that arrives while the processes exchange
+their flags is kept for the next exchange), and at the end every process reports
+``preempted``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ PREEMPTED_EXIT_CODE = 75
 
 def was_preempted(trainer: Any) -> bool:
     """Did a Preemption callback stop this trainer's last ``fit``?"""
-    return bool(getattr(trainer, "preempted", False))
+    return any(isinstance(cb, Preemption) and cb.preempted for cb in getattr(trainer, "callbacks", ()))
 
 
 class Preemption(Callback):
@@ -51,6 +52,7 @@ class Preemption(Callback):
         self.signals = tuple(signals)
         self.verbose = verbose
         self.received: int | None = None
+        self.preempted = False  # a signal stopped the last fit (agreed over the processes at its end)
         self._previous: dict[int, Any] = {}
         self._trainer: Any = None
 
@@ -65,16 +67,15 @@ class Preemption(Callback):
                 signal.raise_signal(signum)
             return
         self.received = signum
-        trainer.preempted = True
-        trainer.should_stop = True
+        self.preempted = True
+        trainer.request_stop(signal.Signals(signum).name, validate=False, checkpoint=True)
         if self.verbose and trainer.is_main_process:
             # print() from a signal handler is fine here: it runs in the main thread between bytecodes.
             print(f"Received {signal.Signals(signum).name}: saving at the next step boundary, then exiting "
                   f"(status {PREEMPTED_EXIT_CODE}); send it again to stop at once", flush=True)
 
     def on_fit_start(self, trainer: Any) -> None:
-        self._trainer, self.received = trainer, None
-        trainer.preempted = False
+        self._trainer, self.received, self.preempted = trainer, None, False
         if threading.current_thread() is not threading.main_thread():
             log.warning("Preemption: fit() runs outside the main thread; signal handlers not installed")
             return
@@ -95,7 +96,7 @@ class Preemption(Callback):
         # trainer agrees on should_stop), so all report preemption and exit alike.
         from aurora_loop.parallel.distributed import agree
 
-        trainer.preempted = agree(bool(getattr(trainer, "preempted", False)))
+        self.preempted = agree(self.preempted)
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
         self._restore()

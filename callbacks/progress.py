@@ -102,7 +102,7 @@ class ProgressBar(Callback):
         self._out.write("\n".join(lines) + "\n")
         self._out.flush()
 
-    def on_epoch(self, trainer: Any, epoch: int, metrics: Mapping[str, float]) -> None:
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: Mapping[str, float]) -> None:
         if trainer.is_main_process:
             self._end_line()
             per_epoch = getattr(trainer, "steps_per_epoch", None)

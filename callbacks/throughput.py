@@ -1,6 +1,7 @@
 """Throughput: steps/s, samples/s, compile time and, when FLOPs are known, MFU.
 
-At the start of ``fit`` it wraps the trainer's jitted train step so that the first call
+Through the :meth:`~aurora_loop.callbacks.base.Callback.wrap_train_step` hook it wraps the
+trainer's jitted train step so that the first call
 compiles it ahead of time (``lower(...).compile()``), timing the compilation and reading
 XLA's cost analysis (FLOPs per step *per device*: the partitioned program's); later calls
 run that executable (the same one ``jit`` would have built, so nothing compiles twice).
@@ -142,10 +143,10 @@ class Throughput(Callback):
         """FLOPs per step per device (given, or from the cost analysis)."""
         return self.flops_per_step if self.flops_per_step is not None else self.flops_from_cost_analysis
 
+    def wrap_train_step(self, trainer: Any, step: Any) -> Any:
+        return _TimedStep(step, self) if hasattr(step, "lower") else step
+
     def on_fit_start(self, trainer: Any) -> None:
-        step_fn = getattr(trainer, "_train_step", None)
-        if step_fn is not None and hasattr(step_fn, "lower") and not isinstance(step_fn, _TimedStep):
-            trainer._train_step = _TimedStep(step_fn, self)
         if self.peak_flops_per_device is None and trainer.mesh is not None:
             self.peak_flops_per_device = peak_flops(trainer.mesh.devices.reshape(-1)[0])
         self._window = None
@@ -177,11 +178,3 @@ class Throughput(Callback):
         if self.verbose and trainer.is_main_process:
             shown = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in report.items())
             print(f"Throughput at step {step}: {shown}", flush=True)
-
-    def on_fit_end(self, trainer: Any) -> None:
-        step_fn = getattr(trainer, "_train_step", None)
-        if isinstance(step_fn, _TimedStep):
-            trainer._train_step = step_fn.jitted
-
-    def on_exception(self, trainer: Any, exc: BaseException) -> None:
-        self.on_fit_end(trainer)

@@ -69,7 +69,7 @@ def main() -> None:
             PrintBestValidationLoss(),
         ],
         optimizer=make_optimizer(schedule, grad_clip_norm=1.0),
-        learning_rate=schedule,
+        log_learning_rate=schedule,
         max_epochs=config.epochs,
         num_devices=config.num_gpus,
         seed=config.seed,

@@ -69,7 +69,7 @@ def main() -> None:
             ModelCheckpoint(os.path.join(out, "checkpoints"), every_n_steps=10, max_to_keep=2),
         ],
         optimizer=make_optimizer(schedule, grad_clip_norm=1.0, groups=groups),
-        learning_rate=schedule,
+        log_learning_rate=schedule,
         max_epochs=args.epochs,
         val_every_n_steps=10,
         num_devices=config.num_gpus,

@@ -23,6 +23,7 @@ from aurora_loop.callbacks import (
     TerminateOnNaN,
 )
 from aurora_loop.callbacks.checkpoint import CheckpointSaveError
+from aurora_loop.callbacks.preemption import was_preempted
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import Sample, stack_samples
 from aurora_loop.parallel import make_mesh
@@ -102,7 +103,7 @@ def test_preempted_run_saves_and_resumes_with_the_same_losses(tmp_path):
     trainer.fit(task(), train, val)
     # Step 3's hook runs after step 4 was dispatched: the loop stops after step 4 and saves it,
     # although neither the schedule (every 100) nor save_last asked for it.
-    assert trainer.preempted and trainer.should_stop
+    assert was_preempted(trainer) and trainer.stopping and trainer.stop_checkpoint is True
     assert trainer.global_step == 4
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
     checkpoint = ModelCheckpoint(ckpt_dir)
@@ -114,7 +115,7 @@ def test_preempted_run_saves_and_resumes_with_the_same_losses(tmp_path):
     train, val = loaders()
     trainer = Trainer([resumed, Preemption(), checkpoint], optimizer=optax.adam(1e-3), max_epochs=2, mesh=make_mesh(1))
     trainer.fit(task(), train, val)
-    assert trainer.resumed_from == 4 and not trainer.preempted
+    assert trainer.resumed_from == 4 and not was_preempted(trainer)
     assert sorted(resumed.losses) == [5, 6, 7, 8]
     np.testing.assert_allclose([resumed.losses[s] for s in range(5, 9)], [full.losses[s] for s in range(5, 9)], rtol=1e-6)
     np.testing.assert_allclose([first.losses[s] for s in range(1, 5)], [full.losses[s] for s in range(1, 5)], rtol=1e-6)
@@ -156,7 +157,7 @@ def test_preemption_inside_validation_abandons_it_and_saves(tmp_path):
     trainer = Trainer([rec, Preemption(), ModelCheckpoint(ckpt_dir, every_n_steps=100, verbose=False)],
                       optimizer=optax.adam(1e-3), max_epochs=3, val_every_n_steps=2, mesh=make_mesh(1))
     trainer.fit(task(), train, SignalDuringIteration(val))
-    assert trainer.preempted
+    assert was_preempted(trainer) and trainer.stop_skips_validation
     assert trainer.global_step == 2
     assert rec.validated == []  # the interrupted validation emitted nothing
     assert ModelCheckpoint(ckpt_dir).all_steps() == [2]
@@ -204,7 +205,7 @@ def test_terminate_on_nan_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer([guard, ModelCheckpoint(ckpt_dir, every_n_steps=2, max_to_keep=5, verbose=False)],
                       optimizer=optax.adam(1e-3), max_epochs=1, mesh=make_mesh(1))
     trainer.fit(task(), batches)
-    assert guard.nonfinite_step == 5 and trainer.nonfinite_step == 5
+    assert guard.nonfinite_step == 5 and trainer.stop_checkpoint is False and trainer.stop_reason == "the non-finite step 5"
     assert trainer.global_step == 6  # step 5's hook ran after step 6 was dispatched
     assert ModelCheckpoint(ckpt_dir).all_steps() == [2, 4]
     params = saved_params(ckpt_dir, 4)
@@ -295,12 +296,12 @@ def test_second_signal_falls_back_to_the_previous_handler():
 
     original = signal.signal(signal.SIGTERM, previous)
     try:
-        trainer = types.SimpleNamespace(should_stop=False, is_main_process=True)
+        trainer = Trainer([])
         guard = Preemption(signals=(signal.SIGTERM,), verbose=False)
         guard.on_fit_start(trainer)
         assert signal.getsignal(signal.SIGTERM) == guard._handle
         os.kill(os.getpid(), signal.SIGTERM)
-        assert trainer.should_stop and trainer.preempted and guard.received == signal.SIGTERM and seen == []
+        assert trainer.should_stop and guard.preempted and guard.received == signal.SIGTERM and seen == []
         os.kill(os.getpid(), signal.SIGTERM)  # impatient: hand over to whoever was there before
         assert seen == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is previous
@@ -317,6 +318,7 @@ import jax
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 import optax
 from aurora_loop.callbacks import Callback, ModelCheckpoint, Preemption
+from aurora_loop.callbacks.preemption import was_preempted
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
@@ -336,7 +338,7 @@ checkpoint = ModelCheckpoint(out, every_n_steps=100, save_last=False, verbose=Fa
 trainer = Trainer([SignalOnProcessOne(), Preemption(verbose=False), checkpoint], optimizer=optax.adam(1e-3),
                   max_epochs=3, mesh=make_mesh())
 trainer.fit(ConvTask(features=8, depth=2), ArrayLoader(samples[:8], 2, stack_samples, seed=0))
-print(f"RESULT {pid} {trainer.global_step} {trainer.preempted} {checkpoint.saved_steps}", flush=True)
+print(f"RESULT {pid} {trainer.global_step} {was_preempted(trainer)} {checkpoint.saved_steps}", flush=True)
 '''
 
 

@@ -85,7 +85,7 @@ def test_offline_run_logs_scalars_maps_and_resumes_the_same_run(tmp_path, monkey
     train = ArrayLoader(samples[:8], 2, stack_samples, seed=0)
     val = ArrayLoader(samples[8:], 2, stack_samples, shuffle=False)
     logger = WandbLogger(project="aurora-test", save_dir=str(tmp_path), config={"learning_rate": 1e-3}, log_every_n_steps=2, image_fields=None)
-    trainer = Trainer([logger], optimizer=optax.adam(1e-3), learning_rate=1e-3, max_epochs=1, mesh=make_mesh(1))
+    trainer = Trainer([logger], optimizer=optax.adam(1e-3), log_learning_rate=1e-3, max_epochs=1, mesh=make_mesh(1))
     trainer.fit(ConvTask(features=8, depth=2), train, val)
     run_id = logger.run_id
     assert run_id and logger.state_dict() == {"run_id": run_id}
@@ -141,7 +141,7 @@ def test_learning_rate_is_logged_once_per_step(tmp_path, monkeypatch, with_monit
     train = ArrayLoader(samples, 2, stack_samples, seed=0)
     logger = WandbLogger(project="aurora-test", save_dir=str(tmp_path), log_every_n_steps=2, image_fields=())
     callbacks = [LearningRateMonitor(every_n_steps=2), logger] if with_monitor else [logger]
-    trainer = Trainer(callbacks, optimizer=optax.adam(schedule), learning_rate=schedule, max_epochs=1, mesh=make_mesh(1))
+    trainer = Trainer(callbacks, optimizer=optax.adam(schedule), log_learning_rate=schedule, max_epochs=1, mesh=make_mesh(1))
     trainer.fit(ConvTask(features=8, depth=2), train)
 
     expected = {2: float(schedule(1)), 4: float(schedule(3))}  # step s used schedule(s - 1)

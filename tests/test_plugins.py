@@ -43,7 +43,7 @@ PLUGIN_SOURCE = textwrap.dedent(
         def on_validate(self, trainer, step, metrics):
             self.events.append(("validate", step, "loss" in metrics))
 
-        def on_epoch(self, trainer, epoch, metrics):
+        def on_epoch_end(self, trainer, epoch, metrics):
             self.events.append(("epoch", epoch))
 
         def on_sync(self, trainer, step):

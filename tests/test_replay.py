@@ -131,6 +131,8 @@ def test_replay_trains_two_steps_per_batch_and_resumes_exactly(tmp_path):
     trainer, state_full = _fit([full], epochs=2)
     assert trainer.global_step == 2 * 4 * 2  # 2 epochs x 4 batches x 2 steps per batch
     assert CountingLoader.served == 1 + 8  # the shape probe, then each batch once per epoch
+    # One compiled step serves the steps that insert a batch and those that do not.
+    assert trainer.train_step._cache_size() == 1
     assert sorted(set(full.leads.values())) == [1.0, 2.0, 3.0]  # the buffer reaches the longest lead
 
     ckpt_dir = str(tmp_path / "ckpt")

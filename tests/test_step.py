@@ -119,7 +119,7 @@ def test_conv_task_is_independent_of_variable_order():
 
 def test_learning_rate_is_tabulated_before_the_loop():
     schedule = learning_rate_schedule(1e-3, total_steps=6, warmup_steps=2)
-    trainer = Trainer([], optimizer=make_optimizer(schedule), learning_rate=schedule, max_steps=6, max_epochs=5, mesh=make_mesh(1))
+    trainer = Trainer([], optimizer=make_optimizer(schedule), log_learning_rate=schedule, max_steps=6, max_epochs=5, mesh=make_mesh(1))
     trainer.fit(ConvTask(), ArrayLoader(make_samples(4), 2, stack_samples))
     assert trainer._lr_table is not None and len(trainer._lr_table) == 6
     for step in range(1, 7):

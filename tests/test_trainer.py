@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from aurora_loop.callbacks import Callback
+from aurora_loop.callbacks import Callback, CheckpointIO
 from aurora_loop.data import ArrayLoader
 from aurora_loop.model.batch import stack_samples
 from aurora_loop.parallel import make_mesh
@@ -48,7 +48,7 @@ class Recorder(Callback):
     def on_validate(self, trainer, step, metrics):
         self.events.append(("validate", step))
 
-    def on_epoch(self, trainer, epoch, metrics):
+    def on_epoch_end(self, trainer, epoch, metrics):
         self.events.append(("epoch", epoch))
 
     def on_sync(self, trainer, step):
@@ -273,6 +273,68 @@ def test_a_signal_during_the_stop_agreement_is_not_lost(monkeypatch):
     trainer = Trainer([Preemption(verbose=False), rec], optimizer=optax.adam(1e-3), max_epochs=1, mesh=make_mesh(1))
     trainer.fit(ConvTask(), train, val)
     assert sent and trainer.global_step == 3
-    assert was_preempted(trainer) and trainer.stopped_by_signal
+    assert was_preempted(trainer) and trainer.stop_skips_validation and trainer.stop_checkpoint is True
     # A preempted run saves promptly: no final validation, no epoch end.
     assert [e for e in rec.events if e[0] in ("validate", "epoch")] == []
+
+
+class StateInMemory(CheckpointIO):
+    """A CheckpointIO that resumes from a state it was handed (no files)."""
+
+    def __init__(self, saved=None) -> None:
+        self.saved = saved
+        self.asked_with = None
+
+    def restore_latest(self, trainer, abstract_state):
+        self.asked_with = abstract_state
+        return self.saved
+
+    def on_fit_end(self, trainer):
+        self.saved = (trainer.state, trainer.meta_state())
+
+
+def test_resume_goes_through_the_one_checkpoint_io_callback():
+    train, val = loaders()
+    memory = StateInMemory()
+    first = Trainer([memory], optimizer=optax.adam(1e-3), max_epochs=2, max_steps=3, mesh=make_mesh(1))
+    first.fit(ConvTask(), train, val)
+    assert first.resumed_from is None and memory.asked_with is not None  # asked, had nothing
+    # The abstract state it is asked to fill carries the shardings to restore into.
+    assert all(leaf.sharding is not None for leaf in jax.tree.leaves(memory.asked_with))
+
+    train, val = loaders()
+    second = Trainer([memory], optimizer=optax.adam(1e-3), max_epochs=2, max_steps=5, mesh=make_mesh(1))
+    second.fit(ConvTask(), train, val)
+    assert second.resumed_from == 3 and second.global_step == 5
+
+
+def test_two_checkpoint_io_callbacks_are_refused():
+    class Other(StateInMemory):
+        state_key = "Other"
+
+    with pytest.raises(ValueError, match=r"two callbacks hold the CheckpointIO role \(StateInMemory, Other\)"):
+        Trainer([StateInMemory(), Other()])
+
+
+def test_callbacks_wrap_the_train_step_in_list_order():
+    calls = []
+
+    class Wrap(Callback):
+        def __init__(self, name):
+            self.name = name
+
+        @property
+        def state_key(self):
+            return self.name
+
+        def wrap_train_step(self, trainer, step):
+            def wrapped(state, batch):
+                calls.append(self.name)
+                return step(state, batch)
+
+            return wrapped
+
+    train, _ = loaders()
+    trainer = Trainer([Wrap("inner"), Wrap("outer")], optimizer=optax.adam(1e-3), max_steps=2, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), train)
+    assert calls == ["outer", "inner"] * 2  # the later callback wraps the earlier one's wrapper

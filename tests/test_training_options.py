@@ -63,7 +63,7 @@ def test_compiled_step_memory_does_not_grow_with_the_number_of_micro_batches():
         trainer, _ = _fit(4, accumulate=n, num_devices=1, max_steps=1)
         micro = stack_samples(make_samples(4))
         batch = trainer._place_train_batch([micro] * n)
-        analysis = trainer._train_step.lower(trainer.state, batch).compile().memory_analysis()
+        analysis = trainer.train_step.lower(trainer.state, batch).compile().memory_analysis()
         temp[n] = analysis.temp_size_in_bytes
     print(f"compiled step temporaries: {temp[2]:,} bytes with 2 micro-batches, {temp[8]:,} bytes with 8")
     assert temp[8] <= temp[2] * 1.05 + 4096

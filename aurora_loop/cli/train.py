@@ -269,10 +269,10 @@ def _print_param_groups(task: Any, train_loader: Any, groups: Any) -> int:
     """``--print_param_groups``: the parameter table of ``task`` on the data's shapes."""
     import jax
 
+    from aurora_loop.data import example_batch
     from aurora_loop.optim import format_group_table, group_table
-    from aurora_loop.trainer import _example_batch
 
-    example = _example_batch(train_loader)
+    example = example_batch(train_loader)
     if callable(getattr(task, "setup", None)):
         task.setup(example)
     shapes = jax.eval_shape(task.init, jax.random.PRNGKey(0), example)
@@ -336,8 +336,8 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         # The model steps as far as the data does (Aurora's default is 6 h; ERA5 samples may be 12 h).
         config = config.replace(timestep_hours=float(train_loader.time_step / np.timedelta64(1, "h")))
     task = make_task(config.model, config)
-    # Replay takes several steps per batch; accumulation several batches per step.
-    steps_per_epoch = len(train_loader) * int(getattr(task, "batch_every", 1)) // config.accumulate_grad_batches
+    # The task may take several steps per batch (replay); accumulation several batches per step.
+    steps_per_epoch = len(task.train_loader(train_loader) if hasattr(task, "train_loader") else train_loader) // config.accumulate_grad_batches
     if steps_per_epoch < 1:
         raise UsageError(f"an epoch of {len(train_loader)} batches is shorter than --accumulate_grad_batches "
                          f"{config.accumulate_grad_batches}; accumulate fewer batches or use more training data")
@@ -360,7 +360,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     trainer = Trainer(
         callbacks=callbacks,
         optimizer=optimizer,
-        learning_rate=schedule,
+        log_learning_rate=schedule,
         max_epochs=config.epochs,
         max_steps=config.max_steps,
         val_every_n_steps=config.val_every_n_steps,

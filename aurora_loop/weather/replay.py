@@ -33,6 +33,7 @@ devices), e.g. D = 4, K = 8, history 2: 40 batches' worth of fields per device s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax
@@ -40,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from aurora_loop.config import replay_settings_problem
+from aurora_loop.data import REPEAT_BATCH, example_batch
 from aurora_loop.model.batch import Batch, Sample
 from aurora_loop.weather.rollout import Predictor, StepLoss, advance_history
 
@@ -58,13 +61,9 @@ class ReplayConfig:
 
     def check(self, rollout_steps: int) -> None:
         """Raise ValueError unless the buffer can always offer a state to train on."""
-        if self.buffer_size < 1:
-            raise ValueError(f"replay_buffer_size must be at least 1, got {self.buffer_size}")
-        if not 1 <= self.refresh_every <= rollout_steps:
-            raise ValueError(
-                f"replay_refresh_every ({self.refresh_every}) must be between 1 and rollout_steps ({rollout_steps}): "
-                "a buffered sample is used up after rollout_steps steps; raise --rollout_steps or lower --replay_refresh_every"
-            )
+        problem = replay_settings_problem(self.buffer_size, self.refresh_every, rollout_steps)
+        if problem:
+            raise ValueError(problem)
 
 
 @flax.struct.dataclass
@@ -107,15 +106,24 @@ def empty_buffer(example: Sample, config: ReplayConfig) -> ReplayBuffer:
     return ReplayBuffer(slots=slots, step_hours=step_hours, lead=jnp.full((depth,), steps, jnp.int32))
 
 
-def insert(buffer: ReplayBuffer, fresh: Sample) -> ReplayBuffer:
-    """Put ``fresh`` (lead 0) into an empty slot, else over the slot rolled out furthest."""
+def insert(buffer: ReplayBuffer, fresh: Sample, when: jax.Array | bool = True) -> ReplayBuffer:
+    """Put ``fresh`` (lead 0) into an empty slot, else over the slot rolled out furthest; with
+    ``when`` false (a traced boolean scalar), leave the buffer as it is.
+
+    The choice is a select inside the slot's update, not a branch, so the buffer is updated in
+    place either way."""
     slot = jnp.argmax(buffer.lead)  # the first of the largest: empty slots (lead K) come first
+    when = jnp.asarray(when)
     first_time = jnp.asarray(fresh.targets.metadata.time)
     step_hours = first_time - jnp.asarray(fresh.inputs.metadata.time).astype(first_time.dtype)
+
+    def put(buf: jax.Array, new: Any) -> jax.Array:
+        return buf.at[slot].set(jnp.where(when, jnp.asarray(new).astype(buf.dtype), buf[slot]))
+
     return ReplayBuffer(
-        slots=jax.tree.map(lambda buf, new: buf.at[slot].set(jnp.asarray(new).astype(buf.dtype)), buffer.slots, fresh),
-        step_hours=buffer.step_hours.at[slot].set(step_hours.astype(buffer.step_hours.dtype)),
-        lead=buffer.lead.at[slot].set(0),
+        slots=jax.tree.map(put, buffer.slots, fresh),
+        step_hours=put(buffer.step_hours, step_hours),
+        lead=put(buffer.lead, 0),
     )
 
 
@@ -137,18 +145,20 @@ def replay_loss(
     rng: jax.Array,
     fresh: Sample | None = None,
     feed_back: Any = None,
+    insert_fresh: jax.Array | bool = True,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
     """One replay step: ``(loss, (metrics, new_buffer))``, differentiable in ``predict``'s
     parameters (the buffer update carries no gradient).
 
-    ``fresh``: this step's dataset batch, inserted before drawing, or ``None``.
+    ``fresh``: a dataset batch, inserted before drawing when ``insert_fresh`` (a traced boolean
+    scalar, or a Python bool), or ``None``.
     ``feed_back``: what a prediction becomes before it is stored as the next input
     (:data:`aurora_loop.weather.rollout.FeedBack`; ``None``: itself).
     ``metrics``: ``replay_lead`` (the lead in steps of the scored prediction, 1..K) and
     ``replay_slots_used`` (non-empty slots after the step).
     """
     if fresh is not None:
-        buffer = insert(buffer, fresh)
+        buffer = insert(buffer, fresh, insert_fresh)
     steps = _targets_per_sample(jax.tree.map(lambda x: x[0], buffer.slots))
     available = buffer.lead < steps
     slot = jax.random.categorical(rng, jnp.where(available, 0.0, -jnp.inf))
@@ -169,14 +179,73 @@ def replay_loss(
     return loss, (metrics, updated)
 
 
+class RepeatEachBatch:
+    """A Loader yielding each batch of ``loader`` followed by ``n - 1``
+    :data:`~aurora_loop.data.REPEAT_BATCH` markers: ``n`` steps per dataset batch.
+
+    Its position includes the repeats still owed, so a checkpoint between two batches resumes
+    there; the first owed step of a resumed run trains on ``loader``'s example batch instead
+    (replay ignores the batch of a step that inserts nothing).
+    """
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader = loader
+        self.n = n
+        self.owed = 0
+        self._example: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+        self.owed = 0
+
+    def __len__(self) -> int:
+        return len(self.loader) * self.n
+
+    def example_batch(self) -> Any:
+        """One batch shaped like every batch; the inner loader keeps its position (reading an
+        example may restart a loader without ``example_batch``, so its state is put back)."""
+        if self._example is None:
+            position = self.loader.state_dict()
+            self._example = example_batch(self.loader)
+            self.loader.load_state_dict(position)
+        return self._example
+
+    @property
+    def steps_into_epoch(self) -> int:
+        """Steps of the current epoch already taken (for checkpoints that predate ``epoch_step``)."""
+        return int(self.loader.state_dict()["position"]) * self.n - self.owed
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.owed > 0:  # resumed between two batches: any batch of the right shape will do
+            self.owed -= 1
+            yield self.example_batch()
+        while self.owed > 0:
+            self.owed -= 1
+            yield REPEAT_BATCH
+        for batch in self.loader:
+            self.owed = self.n - 1
+            yield batch
+            while self.owed > 0:
+                self.owed -= 1
+                yield REPEAT_BATCH
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "steps_owed": self.owed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.owed = int(state["steps_owed"])
+
+
 class ReplayTraining:
     """The stateful-Task extension for replay mode, for tasks on ``Sample`` batches.
 
     A task mixing this in sets ``self.replay`` (a :class:`ReplayConfig`, or ``None`` when
     not in replay mode) and provides ``_predict_fn(params) -> Predictor``,
     ``_step_loss(prediction, target) -> scalar`` and ``_prepare(sample) -> sample`` (e.g. a
-    crop). The Trainer then keeps the buffer in ``TrainState.task_state`` and fetches a
-    dataset batch only every ``batch_every`` steps.
+    crop). The Trainer then keeps the buffer in ``TrainState.task_state``, and the task's
+    ``train_loader`` repeats each dataset batch for ``refresh_every`` steps: the first step
+    of each group inserts it into the buffer.
     """
 
     replay: ReplayConfig | None = None
@@ -198,6 +267,10 @@ class ReplayTraining:
         """Optimizer steps per dataset batch (1 unless in replay mode)."""
         return self.replay.refresh_every if self.replay is not None else 1
 
+    def train_loader(self, loader: Any) -> Any:
+        """The Task hook: in replay mode, each batch for ``batch_every`` steps."""
+        return RepeatEachBatch(loader, self.batch_every) if self.batch_every > 1 else loader
+
     def _prepare(self, sample: Sample) -> Sample:
         return sample
 
@@ -208,11 +281,14 @@ class ReplayTraining:
         return empty_buffer(self._prepare(example_batch), self.replay)
 
     def stateful_loss(
-        self, params: Any, task_state: ReplayBuffer, batch: Sample | None, rng: jax.Array
+        self, params: Any, task_state: ReplayBuffer, batch: Sample, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ReplayBuffer]]:
-        """``(loss, (metrics, new_task_state))``; ``batch`` is ``None`` on steps without data."""
-        fresh = None if batch is None else self._prepare(batch)
-        return replay_loss(self._predict_fn(params), self._step_loss, task_state, rng, fresh, getattr(self, "_feed_back", None))
+        """``(loss, (metrics, new_task_state))``. ``batch`` enters the buffer on the first step of
+        each group of ``batch_every`` (``step``: optimizer steps already taken; groups start at
+        multiples of ``batch_every``, as :class:`RepeatEachBatch` yields them)."""
+        insert_now = step % self.batch_every == 0
+        return replay_loss(self._predict_fn(params), self._step_loss, task_state, rng, self._prepare(batch),
+                           getattr(self, "_feed_back", None), insert_now)
 
 
 def replay_config(config: Any) -> ReplayConfig | None:
