@@ -116,9 +116,9 @@ def analyse(cell: dict[str, Any], directory: str) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from aurora_loop.cli.export_checkpoint import checkpoint_steps, read_params
     from aurora_loop.cli.tools import main as tools_main
     from aurora_loop.config import config_from_mapping
+    from aurora_loop.inference.runs import checkpoint_steps, read_params
     from aurora_loop.task import make_task
 
     full, resumed = os.path.join(directory, "full"), os.path.join(directory, "resumed")

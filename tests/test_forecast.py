@@ -76,7 +76,8 @@ def test_forecast_matches_the_task_on_one_device(trained, forecast):
     import jax
 
     from aurora_loop.datasets import SampleSpec, WeatherStore, read_sample, selection_from_config
-    from aurora_loop.inference.forecast import load_model, resolve_checkpoint
+    from aurora_loop.inference.forecast import load_model
+    from aurora_loop.inference.runs import resolve_checkpoint
 
     store_path, run = trained
     resolved = resolve_checkpoint(run)

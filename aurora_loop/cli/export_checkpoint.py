@@ -1,7 +1,9 @@
 """``aurora-loop export-checkpoint RUN_DIR [--step N|latest|best] [--format F] --out PATH``: hand weights on.
 
-Reads the training checkpoint ``RUN_DIR/checkpoints/<step>/`` (written by ModelCheckpoint)
-and writes the parameters alone. ``--format orbax`` (the default) writes the seed's layout
+Reads the training checkpoint ``RUN_DIR/checkpoints/<step>/`` (written by ModelCheckpoint;
+``RUN_DIR`` may also be its ``checkpoints/`` dir or one step dir) and writes the parameters
+alone: only the ``params`` or ``ema_params`` of the saved state are read, never the optimizer
+state (:mod:`aurora_loop.inference.runs`). ``--format orbax`` (the default) writes the seed's layout
 to the directory ``PATH``:
 
 - ``DIR/encoder``, ``DIR/backbone``, ``DIR/decoder``: orbax PyTree checkpoints of the
@@ -55,81 +57,45 @@ from typing import Any
 import numpy as np
 
 from aurora_loop.errors import UsageError
-from aurora_loop.inference.runs import WEIGHT_CHOICES, WEIGHTS_HELP
+from aurora_loop.inference.runs import (
+    PARTS,
+    WEIGHT_CHOICES,
+    WEIGHTS_HELP,
+    resolve_run,
+)
 
-PARTS = ("encoder", "backbone", "decoder")
 FORMATS = ("orbax", "torch", "safetensors", "npz")
 # The file name endings each state-dict format writes (what import-checkpoint reads).
 EXTENSIONS = {"torch": (".ckpt", ".pt", ".pth"), "safetensors": (".safetensors",), "npz": (".npz",)}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output_dir (holding checkpoints/)")
-    parser.add_argument("--step", default="latest", help="checkpoint step to export: a number, 'latest' (default) or 'best' (ModelCheckpoint's monitored best)")
-    parser.add_argument("--format", choices=FORMATS, default="orbax",
-                        help="orbax (default): encoder/, backbone/, decoder/ in the directory PATH, as import-checkpoint writes; "
-                             "torch, safetensors, npz: the PyTorch reference's state_dict in the file PATH (.ckpt, .safetensors, .npz) "
-                             "with its aurora.Aurora keyword arguments in PATH.json (Aurora runs only; torch needs pip install 'aurora_loop[torch]')")
-    parser.add_argument("--out", required=True, metavar="PATH",
-                        help="directory (orbax; must not exist or be empty) or file (the other formats; must not exist) to write, unless --force")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="a training run's --output_dir (holding checkpoints/), its checkpoints/ dir or one checkpoints/<step> dir",
+    )
+    parser.add_argument(
+        "--step",
+        default="latest",
+        help="checkpoint step to export: a number, 'latest' (default) or 'best' (ModelCheckpoint's monitored best)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="orbax",
+        help="orbax (default): encoder/, backbone/, decoder/ in the directory PATH, as import-checkpoint writes; "
+        "torch, safetensors, npz: the PyTorch reference's state_dict in the file PATH (.ckpt, .safetensors, .npz) "
+        "with its aurora.Aurora keyword arguments in PATH.json (Aurora runs only; torch needs pip install 'aurora_loop[torch]')",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="directory (orbax; must not exist or be empty) or file (the other formats; must not exist) to write, unless --force",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing PATH (and PATH.json)")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
-
-
-def checkpoint_steps(checkpoint_dir: str) -> list[int]:
-    """Steps of the complete checkpoints under ``checkpoint_dir``, oldest first."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    steps = []
-    for name in os.listdir(checkpoint_dir):
-        path = os.path.join(checkpoint_dir, name)
-        if name.isdigit() and os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
-            steps.append(int(name))
-    return sorted(steps)
-
-
-def read_meta(step_dir: str) -> dict[str, Any]:
-    """The ``meta`` item (trainer meta state) of a checkpoint step directory."""
-    with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def best_step(checkpoint_dir: str, steps: list[int]) -> int | None:
-    """The kept step with the best ModelCheckpoint score, from the newest checkpoint's meta."""
-    meta = read_meta(os.path.join(checkpoint_dir, str(steps[-1])))
-    for state in meta.get("callbacks", {}).values():
-        if isinstance(state, Mapping) and "scores" in state and state.get("monitor"):
-            scores = {int(k): float(v) for k, v in state["scores"].items() if int(k) in steps}
-            if scores:
-                pick = min if state.get("mode", "min") == "min" else max
-                return pick(scores, key=scores.__getitem__)
-    return None
-
-
-def choose_step(checkpoint_dir: str, wanted: str) -> int:
-    steps = checkpoint_steps(checkpoint_dir)
-    if not steps:
-        raise UsageError(f"no checkpoints in {checkpoint_dir}; pass the --output_dir of a run that saved some")
-    if wanted == "latest":
-        return steps[-1]
-    if wanted == "best":
-        step = best_step(checkpoint_dir, steps)
-        if step is None:
-            raise UsageError(f"no monitored scores in {checkpoint_dir} (ModelCheckpoint ran without monitor); pass --step N or latest")
-        return step
-    if not wanted.isdigit():
-        raise UsageError(f"--step {wanted!r} is not a step number, 'latest' or 'best'")
-    if int(wanted) not in steps:
-        raise UsageError(f"no checkpoint for step {wanted} in {checkpoint_dir}; available: {', '.join(map(str, steps))}")
-    return int(wanted)
-
-
-def read_params(state_dir: str, weights: str = "auto") -> Any:
-    """The weights of a saved TrainState as numpy arrays (any device count): its moving
-    average when it kept one, unless ``weights`` is ``raw`` (:mod:`aurora_loop.inference.runs`)."""
-    from aurora_loop.inference.runs import restore_state_weights
-
-    return restore_state_weights(state_dir, weights)[0]
 
 
 def split_params(params: Any) -> tuple[dict[str, Any], bool]:
@@ -158,32 +124,22 @@ def _model_config_json(training_config: Mapping[str, Any] | None) -> str | None:
     return model_config.to_json() if hasattr(model_config, "to_json") else None
 
 
-def export(run_dir: str, out: str, step: str = "latest", force: bool = False, weights: str = "auto",
-           format: str = "orbax") -> dict[str, Any]:
+def export(
+    run_dir: str, out: str, step: str = "latest", force: bool = False, weights: str = "auto", format: str = "orbax"
+) -> dict[str, Any]:
     """Write the export (see the module docstring); returns what ``export.json`` records
     (for the state-dict formats: the same record, which is not written)."""
     if format != "orbax":
         return export_state_dict(run_dir, out, format, step=step, force=force, weights=weights)
     import orbax.checkpoint as ocp
 
-    run_dir, out = os.path.abspath(run_dir), os.path.abspath(out)
-    checkpoint_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"RUN_DIR {run_dir} does not exist; pass a training run's --output_dir")
+    checkpoint = resolve_run(run_dir, step)
+    run_dir, chosen, out = checkpoint.run_dir, checkpoint.step, os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise UsageError(f"--out {out} exists and is not empty; choose a new directory or pass --force to replace it")
-    chosen = choose_step(checkpoint_dir, step)
-    step_dir = os.path.join(checkpoint_dir, str(chosen))
-    from aurora_loop.inference.runs import restore_state_weights
-
-    params, weights_read = restore_state_weights(os.path.join(step_dir, "state"), weights)
+    params, weights_read = checkpoint.read_weights(weights)
     parts, split = split_params(params)
-
-    training_config = None
-    config_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as fh:
-            training_config = json.load(fh)
+    training_config = checkpoint.config_values
 
     parent = os.path.dirname(out) or "."
     os.makedirs(parent, exist_ok=True)
@@ -220,12 +176,15 @@ def export(run_dir: str, out: str, step: str = "latest", force: bool = False, we
 
 # --- the reference's state dict: torch / safetensors / npz ------------------------------------
 
+
 def _require_torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise UsageError("--format torch needs PyTorch: pip install 'aurora_loop[torch]', or use --format safetensors "
-                         "(or npz), which need no torch") from None
+        raise UsageError(
+            "--format torch needs PyTorch: pip install 'aurora_loop[torch]', or use --format safetensors "
+            "(or npz), which need no torch"
+        ) from None
     return torch
 
 
@@ -265,8 +224,10 @@ def _write_state(path: str, fmt: str, state: Mapping[str, np.ndarray], metadata:
 def _check_out_file(out: str, fmt: str, force: bool) -> str:
     """``PATH.json`` for the state-dict file ``out``, after refusing an unusable ``out``."""
     if not out.lower().endswith(EXTENSIONS[fmt]):
-        raise UsageError(f"--out {out}: --format {fmt} writes a {' / '.join(EXTENSIONS[fmt])} file; "
-                         f"name it so (e.g. model{EXTENSIONS[fmt][0]}), as import-checkpoint tells formats by their ending")
+        raise UsageError(
+            f"--out {out}: --format {fmt} writes a {' / '.join(EXTENSIONS[fmt])} file; "
+            f"name it so (e.g. model{EXTENSIONS[fmt][0]}), as import-checkpoint tells formats by their ending"
+        )
     kwargs_path = out + ".json"
     for path in (out, kwargs_path):
         if os.path.isdir(path):
@@ -276,11 +237,11 @@ def _check_out_file(out: str, fmt: str, force: bool) -> str:
     return kwargs_path
 
 
-def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", force: bool = False,
-                      weights: str = "auto") -> dict[str, Any]:
+def export_state_dict(
+    run_dir: str, out: str, fmt: str, step: str = "latest", force: bool = False, weights: str = "auto"
+) -> dict[str, Any]:
     """Write the reference's state dict of a run's checkpoint to ``out`` in ``fmt`` (torch,
     safetensors or npz) and its ``aurora.Aurora`` keyword arguments to ``out + ".json"``."""
-    from aurora_loop.inference.runs import restore_state_weights
     from aurora_loop.model.checkpoint import CheckpointError
     from aurora_loop.model.config import AuroraConfig
     from aurora_loop.model.reference_export import (
@@ -292,28 +253,24 @@ def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", fo
 
     if fmt not in EXTENSIONS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    run_dir, out = os.path.abspath(run_dir), os.path.abspath(out)
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"RUN_DIR {run_dir} does not exist; pass a training run's --output_dir")
+    checkpoint = resolve_run(run_dir, step)
+    run_dir, chosen, out = checkpoint.run_dir, checkpoint.step, os.path.abspath(out)
     if fmt == "torch":
         _require_torch()
     kwargs_path = _check_out_file(out, fmt, force)
-    checkpoint_dir = os.path.join(run_dir, "checkpoints")
-    chosen = choose_step(checkpoint_dir, step)
 
-    training_config = None
+    training_config = checkpoint.config_values
     config_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as fh:
-            training_config = json.load(fh)
     model_json = _model_config_json(training_config)
     if model_json is None:
         task = (training_config or {}).get("model", "unknown")
-        raise UsageError(f"--format {fmt} writes the Aurora reference's state dict, but the run's model ({task}) is not an Aurora "
-                         f"model (or its task cannot be rebuilt from {config_path}: it gives no model_config); use --format orbax")
+        raise UsageError(
+            f"--format {fmt} writes the Aurora reference's state dict, but the run's model ({task}) is not an Aurora "
+            f"model (or its task cannot be rebuilt from {config_path}: it gives no model_config); use --format orbax"
+        )
     config = AuroraConfig.from_json(model_json)
 
-    params, weights_read = restore_state_weights(os.path.join(checkpoint_dir, str(chosen), "state"), weights)
+    params, weights_read = checkpoint.read_weights(weights)
     try:
         state = params_to_state_dict(config, params)
     except CheckpointError as err:
@@ -342,8 +299,12 @@ def export_state_dict(run_dir: str, out: str, fmt: str, step: str = "latest", fo
         with open(temps[0], "w", encoding="utf-8") as fh:
             json.dump(reference_kwargs_json(config), fh, indent=2)
             fh.write("\n")
-        _write_state(temps[1], fmt, state, {"format": "pt", "producer": "aurora_loop export-checkpoint",
-                                             "step": str(chosen), "weights": record["weights"]})
+        _write_state(
+            temps[1],
+            fmt,
+            state,
+            {"format": "pt", "producer": "aurora_loop export-checkpoint", "step": str(chosen), "weights": record["weights"]},
+        )
         os.replace(temps[0], kwargs_path)
         os.replace(temps[1], out)  # the weights last: a weights file always has its kwargs beside it
     except BaseException:
@@ -359,19 +320,25 @@ def run(args: argparse.Namespace) -> int:
     record = export(args.run_dir, args.out, step=str(args.step), force=args.force, weights=args.weights, format=fmt)
     out = os.path.abspath(args.out)
     if fmt != "orbax":
-        print(f"Exported step {record['step']} to {out}: the reference's state_dict ({fmt}, {record['tensors']} tensors, "
-              f"{record['parameters']:,} parameters); its aurora.{record['reference_class']} keyword arguments are in {record['kwargs']} "
-              f"(turn their lists into tuples before calling aurora.{record['reference_class']})")
+        print(
+            f"Exported step {record['step']} to {out}: the reference's state_dict ({fmt}, {record['tensors']} tensors, "
+            f"{record['parameters']:,} parameters); its aurora.{record['reference_class']} keyword arguments are in {record['kwargs']} "
+            f"(turn their lists into tuples before calling aurora.{record['reference_class']})"
+        )
         if record["weights"] == "ema":
             print("The exported weights are the run's moving average (--ema_decay); pass --weights raw for the trained ones")
         if record["atmos_stats"]:
             stats = ", ".join(f"{k}={tuple(v)}" for k, v in sorted(record["atmos_stats"].items()))
-            print(f"The run overrides atmospheric normalisation statistics, which aurora.Aurora takes no argument for: "
-                  f"set aurora.normalisation.locations[key], scales[key] = (location, scale) for {stats}")
+            print(
+                f"The run overrides atmospheric normalisation statistics, which aurora.Aurora takes no argument for: "
+                f"set aurora.normalisation.locations[key], scales[key] = (location, scale) for {stats}"
+            )
         return 0
     if record["layout"] == "model":
-        print(f"Exported step {record['step']} to {out}/model: the parameters have no encoder/backbone/decoder parts "
-              f"(not an Aurora model), so they were written whole")
+        print(
+            f"Exported step {record['step']} to {out}/model: the parameters have no encoder/backbone/decoder parts "
+            f"(not an Aurora model), so they were written whole"
+        )
     else:
         print(f"Exported step {record['step']} to {out}: {', '.join(record['parts'])}")
     if record["weights"] == "ema":

@@ -28,41 +28,93 @@ OVERRIDES = ("surf_vars", "static_vars", "atmos_vars", "levels", "timestep_hours
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a run dir (newest step), run/checkpoints/<step>, or an exported encoder/backbone/decoder (or model/) dir")
-    parser.add_argument("--dataset_path", metavar="STORE", help="WB2-layout Zarr store to read the initial conditions from (default: the run's dataset_path)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a run dir (newest step), run/checkpoints/<step>, or an exported encoder/backbone/decoder (or model/) dir",
+    )
+    parser.add_argument(
+        "--dataset_path",
+        metavar="STORE",
+        help="WB2-layout Zarr store to read the initial conditions from (default: the run's dataset_path)",
+    )
     parser.add_argument("--static_path", metavar="STORE", help="separate store of static fields (default: the run's static_path)")
-    parser.add_argument("--init", required=True, metavar="TIMES", help="initial times: ISO times comma-separated (2020-01-25T00,2020-01-26T00), START/END[/EVERY] (2020-01-20/2020-01-25/12h), or all")
-    parser.add_argument("--steps", type=int, required=True, metavar="N", help="roll-out steps; lead times are 1..N times the model step (the run's; see --timestep_hours)")
-    parser.add_argument("--out", required=True, metavar="FORECAST.zarr", help="Zarr store to write (refused if it exists, unless --overwrite)")
+    parser.add_argument(
+        "--init",
+        required=True,
+        metavar="TIMES",
+        help="initial times: ISO times comma-separated (2020-01-25T00,2020-01-26T00), START/END[/EVERY] (2020-01-20/2020-01-25/12h), or all",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        required=True,
+        metavar="N",
+        help="roll-out steps; lead times are 1..N times the model step (the run's; see --timestep_hours)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="FORECAST.zarr", help="Zarr store to write (refused if it exists, unless --overwrite)"
+    )
     parser.add_argument("--model", help="task name, for checkpoints without a training config (e.g. imported Aurora weights)")
     for name in ("surf_vars", "static_vars", "atmos_vars", "levels"):
-        parser.add_argument(f"--{name}", help=f"override the run's {name} (comma list; for checkpoints without a training config)")
-    parser.add_argument("--timestep_hours", metavar="H",
-                        help="the model step in hours (default: the run's, else the largest of its --lead_times, else the store's time step); "
-                             "inputs are read this far apart")
-    parser.add_argument("--fine_lead_times", metavar="H1,H2,..",
-                        help="write every sub-step of each model step (models with variable lead times, Aurora 1.5): hours in increasing order, "
-                             "the last the model step, e.g. 1,2,3,4,5,6")
-    parser.add_argument("--ensemble_members", type=int, metavar="M",
-                        help="a stochastic model's (v1p5_ensemble) ensemble: M forecasts with independent noise along a 'number' dim "
-                             "(default: one forecast, no member dim)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a stochastic model's noise, folded per member and initial time (default 0)")
+        parser.add_argument(
+            f"--{name}", help=f"override the run's {name} (comma list; for checkpoints without a training config)"
+        )
+    parser.add_argument(
+        "--timestep_hours",
+        metavar="H",
+        help="the model step in hours (default: the run's, else the largest of its --lead_times, else the store's time step); "
+        "inputs are read this far apart",
+    )
+    parser.add_argument(
+        "--fine_lead_times",
+        metavar="H1,H2,..",
+        help="write every sub-step of each model step (models with variable lead times, Aurora 1.5): hours in increasing order, "
+        "the last the model step, e.g. 1,2,3,4,5,6",
+    )
+    parser.add_argument(
+        "--ensemble_members",
+        type=int,
+        metavar="M",
+        help="a stochastic model's (v1p5_ensemble) ensemble: M forecasts with independent noise along a 'number' dim "
+        "(default: one forecast, no member dim)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of a stochastic model's noise, folded per member and initial time (default 0)"
+    )
     parser.add_argument("--member", type=int, default=0, help="ensemble member of the store to start from (default 0)")
-    parser.add_argument("--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)")
+    parser.add_argument(
+        "--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)"
+    )
     parser.add_argument("--num_devices", "--num_gpus", dest="num_devices", type=int, help="devices to use (default: all visible)")
-    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format of the output (default 2, consolidated, as WeatherBench2)")
+    parser.add_argument(
+        "--zarr_format",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="Zarr format of the output (default 2, consolidated, as WeatherBench2)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
-    parser.add_argument("--compile_cache", default="~/.cache/aurora_loop/xla", metavar="DIR",
-                        help="JAX's persistent compilation cache, so the next forecast of the same shapes skips compiling "
-                             "($XDG_CACHE_HOME is honoured; JAX_COMPILATION_CACHE_DIR wins; none: off)")
+    parser.add_argument(
+        "--compile_cache",
+        default="~/.cache/aurora_loop/xla",
+        metavar="DIR",
+        help="JAX's persistent compilation cache, so the next forecast of the same shapes skips compiling "
+        "($XDG_CACHE_HOME is honoured; JAX_COMPILATION_CACHE_DIR wins; none: off)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _use_cpu_devices(count: int | None) -> None:
     """On a CPU-only machine ``--num_devices N`` means N CPU devices (as in aurora-train); this
     only works before JAX starts its backends and leaves accelerator backends alone."""
-    if count and "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if (
+        count
+        and "JAX_NUM_CPU_DEVICES" not in os.environ
+        and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+    ):
         import jax
 
         try:
@@ -82,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--ensemble_members must be at least 1, got {args.ensemble_members}")
     if args.seed < 0:
         raise UsageError(f"--seed must be at least 0, got {args.seed}")
-    from aurora_loop.inference.forecast import parse_fine_lead_times
+    from aurora_loop.inference.times import parse_fine_lead_times
 
     parse_fine_lead_times(args.fine_lead_times)  # a bad list fails before anything loads
     if os.path.exists(args.out) and not args.overwrite:
@@ -115,10 +167,14 @@ def run(args: argparse.Namespace) -> int:
     )
     hours = result.leads / np.timedelta64(1, "h")
     members = f" x {result.members} member(s) along 'number'" if result.members is not None else ""
-    print(f"Wrote {result.count} forecast(s){members} of {args.steps} step(s) of {result.step_hours:g} h "
-          f"({hours.size} lead time(s), {hours[0]:g} h to {hours[-1]:g} h) to {result.path}")
+    print(
+        f"Wrote {result.count} forecast(s){members} of {args.steps} step(s) of {result.step_hours:g} h "
+        f"({hours.size} lead time(s), {hours[0]:g} h to {hours[-1]:g} h) to {result.path}"
+    )
     if result.stochastic and result.members is None:
-        print(f"Note: the model is stochastic: this is one draw of its noise (member 0 of --seed {result.seed}); "
-              "pass --ensemble_members M for an ensemble")
+        print(
+            f"Note: the model is stochastic: this is one draw of its noise (member 0 of --seed {result.seed}); "
+            "pass --ensemble_members M for an ensemble"
+        )
     print(f"Score them with: aurora-loop evaluate {result.path} --truth STORE --out REPORT_DIR")
     return 0

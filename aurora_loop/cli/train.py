@@ -154,7 +154,7 @@ def inherit_schedule(config: TrainingConfig, resume: bool) -> TrainingConfig:
     if config.lr_schedule_steps is not None or not resume:
         return config
     out = os.path.abspath(config.output_dir)
-    from aurora_loop.cli.export_checkpoint import checkpoint_steps
+    from aurora_loop.inference.runs import checkpoint_steps
 
     if not checkpoint_steps(os.path.join(out, "checkpoints")):
         return config
