@@ -13,6 +13,7 @@ there the hooks run before the next dispatch.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -219,6 +220,7 @@ class Trainer:
       precision: ``"fp32"``, ``"bf16-mixed"`` (the model's own bfloat16 compute; the task
         decides) or ``"bf16-params"`` (the step also casts the weights to bfloat16 for the
         forward and backward pass; the optimizer updates float32 masters).
+      learning_rate: the earlier name of ``log_learning_rate`` (deprecated).
     """
 
     def __init__(
@@ -238,7 +240,12 @@ class Trainer:
         ema_decay: float | None = None,
         eval_weights: str = "ema",
         precision: str = "fp32",
+        learning_rate: optax.Schedule | float | None = None,
     ) -> None:
+        if learning_rate is not None:  # the earlier name of log_learning_rate
+            warnings.warn("Trainer(learning_rate=) is now log_learning_rate= (it is only reported; the optimizer trains)",
+                          DeprecationWarning, stacklevel=2)
+            log_learning_rate = learning_rate if log_learning_rate is None else log_learning_rate
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
         if eval_weights not in ("ema", "raw"):

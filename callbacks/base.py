@@ -69,7 +69,14 @@ class Callback:
         Also when the run ends mid-epoch (``max_steps``, a callback's stop), after the final
         validation; then ``trainer.epoch_step < trainer.steps_per_epoch``. Not after a stop
         by a signal or a non-finite step: that epoch stays open for the resumed run.
+
+        By default it calls :meth:`on_epoch`, the hook's earlier name, so callbacks written
+        against either name work.
         """
+        self.on_epoch(trainer, epoch, metrics)
+
+    def on_epoch(self, trainer: Trainer, epoch: int, metrics: Mapping[str, float]) -> None:
+        """The earlier name of :meth:`on_epoch_end` (the design's hook contract); override either."""
 
     def on_sync(self, trainer: Trainer, step: int) -> None:
         """At a step boundary where ``trainer.state`` is exactly the state after ``step``.

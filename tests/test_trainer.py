@@ -338,3 +338,19 @@ def test_callbacks_wrap_the_train_step_in_list_order():
     trainer = Trainer([Wrap("inner"), Wrap("outer")], optimizer=optax.adam(1e-3), max_steps=2, mesh=make_mesh(1))
     trainer.fit(ConvTask(), train)
     assert calls == ["outer", "inner"] * 2  # the later callback wraps the earlier one's wrapper
+
+
+def test_callbacks_and_scripts_written_against_the_earlier_names_still_work():
+    """``on_epoch`` (the design's hook name) is still called at each epoch end, and
+    ``Trainer(learning_rate=)`` still reports the learning rate, with a deprecation warning."""
+    seen = []
+
+    class Old(Callback):
+        def on_epoch(self, trainer, epoch, metrics):
+            seen.append(epoch)
+
+    train, _ = loaders()
+    with pytest.warns(DeprecationWarning, match="log_learning_rate"):
+        trainer = Trainer([Old()], optimizer=optax.adam(1e-3), learning_rate=1e-3, max_epochs=2, mesh=make_mesh(1))
+    trainer.fit(ConvTask(), train)
+    assert seen == [0, 1] and trainer.learning_rate(1) == 1e-3
