@@ -114,10 +114,18 @@ def forecast_maps(
     prediction: Any, target: Any, fields: Sequence[str] | None, lead: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(prediction, target) maps of shape (h, w) for example 0 at roll-out step ``lead``
-    (0-based; clipped to the last step the batch has, see :func:`lead_step`)."""
+    (0-based; clipped to the last step the batch has, see :func:`lead_step`).
+
+    A model that crops the grid (Aurora drops the last latitude row of a 721-row grid to fit
+    its patches) predicts fewer rows than the target has: the target is cropped alike."""
     pred, true = per_field(prediction), per_field(target)
     k = lead_step(target, lead)
-    return {name: (np.asarray(pred[name])[0, k], np.asarray(true[name])[0, k]) for name in choose_fields(list(true), fields)}
+    maps = {}
+    for name in choose_fields(list(true), fields):
+        predicted = np.asarray(pred[name])[0, k]
+        h, w = predicted.shape[-2:]
+        maps[name] = (predicted, np.asarray(true[name])[0, k][..., :h, :w])
+    return maps
 
 
 def lead_step(target: Any, lead: int) -> int:
@@ -137,7 +145,7 @@ def render_maps(name: str, prediction: np.ndarray, target: np.ndarray, lat: Any 
     bound = float(np.nanmax(np.abs(error))) or 1.0
     extent = None
     if lat is not None and lon is not None:
-        lat, lon = np.asarray(lat), np.asarray(lon)
+        lat, lon = np.asarray(lat)[: prediction.shape[-2]], np.asarray(lon)[: prediction.shape[-1]]
         extent = (float(lon.min()), float(lon.max()), float(lat.min()), float(lat.max()))
     fig = Figure(figsize=(12, 3.2), dpi=80)
     axes = fig.subplots(1, 3)
