@@ -1,0 +1,306 @@
+"""Every command in the docs is checked: README.md and docs/*.md.
+
+Each fenced ``bash`` block carries a marker on the line just before its fence:
+
+- ``<!-- runnable -->``: run here, in order, in a temporary directory per page that holds a
+  fresh built-in sample store, ``sample.zarr`` (and links to the repository's ``tests/``,
+  ``examples/`` and ``benchmarks/``, which some commands read). ``python`` blocks may be
+  marked runnable too.
+- ``<!-- tested-by: tests/test_x.py::test_name -->``: a test that runs the same thing (the
+  full-size command needs a GPU, a cluster, several hosts or a long run); it must exist.
+- ``<!-- not-run: reason -->``: only for what cannot run anywhere in CI; rare, with a reason.
+
+Also: every fence names its language (so no command hides in an unlabelled block), the
+README stays short, and relative links (and their #anchors) point at what exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 250
+MAX_NOT_RUN = 3
+BLOCK_TIMEOUT_S = 600
+LINKED_INTO_RUN_DIR = ("tests", "examples", "benchmarks")
+PACKAGES = ("aurora_loop", "callbacks", "datasets")
+
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([^`\s]*)")
+MARKER = re.compile(r"^\s*<!--\s*(runnable|tested-by:|not-run:)\s*(.*?)\s*-->\s*$")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # the text may span lines
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: str | None  # "runnable", "tested-by:" or "not-run:"
+    argument: str  # the test for tested-by, the reason for not-run
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def parse(page: Path) -> tuple[list[Block], list[str]]:
+    """The fenced blocks of a page, and its lines outside them (blank in their place)."""
+    lines = page.read_text().splitlines()
+    blocks, prose = [], []
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            prose.append(lines[i])
+            i += 1
+            continue
+        fence, lang = match.group(1), match.group(2).lower()
+        start = i
+        i += 1
+        body = []
+        while i < len(lines) and not re.match(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[i]):
+            body.append(lines[i])
+            i += 1
+        i += 1  # the closing fence
+        previous = MARKER.match(lines[start - 1]) if start else None
+        marker = previous.group(1) if previous else None
+        argument = previous.group(2) if previous else ""
+        blocks.append(Block(page, start + 1, lang, "\n".join(body) + "\n", marker, argument))
+        prose.extend([""] * (i - start))
+    return blocks, prose
+
+
+ALL_BLOCKS = [block for page in PAGES for block in parse(page)[0]]
+RUN_PAGES = [page for page in PAGES if any(b.marker == "runnable" for b in parse(page)[0])]
+
+
+def test_every_fence_names_its_language():
+    unnamed = [b.where for b in ALL_BLOCKS if not b.lang]
+    assert not unnamed, f"fenced blocks without a language (use bash for commands, text for output): {unnamed}"
+
+
+def test_every_bash_block_has_a_marker():
+    missing = [b.where for b in ALL_BLOCKS if b.lang in ("bash", "sh", "shell", "console") and b.marker is None]
+    assert not missing, (
+        "bash blocks without a marker on the line before the fence "
+        "(<!-- runnable -->, <!-- tested-by: tests/test_x.py::test_name --> or <!-- not-run: reason -->): " + ", ".join(missing)
+    )
+
+
+def test_commands_are_in_bash_blocks():
+    other_shells = [b.where for b in ALL_BLOCKS if b.lang in ("sh", "shell", "console")]
+    assert not other_shells, f"write command blocks as ```bash: {other_shells}"
+
+
+def test_only_bash_and_python_blocks_run():
+    wrong = [f"{b.where} ({b.lang})" for b in ALL_BLOCKS if b.marker == "runnable" and b.lang not in ("bash", "python")]
+    assert not wrong, f"only bash and python blocks can be runnable: {wrong}"
+
+
+def test_no_stray_markers():
+    """A marker must sit on the line just before a fence, or it checks nothing."""
+    stray = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for n, line in enumerate(lines):
+            if MARKER.match(line) and not (n + 1 < len(lines) and FENCE.match(lines[n + 1])):
+                stray.append(f"{page.relative_to(ROOT)}:{n + 1}")
+    assert not stray, f"markers not followed by a fence: {stray}"
+
+
+def _test_names(path: Path) -> set[str]:
+    """Test functions of a file: ``test_x`` and ``Class::test_x``."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names.update(
+                f"{node.name}::{item.name}" for item in node.body if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            )
+    return names
+
+
+def test_tested_by_names_an_existing_test():
+    problems = []
+    for block in ALL_BLOCKS:
+        if block.marker != "tested-by:":
+            continue
+        file, sep, name = block.argument.partition("::")
+        path = ROOT / file
+        if not sep or not name.split("::")[-1].startswith("test_"):
+            problems.append(f"{block.where}: {block.argument!r} is not tests/test_x.py::test_name")
+        elif not path.is_file():
+            problems.append(f"{block.where}: {file} does not exist")
+        elif name not in _test_names(path):
+            problems.append(f"{block.where}: {file} has no test {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_not_run_is_rare_and_gives_a_reason():
+    not_run = [b for b in ALL_BLOCKS if b.marker == "not-run:"]
+    without_reason = [b.where for b in not_run if len(b.argument) < 10]
+    assert not without_reason, f"not-run markers need a reason: {without_reason}"
+    assert len(not_run) <= MAX_NOT_RUN, f"{len(not_run)} not-run blocks (at most {MAX_NOT_RUN}): {[b.where for b in not_run]}"
+
+
+def test_readme_is_short():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines < README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/ (at most {README_MAX_LINES - 1})"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, markup and punctuation dropped, spaces to dashes."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+    text = re.sub(r"[^\w\- ]", "", text.replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    anchors, seen = set(), {}
+    for line in parse(page)[1]:
+        match = HEADING.match(line)
+        if match:
+            slug = _slug(match.group(2))
+            count = seen.get(slug, 0)
+            anchors.add(slug if count == 0 else f"{slug}-{count}")
+            seen[slug] = count + 1
+    return anchors
+
+
+def test_relative_links_point_at_what_exists():
+    broken = []
+    for page in PAGES:
+        prose = "\n".join(parse(page)[1])
+        prose = re.sub(r"`[^`\n]*`", lambda m: " " * len(m.group(0)), prose)  # no links inside inline code
+        for match in LINK.finditer(prose):
+            target = match.group(1)
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            where = f"{page.relative_to(ROOT)}:{prose.count(chr(10), 0, match.start()) + 1}: {target}"
+            if not path.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                broken.append(f"{where} (no heading #{anchor} in {path.relative_to(ROOT)})")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md gives every module of the three packages its line."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    modules = sorted(str(p.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+    missing = [m for m in modules if f"`{m}`" not in text]
+    assert not missing, f"docs/architecture.md does not describe: {missing}"
+    gone = sorted(set(re.findall(r"^\| `((?:aurora_loop|callbacks|datasets)/[\w/]+\.py)`", text, re.M)) - set(modules))
+    assert not gone, f"docs/architecture.md describes modules that no longer exist: {gone}"
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # aurora-train, aurora-loop
+    env["JAX_NUM_CPU_DEVICES"] = "1"  # a block may set its own
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory) -> Path:
+    """The built-in sample store, written once and copied into each page's run directory."""
+    directory = tmp_path_factory.mktemp("sample")
+    result = subprocess.run(
+        ["aurora-loop", "sample-data", "sample.zarr"],
+        cwd=directory,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    return directory / "sample.zarr"
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
+def test_runnable_blocks_run(page, sample_store, tmp_path):
+    """A page's runnable blocks, in order, in one directory: bash -euo pipefail, or python."""
+    shutil.copytree(sample_store, tmp_path / "sample.zarr")
+    for name in LINKED_INTO_RUN_DIR:
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = _environment()
+    timings = []
+    for block in (b for b in parse(page)[0] if b.marker == "runnable"):
+        if block.lang == "python":
+            script = tmp_path / f"block_{block.line}.py"
+            script.write_text(block.code)
+            command = [sys.executable, str(script)]
+        else:
+            command = ["bash", "-euo", "pipefail", "-c", block.code]
+        start = time.monotonic()
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        timings.append(f"{block.where}: {time.monotonic() - start:.1f} s")
+        assert result.returncode == 0, (
+            f"{block.where}: the {block.lang} block failed with exit status {result.returncode}\n"
+            f"--- block ---\n{block.code}--- stderr (tail) ---\n{_tail(result.stderr)}\n--- stdout (tail) ---\n{_tail(result.stdout, 10)}"
+        )
+    print("\n".join(timings))
+
+
+# The benchmarks' documented commands take minutes to hours (docs/performance.md); these
+# smoke sizes keep each script working: it runs and ends with its ratio line.
+BENCHMARK_SMOKE = {
+    "loop_overhead": ["--steps", "5", "--repeats", "1"],
+    "loader_throughput": ["--grid", "16x32", "--levels", "2", "--times", "8", "--repeats", "1"],
+    "compile_time": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--repeats", "1"],
+    "step_time": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--steps", "1", "--warmup", "1", "--no-memory"],
+    "attention": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--rounds", "1"],
+    "memory": ["--model", "tiny", "--grid", "16", "32", "--levels", "2", "--devices", "2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BENCHMARK_SMOKE))
+def test_benchmarks_run_at_a_smoke_size(name, tmp_path):
+    env = _environment()
+    env["JAX_NUM_CPU_DEVICES"] = "2" if name == "memory" else "1"
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *BENCHMARK_SMOKE[name]]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    assert result.returncode == 0, f"{' '.join(command)}: exit status {result.returncode}\n{_tail(result.stderr)}"
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"^\w+=", last), f"{name}: the last line should be its ratio, got {last!r}"
+
+
+@pytest.mark.slow
+def test_fine_tune_example_runs(tmp_path):
+    """examples/fine_tune.py (docs/finetuning.md) at a smoke size: one epoch, ended early by its own --max_time."""
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "fine_tune.py"),
+        "--output_dir",
+        "ft",
+        "--epochs",
+        "1",
+        "--max_time",
+        "00:00:30",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    assert result.returncode == 0, f"{' '.join(command)}: exit status {result.returncode}\n{_tail(result.stderr)}"
+    assert "2t RMSE by lead time (EMA weights): 6h" in result.stdout, _tail(result.stdout)
+    assert (tmp_path / "ft" / "checkpoints").is_dir()
