@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,29 +239,52 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-@pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
-def test_runnable_blocks_run(page, sample_store, tmp_path):
-    """A page's runnable blocks, in order, in one directory: bash -euo pipefail, or python."""
-    shutil.copytree(sample_store, tmp_path / "sample.zarr")
+# The pages, the benchmarks and the example are independent subprocess work, mostly XLA
+# compiling on one thread: they run two at a time (as the scenario matrix does), started at the
+# first test that needs them, and each test then checks its own result.
+CONCURRENT_JOBS = 2
+
+
+def _run_page(page: Path, sample_store: Path, directory: Path) -> tuple[str | None, str]:
+    """A page's runnable blocks, in order, in one directory: bash -euo pipefail, or python.
+    Returns (the failure message or None, the blocks' timings)."""
+    directory.mkdir(parents=True)
+    shutil.copytree(sample_store, directory / "sample.zarr")
     for name in LINKED_INTO_RUN_DIR:
-        (tmp_path / name).symlink_to(ROOT / name)
+        (directory / name).symlink_to(ROOT / name)
     env = _environment()
     timings = []
     for block in (b for b in parse(page)[0] if b.marker == "runnable"):
         if block.lang == "python":
-            script = tmp_path / f"block_{block.line}.py"
+            script = directory / f"block_{block.line}.py"
             script.write_text(block.code)
             command = [sys.executable, str(script)]
         else:
             command = ["bash", "-euo", "pipefail", "-c", block.code]
         start = time.monotonic()
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        result = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
         timings.append(f"{block.where}: {time.monotonic() - start:.1f} s")
-        assert result.returncode == 0, (
-            f"{block.where}: the {block.lang} block failed with exit status {result.returncode}\n"
-            f"--- block ---\n{block.code}--- stderr (tail) ---\n{_tail(result.stderr)}\n--- stdout (tail) ---\n{_tail(result.stdout, 10)}"
-        )
-    print("\n".join(timings))
+        if result.returncode != 0:
+            return (
+                f"{block.where}: the {block.lang} block failed with exit status {result.returncode}\n"
+                f"--- block ---\n{block.code}--- stderr (tail) ---\n{_tail(result.stderr)}\n--- stdout (tail) ---\n{_tail(result.stdout, 10)}"
+            ), "\n".join(timings)
+    return None, "\n".join(timings)
+
+
+@pytest.fixture(scope="module")
+def page_runs(sample_store, tmp_path_factory) -> dict[Path, tuple[str | None, str]]:
+    root = tmp_path_factory.mktemp("pages")
+    with ThreadPoolExecutor(CONCURRENT_JOBS) as pool:
+        futures = {page: pool.submit(_run_page, page, sample_store, root / f"page{i}") for i, page in enumerate(RUN_PAGES)}
+        return {page: future.result() for page, future in futures.items()}
+
+
+@pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
+def test_runnable_blocks_run(page, page_runs):
+    failure, timings = page_runs[page]
+    print(timings)
+    assert failure is None, failure
 
 
 # The benchmarks' documented commands take minutes to hours (docs/performance.md); these
@@ -275,22 +299,9 @@ BENCHMARK_SMOKE = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(BENCHMARK_SMOKE))
-def test_benchmarks_run_at_a_smoke_size(name, tmp_path):
-    env = _environment()
-    env["JAX_NUM_CPU_DEVICES"] = "2" if name == "memory" else "1"
-    command = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *BENCHMARK_SMOKE[name]]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    assert result.returncode == 0, f"{' '.join(command)}: exit status {result.returncode}\n{_tail(result.stderr)}"
-    last = result.stdout.strip().splitlines()[-1]
-    assert re.match(r"^\w+=", last), f"{name}: the last line should be its ratio, got {last!r}"
-
-
-@pytest.mark.slow
-def test_fine_tune_example_runs(tmp_path):
+def _fine_tune_command() -> list[str]:
     """examples/fine_tune.py (docs/finetuning.md) at a smoke size: one epoch, ended early by its own --max_time."""
-    command = [
+    return [
         sys.executable,
         str(ROOT / "examples" / "fine_tune.py"),
         "--output_dir",
@@ -300,7 +311,42 @@ def test_fine_tune_example_runs(tmp_path):
         "--max_time",
         "00:00:30",
     ]
-    result = subprocess.run(command, cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    assert result.returncode == 0, f"{' '.join(command)}: exit status {result.returncode}\n{_tail(result.stderr)}"
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every benchmark at its smoke size and the fine-tuning example, two at a time."""
+    jobs = {name: [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args] for name, args in BENCHMARK_SMOKE.items()}
+    jobs["fine_tune"] = _fine_tune_command()
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        directory = tmp_path_factory.mktemp(name)
+        env = _environment()
+        env["JAX_NUM_CPU_DEVICES"] = "2" if name == "memory" else "1"
+        return subprocess.run(
+            jobs[name], cwd=directory, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+        ), directory
+
+    # The longest first, so the two lanes end together.
+    order = ["fine_tune", "memory", "attention", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
+    with ThreadPoolExecutor(CONCURRENT_JOBS) as pool:
+        futures = {name: pool.submit(run, name) for name in order}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BENCHMARK_SMOKE))
+def test_benchmarks_run_at_a_smoke_size(name, smoke_runs):
+    result, _ = smoke_runs[name]
+    assert result.returncode == 0, f"{' '.join(result.args)}: exit status {result.returncode}\n{_tail(result.stderr)}"
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"^\w+=", last), f"{name}: the last line should be its ratio, got {last!r}"
+
+
+@pytest.mark.slow
+def test_fine_tune_example_runs(smoke_runs):
+    """examples/fine_tune.py (docs/finetuning.md) at a smoke size: one epoch, ended early by its own --max_time."""
+    result, directory = smoke_runs["fine_tune"]
+    assert result.returncode == 0, f"{' '.join(result.args)}: exit status {result.returncode}\n{_tail(result.stderr)}"
     assert "2t RMSE by lead time (EMA weights): 6h" in result.stdout, _tail(result.stdout)
-    assert (tmp_path / "ft" / "checkpoints").is_dir()
+    assert (directory / "ft" / "checkpoints").is_dir()
