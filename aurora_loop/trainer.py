@@ -288,12 +288,8 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.epoch_step = 0  # steps taken in the current epoch
-        # Stop requests (``should_stop`` and :meth:`request_stop`'s), set by callbacks and signal
-        # handlers at any time and on any one process; the loop acts on their agreed values.
-        self.should_stop = False
-        self._skip_validation_requested = self._save_requested = self._no_save_requested = False
         self.stop_reason: str | None = None
-        self._stop_agreed = self._skip_validation_agreed = self._save_agreed = self._no_save_agreed = False
+        self._clear_stop_requests()
         self.last_val_metrics: dict[str, float] = {}
         self.last_validated_step: int | None = None
         self.resumed_from: int | None = None
@@ -364,6 +360,15 @@ class Trainer:
         elif checkpoint is False:
             self._no_save_requested = True
         self.should_stop = True
+
+    def _clear_stop_requests(self) -> None:
+        """No stop asked for. Requests (``should_stop`` and :meth:`request_stop`'s) are set by
+        callbacks and signal handlers at any time and on any one process; the loop acts on
+        their agreed values."""
+        self.should_stop = False
+        self._skip_validation_requested = self._save_requested = self._no_save_requested = False
+        self._stop_agreed = self._skip_validation_agreed = self._save_agreed = self._no_save_agreed = False
+        self.stop_reason = None
 
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """Agree on the stop requests (and ``flags``) over all processes.
@@ -467,10 +472,8 @@ class Trainer:
         if self.accumulate_grad_batches > 1:
             self.train_data = _MicroBatches(self.train_data, self.accumulate_grad_batches)
         self.val_data = _as_loader(val_data)
-        self.should_stop = self._stop_agreed = False
-        self._skip_validation_requested = self._save_requested = self._no_save_requested = False
-        self._skip_validation_agreed = self._save_agreed = self._no_save_agreed = False
-        self.stop_reason = self.last_validated_step = None
+        self._clear_stop_requests()
+        self.last_validated_step = None
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
         try:
