@@ -14,3 +14,32 @@ if "XDG_CACHE_HOME" not in os.environ:
     import tempfile
 
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="aurora-loop-test-cache-")
+
+
+# Background work (tests/background.py): modules with a start_background_work(tmp_path_factory,
+# names) function start their subprocess jobs as soon as collection ends; the scenario matrix's
+# tests go last, so that its cells use the idle core while everything else runs.
+BACKGROUND_MODULES = ("test_docs", "test_scenarios")  # submission order: the docs' jobs are waited for first
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.module.__name__.endswith("test_scenarios") and item.name.startswith("test_scenario["))
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    names = {}
+    for item in session.items:
+        names.setdefault(item.module.__name__.rsplit(".", 1)[-1], (item.module, set()))[1].add(item.name)
+    for module_name in BACKGROUND_MODULES:
+        if module_name in names:
+            module, selected = names[module_name]
+            # pytest's own fixture object: the jobs' directories live under the session's basetemp.
+            module.start_background_work(session.config._tmp_path_factory, selected)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import background
+
+    background.stop_all()

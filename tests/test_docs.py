@@ -22,12 +22,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -219,20 +222,20 @@ def _environment() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def sample_store(tmp_path_factory) -> Path:
-    """The built-in sample store, written once and copied into each page's run directory."""
-    directory = tmp_path_factory.mktemp("sample")
-    result = subprocess.run(
-        ["aurora-loop", "sample-data", "sample.zarr"],
-        cwd=directory,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=BLOCK_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stderr
-    return directory / "sample.zarr"
+_SAMPLE_LOCK = threading.Lock()
+
+
+def _sample_store(root: Path) -> Path:
+    """The built-in sample store, written once (by the first job that needs it) and copied
+    into each page's run directory."""
+    with _SAMPLE_LOCK:
+        store = root / "sample" / "sample.zarr"
+        if not store.exists():
+            store.parent.mkdir(parents=True, exist_ok=True)
+            result = background.run(["aurora-loop", "sample-data", "sample.zarr"], cwd=store.parent, env=_environment(),
+                                    timeout=BLOCK_TIMEOUT_S)
+            assert result.returncode == 0, result.stderr
+        return store
 
 
 def _tail(text: str, lines: int = 30) -> str:
@@ -240,16 +243,15 @@ def _tail(text: str, lines: int = 30) -> str:
 
 
 # The pages, the benchmarks and the example are independent subprocess work, mostly XLA
-# compiling on one thread: they run two at a time (as the scenario matrix does), started at the
-# first test that needs them, and each test then checks its own result.
-CONCURRENT_JOBS = 2
+# compiling on one thread: they run in the background (tests/background.py), submitted when
+# collection ends, and each test then checks its own result.
 
 
-def _run_page(page: Path, sample_store: Path, directory: Path) -> tuple[str | None, str]:
+def _run_page(page: Path, root: Path, directory: Path) -> tuple[str | None, str]:
     """A page's runnable blocks, in order, in one directory: bash -euo pipefail, or python.
     Returns (the failure message or None, the blocks' timings)."""
     directory.mkdir(parents=True)
-    shutil.copytree(sample_store, directory / "sample.zarr")
+    shutil.copytree(_sample_store(root), directory / "sample.zarr")
     for name in LINKED_INTO_RUN_DIR:
         (directory / name).symlink_to(ROOT / name)
     env = _environment()
@@ -262,7 +264,7 @@ def _run_page(page: Path, sample_store: Path, directory: Path) -> tuple[str | No
         else:
             command = ["bash", "-euo", "pipefail", "-c", block.code]
         start = time.monotonic()
-        result = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+        result = background.run(command, cwd=directory, env=env, timeout=BLOCK_TIMEOUT_S)
         timings.append(f"{block.where}: {time.monotonic() - start:.1f} s")
         if result.returncode != 0:
             return (
@@ -272,12 +274,34 @@ def _run_page(page: Path, sample_store: Path, directory: Path) -> tuple[str | No
     return None, "\n".join(timings)
 
 
+_JOBS: dict[str, Future] = {}  # "page:<path>" or "smoke:<name>" -> the background job
+_JOBS_LOCK = threading.Lock()
+
+
+def _start_jobs(tmp_path_factory: pytest.TempPathFactory, pages: bool = True, smokes: bool = True) -> None:
+    """Submit the page runs and the smoke runs that are not submitted yet (once per session)."""
+    runner = background.background()
+    with _JOBS_LOCK:
+        if pages and not any(k.startswith("page:") for k in _JOBS):
+            root = tmp_path_factory.mktemp("pages")
+            for i, page in enumerate(RUN_PAGES):
+                _JOBS[f"page:{page}"] = runner.submit(lambda page=page, i=i: _run_page(page, root, root / f"page{i}"))
+        if smokes and not any(k.startswith("smoke:") for k in _JOBS):
+            for name in SMOKE_ORDER:
+                directory = tmp_path_factory.mktemp(name)
+                _JOBS[f"smoke:{name}"] = runner.submit(lambda name=name, directory=directory: _run_smoke(name, directory))
+
+
+def start_background_work(tmp_path_factory: pytest.TempPathFactory, names: set[str]) -> None:
+    """Called by conftest.py when collection ends, with the selected tests' names."""
+    _start_jobs(tmp_path_factory, pages=any(n.startswith("test_runnable_blocks_run") for n in names),
+                smokes=any(n.startswith(("test_benchmarks_run_at_a_smoke_size", "test_fine_tune_example_runs")) for n in names))
+
+
 @pytest.fixture(scope="module")
-def page_runs(sample_store, tmp_path_factory) -> dict[Path, tuple[str | None, str]]:
-    root = tmp_path_factory.mktemp("pages")
-    with ThreadPoolExecutor(CONCURRENT_JOBS) as pool:
-        futures = {page: pool.submit(_run_page, page, sample_store, root / f"page{i}") for i, page in enumerate(RUN_PAGES)}
-        return {page: future.result() for page, future in futures.items()}
+def page_runs(tmp_path_factory) -> dict[Path, tuple[str | None, str]]:
+    _start_jobs(tmp_path_factory, smokes=False)
+    return {page: background.background().wait(_JOBS[f"page:{page}"]) for page in RUN_PAGES}
 
 
 @pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
@@ -299,6 +323,10 @@ BENCHMARK_SMOKE = {
 }
 
 
+# Benchmarks with tests of their own.
+NOT_SMOKED = {"gpu_report": "tests/test_gpu_report.py", "scaling": "tests/test_scaling_benchmark.py"}
+
+
 def _fine_tune_command() -> list[str]:
     """examples/fine_tune.py (docs/finetuning.md) at a smoke size: one epoch, ended early by its own --max_time."""
     return [
@@ -313,25 +341,28 @@ def _fine_tune_command() -> list[str]:
     ]
 
 
+def _run_smoke(name: str, directory: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    command = _fine_tune_command() if name == "fine_tune" else [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *BENCHMARK_SMOKE[name]]
+    env = _environment()
+    env["JAX_NUM_CPU_DEVICES"] = "2" if name == "memory" else "1"
+    return background.run(command, cwd=directory, env=env, timeout=BLOCK_TIMEOUT_S), directory
+
+
+# The longest first, so that the lanes end together.
+SMOKE_ORDER = ["fine_tune", "memory", "attention", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
+
+
+def test_every_benchmark_has_a_smoke_run():
+    assert sorted(SMOKE_ORDER) == sorted([*BENCHMARK_SMOKE, "fine_tune"])
+    assert sorted(BENCHMARK_SMOKE) == sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("_")
+                                             and p.stem not in NOT_SMOKED)
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Every benchmark at its smoke size and the fine-tuning example, two at a time."""
-    jobs = {name: [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args] for name, args in BENCHMARK_SMOKE.items()}
-    jobs["fine_tune"] = _fine_tune_command()
-
-    def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
-        directory = tmp_path_factory.mktemp(name)
-        env = _environment()
-        env["JAX_NUM_CPU_DEVICES"] = "2" if name == "memory" else "1"
-        return subprocess.run(
-            jobs[name], cwd=directory, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
-        ), directory
-
-    # The longest first, so the two lanes end together.
-    order = ["fine_tune", "memory", "attention", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
-    with ThreadPoolExecutor(CONCURRENT_JOBS) as pool:
-        futures = {name: pool.submit(run, name) for name in order}
-        return {name: future.result() for name, future in futures.items()}
+    """Every benchmark at its smoke size and the fine-tuning example."""
+    _start_jobs(tmp_path_factory, pages=False)
+    return {name: background.background().wait(_JOBS[f"smoke:{name}"]) for name in SMOKE_ORDER}
 
 
 @pytest.mark.slow

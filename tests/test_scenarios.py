@@ -16,9 +16,10 @@ and the export loads into a fresh task as pretrained weights, equal to the best 
 the run interrupted by a real SIGTERM and rerun with the same command ends with the same
 parameters as the uninterrupted one (bitwise in one process, rtol 1e-6 across processes).
 
-The cells run as subprocesses (:mod:`tests.scenario_cell`), two CPU processes at a time, with
-XLA's LLVM optimisation turned down: these tests check behaviour, not speed, and compiling
-dominates their time on two cores.
+The cells run as subprocesses (:mod:`tests.scenario_cell`) in the background from the start of
+the session (``tests/background.py``: one lane while other tests run, two while these wait;
+conftest.py puts these tests last), with XLA's LLVM optimisation turned down: these tests
+check behaviour, not speed, and compiling dominates their time on two cores.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests import background
 from tests.scenario_cell import MAX_STEPS, MICRO, SAVE_EVERY, VAL_EVERY
 from tests.test_multiprocess import LAUNCHER_VARS, free_port
 from tests.xla_flags import FAST_COMPILE
@@ -122,36 +124,35 @@ def child_env(devices: int, compile_cache: Path | None = None) -> dict[str, str]
 
 
 class MatrixRunner:
-    """Runs every cell in the background, at most two CPU processes at a time."""
+    """Submits every cell to the session's background runner (tests/background.py): a
+    one-process cell takes one lane, a two-process cell two."""
 
-    SLOTS = 2
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.prepared: Future | None = None
+        self.results: dict[str, Future] = {}
+        self.seconds: dict[str, float] = {}
+        runner = background.background()
+        self.prepared = runner.submit(self._prepare)
+        # The two-process cells last: they wait for the foreground to lend its core.
+        for cell in sorted(CELLS, key=lambda c: c[0] == "2x2"):
+            self.results[cell_id(cell)] = runner.submit(lambda cell=cell: self._run_cell(cell), lanes=2 if cell[0] == "2x2" else 1)
 
-    def __init__(self, root: Path, store: str, pretrained: str) -> None:
-        self.root, self.store, self.pretrained = root, store, pretrained
-        self.results: dict[str, dict[str, Any]] = {}
-        self.done = threading.Condition()
-        self.thread = threading.Thread(target=self._run_all, daemon=True)
-        self.thread.start()
+    def _prepare(self) -> tuple[str, str]:
+        """The sample store and the pretrained model, written by a process of their own."""
+        done = background.run([sys.executable, "-m", "tests.test_scenarios", str(self.root)], env=child_env(1), timeout=CELL_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"preparing the matrix failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        return str(self.root / "store.zarr"), str(self.root / "pretrained")
 
-    def _run_all(self) -> None:
-        # The two-process cells take both slots; the others pair up.
-        single = [c for c in CELLS if c[0] != "2x2"]
-        multi = [c for c in CELLS if c[0] == "2x2"]
-        for pair in [single[i : i + 2] for i in range(0, len(single), 2)] + [[c] for c in multi]:
-            threads = [threading.Thread(target=self._run_cell, args=(c,)) for c in pair]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-
-    def _run_cell(self, cell: tuple) -> None:
+    def _run_cell(self, cell: tuple) -> dict[str, Any]:
         name, spec = cell_id(cell), as_dict(cell)
-        spec["pretrained"] = self.pretrained
         directory = self.root / name
         directory.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         result: dict[str, Any] = {"log": ""}
         try:
+            store, spec["pretrained"] = self.prepared.result()
             base = [sys.executable, "-m", "tests.scenario_cell"]
             if spec["devices"] == "2x2":
                 address = f"127.0.0.1:{free_port()}"
@@ -159,7 +160,7 @@ class MatrixRunner:
                 for i in range(2):
                     flags = ["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)]
                     log = open(directory / f"train-{i}.log", "w")
-                    procs.append((subprocess.Popen(base + ["train", json.dumps(spec), self.store, str(directory), *flags],
+                    procs.append((background.popen(base + ["train", json.dumps(spec), store, str(directory), *flags],
                                                    env=child_env(2, directory / f"xla-cache-{i}"), stdout=log,
                                                    stderr=subprocess.STDOUT), log))
                 deadline = time.monotonic() + CELL_TIMEOUT_S
@@ -174,29 +175,25 @@ class MatrixRunner:
                 result["train_rc"] = [proc.returncode for proc, _ in procs]
             else:
                 with open(directory / "train-0.log", "w") as log:
-                    proc = subprocess.run(base + ["train", json.dumps(spec), self.store, str(directory)],
+                    proc = background.run(base + ["train", json.dumps(spec), store, str(directory)],
                                           env=child_env(4, directory / "xla-cache"),
                                           stdout=log, stderr=subprocess.STDOUT, timeout=CELL_TIMEOUT_S)
                 result["train_rc"] = [proc.returncode]
             if all(rc == 0 for rc in result["train_rc"]):
                 with open(directory / "analyse.log", "w") as log:
-                    proc = subprocess.run(base + ["analyse", json.dumps(spec), str(directory)], env=child_env(1),
+                    proc = background.run(base + ["analyse", json.dumps(spec), str(directory)], env=child_env(1),
                                           stdout=log, stderr=subprocess.STDOUT, timeout=CELL_TIMEOUT_S)
                 result["analyse_rc"] = proc.returncode
                 if proc.returncode == 0:
                     result["report"] = json.loads((directory / "report.json").read_text())
         except Exception as err:  # noqa: BLE001 - reported by the cell's test
             result["error"] = repr(err)
-        result["seconds"] = round(time.monotonic() - started, 1)
+        result["seconds"] = self.seconds[name] = round(time.monotonic() - started, 1)
         result["log"] = "".join(p.read_text()[-2500:] for p in sorted(directory.glob("*.log")))
-        with self.done:
-            self.results[name] = result
-            self.done.notify_all()
+        return result
 
     def result(self, name: str) -> dict[str, Any]:
-        with self.done:
-            self.done.wait_for(lambda: name in self.results, timeout=CELL_TIMEOUT_S * len(CELLS))
-            return self.results[name]
+        return background.background().wait(self.results[name])
 
 
 def write_pretrained(directory: str) -> str:
@@ -219,15 +216,23 @@ def write_pretrained(directory: str) -> str:
     return directory
 
 
+_MATRIX: MatrixRunner | None = None
+
+
+def start_background_work(tmp_path_factory: pytest.TempPathFactory, names: set[str]) -> MatrixRunner | None:
+    """Called by conftest.py when collection ends (and by the fixture, if it did not): the
+    matrix starts with the session, if any cell is selected."""
+    global _MATRIX
+    if _MATRIX is None and any(n.startswith("test_scenario[") for n in names):
+        _MATRIX = MatrixRunner(tmp_path_factory.mktemp("matrix"))
+    return _MATRIX
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    from aurora_loop.datasets.sample_data import write_sample_store
-
-    root = tmp_path_factory.mktemp("matrix")
-    store = write_sample_store(str(root / "store.zarr"), grid=(16, 32), times=48, levels=(500, 850))
-    runner = MatrixRunner(root, store, write_pretrained(str(root / "pretrained")))
+    runner = start_background_work(tmp_path_factory, {"test_scenario["})
     yield runner
-    print("\nscenario cell seconds: " + ", ".join(f"{k} {v['seconds']}" for k, v in runner.results.items()))
+    print("\nscenario cell seconds: " + ", ".join(f"{k} {v}" for k, v in runner.seconds.items()))
 
 
 @pytest.mark.slow
@@ -263,3 +268,11 @@ def test_scenario(matrix, cell):
         assert report["max_rel_diff"] <= 1e-6, report["max_rel_diff"]
     else:
         assert report["bitwise_equal"], report["max_rel_diff"]
+
+
+if __name__ == "__main__":  # python -m tests.test_scenarios DIR: the matrix's store and pretrained model
+    from aurora_loop.datasets.sample_data import write_sample_store
+
+    root = Path(sys.argv[1])
+    write_sample_store(str(root / "store.zarr"), grid=(16, 32), times=48, levels=(500, 850))
+    write_pretrained(str(root / "pretrained"))
