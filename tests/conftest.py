@@ -10,10 +10,11 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 # aurora-train and forecast keep a persistent compilation cache under $XDG_CACHE_HOME: one
 # per test session, so tests share it (and exercise it) without touching the user's home.
+_SESSION_CACHE = None
 if "XDG_CACHE_HOME" not in os.environ:
     import tempfile
 
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="aurora-loop-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="aurora-loop-test-cache-")
 
 
 # Background work (tests/background.py): modules with a start_background_work(tmp_path_factory,
@@ -40,6 +41,10 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
     from tests import background
 
     background.stop_all()
+    if _SESSION_CACHE is not None:  # a few hundred MB of compiled programs per session
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
