@@ -60,6 +60,7 @@ class TrainingConfig:
     bf16: bool = _field(False, "same as --precision bf16-mixed (kept for existing scripts)")
     precision: str = _field("fp32", "fp32 (all float32), bf16-mixed (float32 parameters, bfloat16 compute where the model supports it) or bf16-params (bfloat16 parameters and compute; the optimizer keeps float32 master weights)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
+    remat_policy: str = _field("inputs", "with --remat, what each block keeps for the backward pass: inputs (only its input, all else recomputed: the least memory) or dots (also its linear layers' outputs, only element-wise work and attention recomputed: faster, more memory)")
     lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
     fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
     model_kwargs: dict[str, Any] | None = _field(None, "JSON object of keyword arguments of the reference's Aurora constructor, applied over the preset (or over --checkpoint_dir's config.json), e.g. '{\"use_lora\": true, \"lora_mode\": \"all\", \"lora_steps\": 4}'; variables, bf16, remat and the time step keep their own flags")
@@ -406,6 +407,10 @@ def validate(config: TrainingConfig) -> None:
         problem = replay_settings_problem(config.replay_buffer_size, config.replay_refresh_every, config.rollout_steps)
         if problem:
             raise UsageError(problem)
+    if config.remat_policy not in ("inputs", "dots"):
+        raise UsageError(f"remat_policy must be inputs or dots, got {config.remat_policy!r}")
+    if config.remat_policy != "inputs" and not config.remat:
+        raise UsageError(f"--remat_policy {config.remat_policy} chooses what --remat keeps; add --remat")
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

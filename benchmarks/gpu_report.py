@@ -5,7 +5,7 @@
     python benchmarks/gpu_report.py --models tiny --grid 32 64 --levels 4 --steps 2   # CPU smoke size (CI)
 
 For each model: the real train step of the trainer (``make_train_step``: forward, backward,
-AdamW update, the state donated; batch 1, LoRA off, per-block remat, ``--precision``
+AdamW update, the state donated; batch 1, LoRA off, per-block remat (``--remat-policy``), ``--precision``
 bf16-mixed by default, i.e. float32 parameters and a bfloat16 backbone, the reference's
 autocast), compiled once (the compile time is reported), then timed for ``--steps`` steps
 after ``--warmup``; the median step time, the achieved TFLOP/s (FLOPs from XLA's cost
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="bf16-mixed", choices=("fp32", "bf16-mixed", "bf16-params"))
     parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--remat-policy", default="inputs", choices=("inputs", "dots"),
+                        help="what each rematerialised block keeps (aurora-train --remat_policy)")
     parser.add_argument("--reference-python", help="Python of a venv with torch and microsoft-aurora")
     parser.add_argument("--json", help="also write the report here")
     return parser.parse_args(argv)
@@ -71,7 +73,8 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     from aurora_loop.tasks.aurora import AuroraTask
     from benchmarks.memory import make_sample
 
-    config = AuroraConfig.preset(model, use_lora=False, autocast=args.precision != "fp32", remat=not args.no_remat)
+    config = AuroraConfig.preset(model, use_lora=False, autocast=args.precision != "fp32", remat=not args.no_remat,
+                                 remat_policy=args.remat_policy)
     levels = STANDARD_LEVELS[: args.levels]
     task = AuroraTask(config)
     mesh = make_mesh(1)
@@ -111,7 +114,7 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         "grid": list(args.grid),
         "levels": args.levels,
         "precision": args.precision,
-        "remat": not args.no_remat,
+        "remat": args.remat_policy if not args.no_remat else False,
         "compile_s": round(compile_s, 2),
         "step_s_median": step_s,
         "flops_per_step": flops,

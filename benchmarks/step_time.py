@@ -7,7 +7,7 @@ JAX: one training step (forward, backward, AdamW update) of AuroraSmall's archit
 a 64 x 128 grid with 13 pressure levels and a batch of 1, float32, jitted and timed after
 compilation (median of ``--steps`` steps). It also prints the compiled step's temporary
 memory (``compiled.memory_analysis()``) of the loss-and-gradient computation without and
-with rematerialisation (encoder, every Swin block, decoder).
+with rematerialisation (encoder, every Swin block, decoder), under both remat policies.
 
 With ``--reference-python``, that interpreter (where ``pip install torch==2.14.1
 torchvision==0.29.1 microsoft-aurora`` was run) times the reference's forward + backward on
@@ -164,7 +164,7 @@ def make_inputs_and_target(config, grid: tuple[int, int], levels: tuple[int, ...
     return make_batch(2, 438300.0), make_batch(1, 438306.0)
 
 
-def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
+def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool, remat_policy: str = "inputs"):
     """(jitted train step, params, opt_state, batch) for the benchmark shapes."""
     import jax
     import jax.numpy as jnp
@@ -173,7 +173,7 @@ def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool):
     from aurora_loop.model import AuroraConfig, apply, init_params
     from aurora_loop.tasks.aurora import weighted_mae
 
-    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat)
+    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat, remat_policy=remat_policy)
     inputs, target = make_inputs_and_target(config, tuple(args.grid), levels)
     params = init_params(config, jax.random.key(0), inputs)
     optimizer = optax.adamw(1e-4)
@@ -212,7 +212,7 @@ def jax_time(args: argparse.Namespace, levels: tuple[int, ...]) -> dict:
             "backend": jax.default_backend(), "device": str(jax.devices()[0])}
 
 
-def temp_memory(args: argparse.Namespace, levels: tuple[int, ...], remat: bool) -> int:
+def temp_memory(args: argparse.Namespace, levels: tuple[int, ...], remat: bool, remat_policy: str = "inputs") -> int:
     """Temporary memory of the compiled loss-and-gradient computation (bytes).
 
     Measured on ``value_and_grad(loss)`` rather than the whole training step: there the
@@ -221,7 +221,7 @@ def temp_memory(args: argparse.Namespace, levels: tuple[int, ...], remat: bool) 
     update's parameter-sized temporaries, ~0.45 GB each for AuroraSmall, add the same amount
     with and without remat.)
     """
-    _, grad_fn, params, _, inputs, target = build(args, levels, remat)
+    _, grad_fn, params, _, inputs, target = build(args, levels, remat, remat_policy)
     analysis = grad_fn.lower(params, inputs, target).compile().memory_analysis()
     return int(analysis.temp_size_in_bytes)
 
@@ -297,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         plain = temp_memory(args, levels, remat=False)
         remat = temp_memory(args, levels, remat=True)
+        dots = temp_memory(args, levels, remat=True, remat_policy="dots")
         print(f"grad_temp_memory_no_remat_bytes={plain}")
         print(f"grad_temp_memory_remat_bytes={remat}")
+        print(f"grad_temp_memory_remat_dots_bytes={dots} (--remat_policy dots)")
         print(f"remat_temp_memory_reduction={1 - remat / plain:.3f}", flush=True)
     reference = None
     if args.reference_python:

@@ -116,6 +116,9 @@ def test_too_few_time_steps(tmp_path, capsys):
         (["--stats", "stats.json"], "--stats gives Aurora's normalisation statistics; the conv model normalises its inputs itself"),
         (["--model", "tiny", "--lora_only"], "no parameter is trainable"),
         (["--lr_schedule_steps", "0"], "lr_schedule_steps must be at least 1"),
+        (["--model", "tiny", "--remat_policy", "dots"], "--remat_policy dots chooses what --remat keeps; add --remat"),
+        (["--model", "tiny", "--remat", "--remat_policy", "everything"], "remat_policy must be inputs or dots"),
+        (["--model", "tiny", "--model_kwargs", '{"remat_policy": "dots"}'], "has its own flag: use --remat_policy"),
     ],
 )
 def test_bad_values(store, tmp_path, capsys, args, message):

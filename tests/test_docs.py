@@ -320,6 +320,9 @@ BENCHMARK_SMOKE = {
     "step_time": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--steps", "1", "--warmup", "1", "--no-memory"],
     "attention": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--rounds", "1"],
     "memory": ["--model", "tiny", "--grid", "16", "32", "--levels", "2", "--devices", "2"],
+    "reference_ab": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--rounds", "1",
+                     "--variants", "default,windowed_qkv"],
+    "scan_blocks": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--depths", "1,4,1", "--rounds", "1", "--no-remat"],
 }
 
 
@@ -349,7 +352,7 @@ def _run_smoke(name: str, directory: Path) -> tuple[subprocess.CompletedProcess,
 
 
 # The longest first, so that the lanes end together.
-SMOKE_ORDER = ["fine_tune", "memory", "attention", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
+SMOKE_ORDER = ["fine_tune", "memory", "attention", "scan_blocks", "reference_ab", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
 
 
 def test_every_benchmark_has_a_smoke_run():

@@ -1,4 +1,5 @@
-"""Activation rematerialisation (``AuroraConfig.remat``): same numbers, less memory.
+"""Activation rematerialisation (``AuroraConfig.remat``, both ``remat_policy`` values): same
+numbers, less memory.
 
 The encoder, the Swin blocks and the decoder are checkpointed with
 :func:`aurora_loop.model.swin.remat_after_cotangent`, whose recomputation waits for the
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from aurora_loop.model import AuroraConfig, apply, init_params, stack_samples
+from aurora_loop.model.config import REMAT_POLICIES
 from aurora_loop.model.swin import SwinStage, after, remat_after_cotangent
 from tests.synthetic import make_samples
 
@@ -76,9 +78,10 @@ def test_model_loss_and_gradients_match(inputs) -> None:
         return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(params)
 
     value, grads = value_and_grad(_config())
-    value_r, grads_r = value_and_grad(_config(remat=True))
-    np.testing.assert_allclose(float(value_r), float(value), rtol=1e-6)
-    _assert_trees_close(grads_r, grads)
+    for policy in REMAT_POLICIES:
+        value_r, grads_r = value_and_grad(_config(remat=True, remat_policy=policy))
+        np.testing.assert_allclose(float(value_r), float(value), rtol=1e-6, err_msg=policy)
+        _assert_trees_close(grads_r, grads)
 
 
 def test_stage_gradients_match_inside_checkpoint_and_scan() -> None:
@@ -97,7 +100,9 @@ def test_stage_gradients_match_inside_checkpoint_and_scan() -> None:
 
         return jax.jit(jax.grad(total, argnums=(0, 1, 2)), compiler_options=FAST_COMPILE)(params, x, c)
 
-    _assert_trees_close(grads(SwinStage(**common, remat=True)), grads(SwinStage(**common)))
+    plain = grads(SwinStage(**common))
+    for policy in REMAT_POLICIES:
+        _assert_trees_close(grads(SwinStage(**common, remat=True, remat_policy=policy)), plain)
 
 
 def test_after_is_exact() -> None:
@@ -106,17 +111,18 @@ def test_after_is_exact() -> None:
         np.testing.assert_array_equal(after(x, signal), x)
 
 
-def test_integer_arguments_get_no_cotangent() -> None:
-    fn = remat_after_cotangent(lambda w, x, k: jnp.tanh(x @ w) * k)
+@pytest.mark.parametrize("saveable", [None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable], ids=["inputs", "dots"])
+def test_integer_arguments_get_no_cotangent(saveable) -> None:
+    fn = remat_after_cotangent(lambda w, x, k: jnp.tanh(x @ w) * k, saveable)
     w, x = jnp.ones((3, 2)), jnp.arange(6.0).reshape(2, 3)
     grads = jax.grad(lambda w, x: jnp.sum(fn(w, x, jnp.int32(2))), argnums=(0, 1))(w, x)
     expected = jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) * 2), argnums=(0, 1))(w, x)
     _assert_trees_close(grads, expected)
 
 
-def _stage_temp_bytes(remat: bool) -> int:
+def _stage_temp_bytes(remat: bool, policy: str = "inputs") -> int:
     """Compiled temporaries (bytes) of the gradient of a 4-block stage, D = 32, 2x16x32 grid."""
-    stage = SwinStage(depth=4, num_heads=2, window_size=WINDOW, mlp_ratio=4.0, remat=remat)
+    stage = SwinStage(depth=4, num_heads=2, window_size=WINDOW, mlp_ratio=4.0, remat=remat, remat_policy=policy)
     x = jax.ShapeDtypeStruct((1, int(np.prod(RES)), 32), jnp.float32)
     c = jnp.zeros((1, 32))
     params = jax.eval_shape(lambda: stage.init(jax.random.key(0), jnp.zeros(x.shape), c, RES, (0, 0, 0), 0))
@@ -132,3 +138,45 @@ def test_remat_cuts_compiled_temp_memory() -> None:
     """Four blocks' activations (~19 MB) against one block's plus the saved inputs (~6 MB)."""
     plain, remat = _stage_temp_bytes(False), _stage_temp_bytes(True)
     assert remat < 0.5 * plain, (plain, remat)
+
+
+def test_dots_policy_keeps_more_than_inputs_and_less_than_everything() -> None:
+    """``remat_policy="dots"`` keeps the linear layers' outputs: between the two."""
+    plain, inputs, dots = _stage_temp_bytes(False), _stage_temp_bytes(True), _stage_temp_bytes(True, "dots")
+    assert inputs < dots < plain, (inputs, dots, plain)
+
+
+def test_training_config_knows_the_model_policies() -> None:
+    """aurora_loop.config (below the model in the layers) spells the choices out itself."""
+    from aurora_loop.config import TrainingConfig, validate
+
+    for policy in REMAT_POLICIES:
+        validate(TrainingConfig(output_dir="o", remat=True, remat_policy=policy))
+
+
+@pytest.mark.parametrize("remat, policy", [(False, "inputs"), (True, "inputs"), (True, "dots")])
+def test_scanned_blocks_match_the_unrolled_stage(remat, policy) -> None:
+    """``scan_blocks``: five blocks as two scanned (unshifted, shifted) pairs and a last block,
+    with LoRA per traced roll-out step, with and without remat: the same output and gradients
+    as the plain unrolled stage, from the same parameter tree."""
+    x = _random_like(jax.ShapeDtypeStruct((1, int(np.prod(RES)), 16), jnp.float32), seed=1, scale=1.0)
+    c = _random_like(jax.ShapeDtypeStruct((1, 16), jnp.float32), seed=2, scale=1.0)
+    common = dict(depth=5, num_heads=2, window_size=WINDOW, mlp_ratio=4.0, use_lora=True, lora_steps=3, lora_mode="all",
+                  remat=remat, remat_policy=policy)
+    params = _random_like(jax.eval_shape(lambda: SwinStage(**common).init(jax.random.key(0), x, c, RES, (0, 0, 0), 1)))
+    scanned = SwinStage(**common, scan_blocks=True)
+    assert jax.tree_util.tree_structure(jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, c, RES, (0, 0, 0), 1))) == \
+        jax.tree_util.tree_structure(params)
+
+    def value_and_grads(stage: SwinStage):
+        def total(params, x, c):
+            return jnp.sum(stage.apply(params, x, c, RES, (0, 0, 0), jnp.int32(1))[0] ** 2)
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)), compiler_options=FAST_COMPILE)(params, x, c)
+
+    jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply(p, x, c, RES, (0, 0, 0), jnp.int32(1)))(params))
+    assert jaxpr.count("scan[") == 1 and jaxpr.count("length=2") == 1  # the two pairs in one loop
+    plain = SwinStage(**{**common, "remat": False})
+    (value, grads), (value_s, grads_s) = value_and_grads(plain), value_and_grads(scanned)
+    np.testing.assert_allclose(float(value_s), float(value), rtol=1e-6)
+    _assert_trees_close(grads_s, grads)

@@ -8,7 +8,8 @@ one device, 4 devices data-parallel, 4 devices ``--fsdp`` or 2 processes x 2 dev
 with and without ``--remat`` and ``--bf16``. The full product is 96 cells; :data:`CELLS`
 holds 12 in which every pair of option values meets at least once (checked below). The
 fine-tuning options (accumulation, EMA, per-lead validation, parameter groups, bf16-params,
-time limits) are woven through the cells so that each meets every device layout.
+time limits) are woven through the cells so that each meets every device layout;
+``--remat_policy dots`` runs in remat cells on one device, FSDP and two processes.
 
 Every cell asserts: each run exits 0 (the interrupted one 75); the uninterrupted run
 validated its last step and drew forecast maps there; ``export-checkpoint --step best`` works
@@ -67,6 +68,7 @@ LEAD_TIMES = {"1-full-all-remat-bf16", "4dp-replay-all", "4fsdp-pushforward-all-
 GROUPS = {"1-full-all-remat-bf16": [r"encoder\..*", "decoder=2"], "4fsdp-replay-lora-remat-bf16": ["backbone.encoder_layers_0", "backbone=2"],
           "2x2-pushforward-lora": [r"backbone\.decoder_layers\.1\..*", "backbone.encoder_layers_0=3"],
           "4dp-replay-all": ["decoder", "encoder=0.5"]}
+REMAT_DOTS = {"4fsdp-pushforward-all-remat", "2x2-replay-all-remat", "1-full-all-remat-bf16"}  # --remat_policy dots
 BF16_PARAMS = {"4dp-pushforward-lora-remat-bf16", "2x2-full-lora-remat-bf16"}  # --precision bf16-params instead of --bf16
 VAL_ROLLOUT = 3
 CELL_TIMEOUT_S = 900
@@ -86,6 +88,7 @@ def as_dict(cell: tuple) -> dict[str, Any]:
     extras += ["--val_rollout_steps", str(VAL_ROLLOUT)] * (name in LEAD_TIMES)
     if name in GROUPS:
         extras += ["--freeze", GROUPS[name][0], "--lr_multipliers", GROUPS[name][1]]
+    extras += ["--remat_policy", "dots"] * (name in REMAT_DOTS)
     if name in BF16_PARAMS:
         spec["bf16"] = False
         extras += ["--precision", "bf16-params"]
@@ -98,6 +101,7 @@ def test_the_fine_tuning_options_meet_every_device_layout():
     for option in (ACCUMULATE, EMA, LEAD_TIMES, set(GROUPS)):
         assert option <= set(names), option - set(names)
         assert {names[n][0] for n in option} == set(DEVICES), option
+    assert all(names[n][3] for n in REMAT_DOTS) and {names[n][0] for n in REMAT_DOTS} == {"1", "4fsdp", "2x2"}
     assert all(names[n][1] != "replay" for n in ACCUMULATE)
 
 

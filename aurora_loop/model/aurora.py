@@ -28,7 +28,7 @@ from aurora_loop.model.encoder import Perceiver3DEncoder
 from aurora_loop.model.fourier import lead_time_encoding, lead_times_encoding
 from aurora_loop.model.insolation import insolation_jax, insolation_numpy
 from aurora_loop.model.normalisation import log_transform, log_untransform
-from aurora_loop.model.swin import Swin3DBackbone, detached, remat_after_cotangent
+from aurora_loop.model.swin import Swin3DBackbone, checkpointed, detached
 
 Array = Any
 Params = Any
@@ -58,7 +58,9 @@ class AuroraModule(nn.Module):
 
         With ``config.remat`` the encoder and the decoder, like every Swin block (see
         ``SwinStage``), keep only their inputs for the backward pass, as the reference's
-        activation checkpointing does (:func:`~aurora_loop.model.swin.remat_after_cotangent`).
+        activation checkpointing does (:func:`~aurora_loop.model.swin.remat_after_cotangent`);
+        ``config.remat_policy="dots"`` keeps their linear layers' outputs too
+        (:func:`~aurora_loop.model.swin.checkpointed`).
         """
         cfg = self.config
         b, t = batch.batch_size, batch.num_steps
@@ -72,7 +74,7 @@ class AuroraModule(nn.Module):
             surf[name] = jnp.broadcast_to(field, (b, t, h, w))
         patch_res = (cfg.latent_levels, h // p, w // p)
         meta = batch.metadata
-        checkpointed = cfg.remat and not self.is_initializing()
+        rematerialise = cfg.remat and not self.is_initializing()
         if cfg.variable_lead_time and lead_times is not None:
             hours = jnp.broadcast_to(jnp.asarray(lead_times), (b,))
             lead = lead_times_encoding(hours, cfg.embed_dim, cfg.use_updated_lead_time_embedding)
@@ -80,13 +82,13 @@ class AuroraModule(nn.Module):
             static = lead_time_encoding(cfg.timestep_hours, cfg.embed_dim, cfg.use_updated_lead_time_embedding)
             lead = jnp.broadcast_to(jnp.asarray(static), (b, cfg.embed_dim))
 
-        if checkpointed:
+        if rematerialise:
             encoder = detached(self.encoder)
 
             def encode(params: Params, fields: tuple, lat: Array, lon: Array, time: Array, lead: Array) -> Array:
                 return encoder.apply({"params": params}, *fields, lat, lon, time, levels, lead)
 
-            x = remat_after_cotangent(encode)(self.variables["params"]["encoder"], (surf, dict(batch.atmos_vars)),
+            x = checkpointed(encode, cfg.remat_policy)(self.variables["params"]["encoder"], (surf, dict(batch.atmos_vars)),
                                               meta.lat, meta.lon, meta.time, lead)
         else:
             x = self.encoder(surf, dict(batch.atmos_vars), meta.lat, meta.lon, meta.time, levels, lead)
@@ -96,13 +98,13 @@ class AuroraModule(nn.Module):
         x = self.backbone(x, lead, patch_res, rollout_step, noise)
         self.sow("intermediates", "backbone_out", x)
         decode_args = (tuple(batch.surf_vars), tuple(batch.atmos_vars), levels, patch_res, (h, w))
-        if checkpointed:
+        if rematerialise:
             decoder = detached(self.decoder)
 
             def decode(params: Params, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
                 return decoder.apply({"params": params}, x, *decode_args)
 
-            return remat_after_cotangent(decode)(self.variables["params"]["decoder"], x)
+            return checkpointed(decode, cfg.remat_policy)(self.variables["params"]["decoder"], x)
         return self.decoder(x, *decode_args)
 
 

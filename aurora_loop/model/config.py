@@ -35,6 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 
 LORA_MODES = ("single", "from_second", "all")
+REMAT_POLICIES = ("inputs", "dots")  # AuroraConfig.remat_policy
 
 # Reference options outside this port's scope, with the default they must keep.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -124,6 +125,16 @@ class AuroraConfig:
     remat: bool = False
     """Rematerialise the encoder, every Swin block and the decoder in the backward pass
     (activation checkpointing)."""
+    remat_policy: str = "inputs"
+    """With ``remat``, what each checkpointed part keeps for the backward pass: ``inputs``
+    (only its inputs; everything is recomputed: the least memory) or ``dots`` (also the
+    outputs of its linear layers, ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``;
+    only element-wise work and the attention products are recomputed)."""
+    scan_blocks: bool = False
+    """Run each Swin stage of four or more blocks as a loop over (unshifted, shifted) block
+    pairs, so that XLA compiles one pair per stage instead of every block (shorter
+    compiles for deep models); the parameter tree is unchanged (the pairs' parameters are
+    stacked at apply time, which copies them and their gradients)."""
     # -- Aurora 1.5 -----------------------------------------------------------------------
     use_updated_lead_time_embedding: bool = False
     """Lead-time encoding with wavelengths from 6 h (not 1 min) and a linear channel."""
@@ -179,6 +190,8 @@ class AuroraConfig:
         self._validate()
 
     def _validate(self) -> None:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
         if self.latent_levels < 2:

@@ -7,7 +7,8 @@ same resolution; the last stage concatenates the first encoder stage's output, s
 backbone returns (B, L, 2 * embed_dim).
 
 With ``remat`` every Swin block keeps only its input for the backward pass and recomputes
-its activations there (see :func:`remat_after_cotangent` for why this is not ``nn.remat``).
+its activations there (see :func:`remat_after_cotangent` for why this is not ``nn.remat``);
+``remat_policy="dots"`` keeps its linear layers' outputs too (:func:`checkpointed`).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def detached(module: nn.Module) -> nn.Module:
     return module.clone(parent=None, name=None)
 
 
-def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
+def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] | None = None) -> Callable[..., Any]:
     """Activation checkpointing of ``fn(params, x, *rest) -> y`` that survives XLA:CPU.
 
     ``x`` and ``y`` may be pytrees of floating arrays (the encoder takes dicts of fields,
@@ -190,7 +191,15 @@ def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
     10-layer toy, 193 MB of temporaries against 84 MB here and 566 MB without remat.
 
     ``rest`` may hold integer arrays (e.g. a traced roll-out step); they get no cotangent.
+
+    ``saveable``: a ``jax.checkpoint`` policy (e.g. ``jax.checkpoint_policies.
+    dots_with_no_batch_dims_saveable``). The forward pass then also keeps what the policy
+    saves, and the backward pass recomputes only the rest from it, again only once the
+    cotangent has arrived (``jax.checkpoint`` with the same policy, on XLA:CPU, needed more
+    temporaries than no checkpointing at all).
     """
+    if saveable is not None:
+        return _saving_after_cotangent(fn, saveable)
 
     def primal(params: Any, x: Array, *rest: Array) -> Array:
         return fn(after(params, x), x, *rest)
@@ -217,6 +226,57 @@ def remat_after_cotangent(fn: Callable[..., Any]) -> Callable[..., Any]:
     checkpointed = jax.custom_vjp(primal)
     checkpointed.defvjp(forward, backward)
     return checkpointed
+
+
+def _saving_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool]) -> Callable[..., Any]:
+    """:func:`remat_after_cotangent` keeping what ``saveable`` saves: the forward pass runs
+    ``jax.vjp`` of ``jax.checkpoint(fn, policy=saveable)`` and keeps its residuals; the
+    backward pass ties them to the cotangent before applying them."""
+
+    def split(rest: tuple) -> tuple[list[bool], list[Array]]:
+        floating = [jnp.issubdtype(jnp.result_type(r), jnp.inexact) for r in rest]
+        return floating, [r for r, f in zip(rest, floating) if f]
+
+    def primal(params: Any, x: Array, *rest: Array) -> Array:
+        return fn(after(params, x), x, *rest)
+
+    def forward(params: Any, x: Array, *rest: Array) -> tuple[Array, tuple]:
+        floating, float_rest = split(rest)
+
+        def differentiable(params: Any, x: Array, *float_rest: Array) -> Array:
+            values = iter(float_rest)
+            return fn(params, x, *(next(values) if f else r for r, f in zip(rest, floating)))
+
+        # Tied outside the VJP, as in remat_after_cotangent.
+        y, vjp = jax.vjp(jax.checkpoint(differentiable, policy=saveable), after(params, x), x, *float_rest)
+        return y, (vjp, rest)
+
+    def backward(saved: tuple, ct: Array) -> tuple:
+        vjp, rest = saved
+        floating, _ = split(rest)
+        grads = iter(after(vjp, ct)(ct))
+        params_ct, x_ct = next(grads), next(grads)
+        return (params_ct, x_ct, *(next(grads) if f else None for f in floating))
+
+    checkpointed = jax.custom_vjp(primal)
+    checkpointed.defvjp(forward, backward)
+    return checkpointed
+
+
+def checkpointed(fn: Callable[..., Any], policy: str = "inputs") -> Callable[..., Any]:
+    """``fn(params, x, *rest)`` with activation checkpointing under ``policy``
+    (``AuroraConfig.remat_policy``).
+
+    ``inputs``: :func:`remat_after_cotangent`, which keeps only the arguments. ``dots``: the
+    same, also keeping the outputs of the products without batch dimensions (the linear
+    layers'), so that the backward pass recomputes only element-wise work (norms, GELU,
+    softmax) and the attention's batched products: less recomputation for more memory.
+    """
+    if policy == "inputs":
+        return remat_after_cotangent(fn)
+    if policy == "dots":
+        return remat_after_cotangent(fn, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown remat policy {policy!r}")
 
 
 class PatchMerging(nn.Module):
@@ -272,14 +332,16 @@ class SwinStage(nn.Module):
     lora_steps: int = 40
     lora_mode: str = "single"
     remat: bool = False
+    remat_policy: str = "inputs"
+    scan_blocks: bool = False
     dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: Array, c: Array, res: Triple, crop: Triple, rollout_step: int | Array) -> tuple[Array, Array]:
         """Returns (resampled output, output before resampling)."""
         half = tuple(s // 2 for s in self.window_size)
-        for i in range(self.depth):
-            block = SwinBlock(
+        blocks = [
+            SwinBlock(
                 num_heads=self.num_heads,
                 window_size=self.window_size,
                 shift_size=(0, 0, 0) if i % 2 == 0 else half,
@@ -290,15 +352,50 @@ class SwinStage(nn.Module):
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )
-            if self.remat and not self.is_initializing():
-                x = self._rematerialised(block, x, c, res, rollout_step)
-            else:
-                x = block(x, c, res, rollout_step)
+            for i in range(self.depth)
+        ]
+        if self.scan_blocks and self.depth >= 4 and not self.is_initializing():
+            x = self._scanned(blocks, x, c, res, rollout_step)
+        else:
+            for block in blocks:
+                if self.remat and not self.is_initializing():
+                    x = self._rematerialised(block, x, c, res, rollout_step)
+                else:
+                    x = block(x, c, res, rollout_step)
         if self.downsample:
             return PatchMerging(self.dtype, name="downsample")(x, res), x
         if self.upsample:
             return PatchSplitting(self.dtype, name="upsample")(x, res, crop), x
         return x, x
+
+    def _scanned(self, blocks: list[SwinBlock], x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
+        """The blocks as a ``lax.scan`` over (unshifted, shifted) pairs: XLA compiles one
+        pair instead of ``depth`` blocks. The pairs' parameters (``blocks_i``, the usual
+        tree) are stacked here, at apply time, which copies them and their gradients. An
+        odd last block runs after the loop. (B, C*H*W, D) -> (B, C*H*W, D)."""
+        params = self.variables["params"]
+        pairs = self.depth // 2
+        stacked = [jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *(params[blocks[2 * j + k].name] for j in range(pairs)))
+                   for k in (0, 1)]
+        unshifted, shifted = detached(blocks[0]), detached(blocks[1])
+
+        def run_block(block: nn.Module, block_params: Any, x: Array) -> Array:
+            def run(block_params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
+                return block.apply({"params": block_params}, x, c, res, step)
+
+            if not self.remat:
+                return run(block_params, x, c)
+            if isinstance(rollout_step, int):
+                return checkpointed(run, self.remat_policy)(block_params, x, c)
+            return checkpointed(run, self.remat_policy)(block_params, x, c, rollout_step)
+
+        def pair(x: Array, pair_params: tuple) -> tuple[Array, None]:
+            return run_block(shifted, pair_params[1], run_block(unshifted, pair_params[0], x)), None
+
+        x, _ = jax.lax.scan(pair, x, tuple(stacked))
+        if self.depth % 2:
+            x = run_block(detached(blocks[-1]), params[blocks[-1].name], x)
+        return x
 
     def _rematerialised(self, block: SwinBlock, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
         """``block(x, c, res, rollout_step)`` (B, C*H*W, D), checkpointed on its input.
@@ -314,8 +411,8 @@ class SwinStage(nn.Module):
             return unbound.apply({"params": params}, x, c, res, step)
 
         if isinstance(rollout_step, int):  # a Python step stays static (LoRA picks its adapter)
-            return remat_after_cotangent(run)(params, x, c)
-        return remat_after_cotangent(run)(params, x, c, rollout_step)
+            return checkpointed(run, self.remat_policy)(params, x, c)
+        return checkpointed(run, self.remat_policy)(params, x, c, rollout_step)
 
 
 def encoder_resolutions(patch_res: Triple, stages: int) -> tuple[list[Triple], list[Triple]]:
@@ -363,7 +460,7 @@ class Swin3DBackbone(nn.Module):
         n_enc, n_dec = len(cfg.encoder_depths), len(cfg.decoder_depths)
         common = dict(
             window_size=tuple(cfg.window_size), mlp_ratio=cfg.mlp_ratio, use_lora=cfg.use_lora,
-            lora_steps=cfg.lora_steps, lora_mode=cfg.lora_mode, remat=cfg.remat, dtype=dtype,
+            lora_steps=cfg.lora_steps, lora_mode=cfg.lora_mode, remat=cfg.remat, remat_policy=cfg.remat_policy, scan_blocks=cfg.scan_blocks, dtype=dtype,
         )
         skips, contexts = [], []
         for i in range(n_enc):

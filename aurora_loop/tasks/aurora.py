@@ -286,7 +286,7 @@ class AuroraTask(ReplayTraining):
 
 # Reference keywords that have their own aurora-train flag; --model_kwargs may not set them.
 _OWN_FLAGS = {"surf_vars": "--surf_vars", "static_vars": "--static_vars", "atmos_vars": "--atmos_vars",
-              "autocast": "--bf16", "bf16_mode": "--bf16", "remat": "--remat", "timestep": "--timestep_hours",
+              "autocast": "--bf16", "bf16_mode": "--bf16", "remat": "--remat", "remat_policy": "--remat_policy", "timestep": "--timestep_hours",
               "timestep_hours": "--timestep_hours"}
 
 
@@ -329,7 +329,8 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
 
     overrides = checked_model_kwargs(getattr(config, "model_kwargs", None))
     compute_bf16 = bool(getattr(config, "bf16", False)) or getattr(config, "precision", "fp32") != "fp32"
-    overrides.update(autocast=compute_bf16, remat=bool(getattr(config, "remat", False)))
+    overrides.update(autocast=compute_bf16, remat=bool(getattr(config, "remat", False)),
+                     remat_policy=getattr(config, "remat_policy", "inputs"))
     if getattr(config, "timestep_hours", None):  # the data's step (aurora-train fills it in)
         overrides["timestep_hours"] = float(config.timestep_hours)
     directory = getattr(config, "checkpoint_dir", None)
