@@ -38,34 +38,13 @@ from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
+from benchmarks.step_time import TORCH_SETUP  # noqa: E402 - after the path set-up
+
 VARIANTS = ("default", "windowed_qkv", "remat", "remat_dots")
 
-# The reference, as a server: builds the model, prints "ready", then times one step per
-# command line ("fb": forward + backward; "adamw": also the fused AdamW update).
-TORCH_SERVER = r'''
-import datetime, json, sys, time
-import torch
-from aurora import AuroraSmallPretrained, Batch, Metadata
-args = json.loads(sys.argv[1])
-torch.manual_seed(0)
-h, w, levels = args["h"], args["w"], tuple(args["levels"])
-model = AuroraSmallPretrained(use_lora=False)
-model.train()
-batch = Batch(
-    surf_vars={k: torch.randn(1, 2, h, w) for k in ("2t", "10u", "10v", "msl")},
-    static_vars={k: torch.randn(h, w) for k in ("lsm", "z", "slt")},
-    atmos_vars={k: torch.randn(1, 2, len(levels), h, w) for k in ("z", "u", "v", "t", "q")},
-    metadata=Metadata(lat=torch.linspace(90, -90, h), lon=torch.linspace(0, 360, w + 1)[:-1],
-                      time=(datetime.datetime(2020, 1, 1, 6),), atmos_levels=levels),
-)
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-def step(update):
-    pred = model(batch)
-    loss = sum(v.abs().mean() for v in pred.surf_vars.values()) + sum(v.abs().mean() for v in pred.atmos_vars.values())
-    loss.backward()
-    if update:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
+# The reference, as a server: builds the model (step_time.py's set-up), prints "ready", then
+# times one step per command line ("fb": forward + backward; "adamw": also the fused AdamW update).
+TORCH_SERVER = TORCH_SETUP + r'''
 print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
 for line in sys.stdin:
     t0 = time.perf_counter()
@@ -81,7 +60,7 @@ class Reference:
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
             f.write(TORCH_SERVER)
             self.script = f.name
-        payload = json.dumps({"h": grid[0], "w": grid[1], "levels": levels})
+        payload = json.dumps({"h": grid[0], "w": grid[1], "levels": levels, "bf16": False, "remat": False})
         self.proc = subprocess.Popen([python, self.script, payload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info: dict[str, Any] | None = None
 

@@ -60,7 +60,10 @@ import time
 LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-params")  # aurora_loop.step.PRECISION_COMPUTE_DTYPES (importing it starts jax)
 
-TORCH_SCRIPT = r'''
+# The reference's side: AuroraSmall on random inputs of the same shapes, and ``step(update)``
+# (forward + backward, then the fused AdamW update if ``update``). ``args`` (JSON in argv[1])
+# holds h, w, levels, bf16 and remat. Also used by benchmarks/reference_ab.py.
+TORCH_SETUP = r'''
 import datetime, json, statistics, sys, time
 import torch
 from aurora import AuroraSmallPretrained, Batch, Metadata
@@ -86,6 +89,8 @@ def step(update):
     if update:
         optimizer.step()
     model.zero_grad(set_to_none=True)
+'''
+TORCH_SCRIPT = TORCH_SETUP + r'''
 def timed(update):
     for _ in range(args["warmup"]):
         step(update)

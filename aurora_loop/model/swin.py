@@ -198,69 +198,60 @@ def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] 
     cotangent has arrived (``jax.checkpoint`` with the same policy, on XLA:CPU, needed more
     temporaries than no checkpointing at all).
     """
-    if saveable is not None:
-        return _saving_after_cotangent(fn, saveable)
 
     def primal(params: Any, x: Array, *rest: Array) -> Array:
         return fn(after(params, x), x, *rest)
 
-    def forward(params: Any, x: Array, *rest: Array) -> tuple[Array, tuple]:
-        return primal(params, x, *rest), (params, x, rest)
+    if saveable is None:
 
-    def backward(saved: tuple, ct: Array) -> tuple:
-        params, x, rest = saved
-        floating = [jnp.issubdtype(jnp.result_type(r), jnp.inexact) for r in rest]
+        def forward(params: Any, x: Array, *rest: Array) -> tuple[Array, tuple]:
+            return primal(params, x, *rest), (params, x, rest)
 
-        def differentiable(params: Any, x: Array, *float_rest: Array) -> Array:
-            values = iter(float_rest)
-            return fn(params, x, *(next(values) if f else r for r, f in zip(rest, floating)))
+        def backward(saved: tuple, ct: Array) -> tuple:
+            params, x, rest = saved
+            differentiable, floating, float_rest = _floating_rest(fn, rest)
+            # Tied outside the VJP: the ties' own (zero) derivatives would cost a reduction each.
+            params, x = after((params, x), ct)
+            _, vjp = jax.vjp(differentiable, params, x, *float_rest)
+            return _none_for_integers(vjp(ct), floating)
 
-        float_rest = [r for r, f in zip(rest, floating) if f]
-        # Tied outside the VJP: the ties' own (zero) derivatives would cost a reduction each.
-        params, x = after((params, x), ct)
-        _, vjp = jax.vjp(differentiable, params, x, *float_rest)
-        grads = iter(vjp(ct))
-        params_ct, x_ct = next(grads), next(grads)
-        return (params_ct, x_ct, *(next(grads) if f else None for f in floating))
+    else:
+        # The forward pass keeps the residuals of a VJP of the checkpointed ``fn`` (what
+        # ``saveable`` saves); the backward pass ties them to the cotangent, then applies them.
+
+        def forward(params: Any, x: Array, *rest: Array) -> tuple[Array, tuple]:
+            differentiable, _, float_rest = _floating_rest(fn, rest)
+            y, vjp = jax.vjp(jax.checkpoint(differentiable, policy=saveable), after(params, x), x, *float_rest)
+            return y, (vjp, rest)
+
+        def backward(saved: tuple, ct: Array) -> tuple:
+            vjp, rest = saved
+            _, floating, _ = _floating_rest(fn, rest)
+            return _none_for_integers(after(vjp, ct)(ct), floating)
 
     checkpointed = jax.custom_vjp(primal)
     checkpointed.defvjp(forward, backward)
     return checkpointed
 
 
-def _saving_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool]) -> Callable[..., Any]:
-    """:func:`remat_after_cotangent` keeping what ``saveable`` saves: the forward pass runs
-    ``jax.vjp`` of ``jax.checkpoint(fn, policy=saveable)`` and keeps its residuals; the
-    backward pass ties them to the cotangent before applying them."""
+def _floating_rest(fn: Callable[..., Any], rest: tuple) -> tuple[Callable[..., Any], list[bool], list[Array]]:
+    """``fn(params, x, *rest)`` as a function of (params, x, the floating entries of ``rest``),
+    the integer entries fixed; which entries float; the floating entries."""
+    floating = [jnp.issubdtype(jnp.result_type(r), jnp.inexact) for r in rest]
 
-    def split(rest: tuple) -> tuple[list[bool], list[Array]]:
-        floating = [jnp.issubdtype(jnp.result_type(r), jnp.inexact) for r in rest]
-        return floating, [r for r, f in zip(rest, floating) if f]
+    def differentiable(params: Any, x: Array, *float_rest: Array) -> Array:
+        values = iter(float_rest)
+        return fn(params, x, *(next(values) if f else r for r, f in zip(rest, floating)))
 
-    def primal(params: Any, x: Array, *rest: Array) -> Array:
-        return fn(after(params, x), x, *rest)
+    return differentiable, floating, [r for r, f in zip(rest, floating) if f]
 
-    def forward(params: Any, x: Array, *rest: Array) -> tuple[Array, tuple]:
-        floating, float_rest = split(rest)
 
-        def differentiable(params: Any, x: Array, *float_rest: Array) -> Array:
-            values = iter(float_rest)
-            return fn(params, x, *(next(values) if f else r for r, f in zip(rest, floating)))
-
-        # Tied outside the VJP, as in remat_after_cotangent.
-        y, vjp = jax.vjp(jax.checkpoint(differentiable, policy=saveable), after(params, x), x, *float_rest)
-        return y, (vjp, rest)
-
-    def backward(saved: tuple, ct: Array) -> tuple:
-        vjp, rest = saved
-        floating, _ = split(rest)
-        grads = iter(after(vjp, ct)(ct))
-        params_ct, x_ct = next(grads), next(grads)
-        return (params_ct, x_ct, *(next(grads) if f else None for f in floating))
-
-    checkpointed = jax.custom_vjp(primal)
-    checkpointed.defvjp(forward, backward)
-    return checkpointed
+def _none_for_integers(grads: Any, floating: list[bool]) -> tuple:
+    """The cotangents of (params, x, *rest) from those of (params, x, *floating rest): None
+    for each integer entry of ``rest``."""
+    grads = iter(grads)
+    params_ct, x_ct = next(grads), next(grads)
+    return (params_ct, x_ct, *(next(grads) if f else None for f in floating))
 
 
 def checkpointed(fn: Callable[..., Any], policy: str = "inputs") -> Callable[..., Any]:
@@ -359,7 +350,7 @@ class SwinStage(nn.Module):
         else:
             for block in blocks:
                 if self.remat and not self.is_initializing():
-                    x = self._rematerialised(block, x, c, res, rollout_step)
+                    x = self._apply_detached(detached(block), self.variables["params"][block.name], x, c, res, rollout_step)
                 else:
                     x = block(x, c, res, rollout_step)
         if self.downsample:
@@ -380,14 +371,7 @@ class SwinStage(nn.Module):
         unshifted, shifted = detached(blocks[0]), detached(blocks[1])
 
         def run_block(block: nn.Module, block_params: Any, x: Array) -> Array:
-            def run(block_params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
-                return block.apply({"params": block_params}, x, c, res, step)
-
-            if not self.remat:
-                return run(block_params, x, c)
-            if isinstance(rollout_step, int):
-                return checkpointed(run, self.remat_policy)(block_params, x, c)
-            return checkpointed(run, self.remat_policy)(block_params, x, c, rollout_step)
+            return self._apply_detached(block, block_params, x, c, res, rollout_step)
 
         def pair(x: Array, pair_params: tuple) -> tuple[Array, None]:
             return run_block(shifted, pair_params[1], run_block(unshifted, pair_params[0], x)), None
@@ -397,19 +381,17 @@ class SwinStage(nn.Module):
             x = run_block(detached(blocks[-1]), params[blocks[-1].name], x)
         return x
 
-    def _rematerialised(self, block: SwinBlock, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
-        """``block(x, c, res, rollout_step)`` (B, C*H*W, D), checkpointed on its input.
-
-        The block's parameters are read from this stage's variables (``blocks_i``, the same
-        tree as without remat) and applied through a detached copy of the block, so that
-        the whole block is one pure function of (params, x, c) for the custom VJP.
-        """
-        params = self.variables["params"][block.name]
-        unbound = detached(block)
+    def _apply_detached(self, block: nn.Module, params: Any, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
+        """``block`` (a detached block, :func:`detached`) applied to ``params`` (a ``blocks_i``
+        subtree of this stage, the same tree as without remat or scan): (B, C*H*W, D) ->
+        (B, C*H*W, D). With ``remat`` it is checkpointed on its input under ``remat_policy``;
+        the block is then one pure function of (params, x, c) for the custom VJP."""
 
         def run(params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
-            return unbound.apply({"params": params}, x, c, res, step)
+            return block.apply({"params": params}, x, c, res, step)
 
+        if not self.remat:
+            return run(params, x, c)
         if isinstance(rollout_step, int):  # a Python step stays static (LoRA picks its adapter)
             return checkpointed(run, self.remat_policy)(params, x, c)
         return checkpointed(run, self.remat_policy)(params, x, c, rollout_step)
