@@ -20,7 +20,10 @@ What the conversion does, in order:
    ``toa_incident_solar_radiation`` (J m-2: not Aurora 1.5's dimensionless insolation, which
    aurora-loop computes from the time and grid);
 4. orients as WB2 does: latitude ascending (-90 -> 90), longitude in [0, 360) ascending,
-   levels ascending, time sorted (duplicate times are an error);
+   levels ascending, time sorted (duplicate times are an error). Only the order changes:
+   latitudes, and longitudes already in [0, 360), keep the source's values and dtype bit for
+   bit (other longitudes are wrapped in float64), so a truth converted from the same files
+   aligns with anything else made from them;
 5. casts floating data to ``dtype`` (float32 by default), drops the sources' encodings, gives
    every variable without ``units`` the CF units of its WB2 name
    (:data:`aurora_loop.datasets.variables.CF_METADATA`; ``long_name`` likewise) and writes with
@@ -194,7 +197,9 @@ def to_wb2(ds: xr.Dataset, variable_map: Mapping[str, str] | None = None, member
     times = ds["time"].values
     if np.unique(times).size != times.size:
         raise UsageError("the sources repeat some times; pass each time once")
-    ds = ds.assign_coords(longitude=np.mod(ds["longitude"].values.astype(np.float64), 360.0))
+    lon = ds["longitude"].values
+    if np.any((lon < 0) | (lon >= 360)):  # wrap; a [0, 360) source keeps its own values and dtype
+        ds = ds.assign_coords(longitude=np.mod(lon.astype(np.float64), 360.0))
     ds = ds.sortby("time").sortby("latitude").sortby("longitude")
     if "level" in ds.dims:
         ds = ds.sortby("level")

@@ -31,12 +31,21 @@ def find_dim(ds: xr.Dataset, names: Sequence[str]) -> str | None:
 
 @dataclasses.dataclass
 class Grid:
-    """How one store's (latitude, longitude) grid maps onto Aurora's orientation."""
+    """How one store's (latitude, longitude) grid maps onto Aurora's orientation.
+
+    ``lat``/``lon`` are what the model sees (float32); ``lat_values``/``lon_values`` are the
+    store's own coordinate values in the same order and in the store's dtype, so that what
+    is written back (a forecast store) carries the store's labels bit for bit: xarray and
+    WeatherBench2 align forecasts and truths on these labels, and float32 copies of a grid
+    such as ``linspace(-90, 90, 32)`` no longer equal the originals.
+    """
 
     lat: np.ndarray  # (h,) decreasing, float32
     lon: np.ndarray  # (w,) increasing in [0, 360), float32
     flip_lat: bool
     lon_order: np.ndarray | None  # permutation of the store's longitudes, None = identity
+    lat_values: np.ndarray | None = None  # (h,) the store's latitudes (its dtype), decreasing
+    lon_values: np.ndarray | None = None  # (w,) the store's longitudes modulo 360 (its dtype), increasing
 
     @classmethod
     def of(cls, ds: xr.Dataset, path: str) -> Grid:
@@ -48,6 +57,7 @@ class Grid:
     @classmethod
     def from_coords(cls, lat: np.ndarray, lon: np.ndarray, path: str) -> Grid:
         """From the source's latitude and longitude values (degrees), in the source's order."""
+        source_lat, source_lon = np.asarray(lat), np.asarray(lon)
         lat = np.asarray(lat, dtype=np.float64)
         lon = np.asarray(lon, dtype=np.float64)
         if lat.ndim != 1 or lat.size < 2 or not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
@@ -63,6 +73,10 @@ class Grid:
             lon=wrapped[order].astype(np.float32),
             flip_lat=flip,
             lon_order=None if identity else order,
+            lat_values=source_lat[::-1] if flip else source_lat,
+            # np.mod in the store's own dtype, as xarray users (and aurora-loop evaluate) wrap a
+            # [-180, 180) store; values already in [0, 360) come back unchanged
+            lon_values=np.mod(source_lon, 360.0)[order],
         )
 
     def orient(self, x: np.ndarray) -> np.ndarray:
@@ -72,6 +86,35 @@ class Grid:
         if self.lon_order is not None:
             x = np.take(x, self.lon_order, axis=-1)
         return x
+
+
+def float32_rounding(values: np.ndarray) -> np.ndarray:
+    """How far float32 rounding may move each coordinate value: one float32 step at the value's
+    magnitude (at least 1, so values near 0 get the step of 1). (n,) degrees -> (n,) float64."""
+    magnitude = np.maximum(np.abs(np.asarray(values, np.float64)), 1.0).astype(np.float32)
+    return np.spacing(magnitude).astype(np.float64)
+
+
+def nearest(reference: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each value of ``wanted`` (n,), the index of the nearest value of ``reference`` (m,),
+    and the distance to it. ``reference`` monotonic (either way) or not: it is sorted here.
+    Returns (n,) int64 indices into ``reference`` and (n,) float64 distances."""
+    reference = np.asarray(reference, np.float64)
+    wanted = np.asarray(wanted, np.float64)
+    order = np.argsort(reference, kind="stable")
+    ranked = reference[order]
+    right = np.clip(np.searchsorted(ranked, wanted), 0, ranked.size - 1)
+    left = np.clip(right - 1, 0, ranked.size - 1)
+    pick = np.where(np.abs(ranked[left] - wanted) <= np.abs(ranked[right] - wanted), left, right)
+    return order[pick], np.abs(ranked[pick] - wanted)
+
+
+def level_values(store_levels: np.ndarray, levels: Sequence[int]) -> np.ndarray:
+    """The store's own level coordinate values (its dtype) of ``levels`` (hPa, as
+    :func:`select_levels` returns them), in that order. (c,)."""
+    store_levels = np.asarray(store_levels).reshape(-1)
+    have = [int(round(float(v))) for v in store_levels]
+    return store_levels[[have.index(int(lv)) for lv in levels]] if levels else store_levels[:0]
 
 
 ROLES = {"time": TIME_DIMS, "level": LEVEL_DIMS, "member": MEMBER_DIMS, "lat": LAT_DIMS, "lon": LON_DIMS}

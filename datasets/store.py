@@ -42,6 +42,7 @@ from aurora_loop.datasets.layout import (
     check_static,
     check_times,
     find_dim,
+    level_values,
     role,
     select_levels,
 )
@@ -223,6 +224,10 @@ class WeatherSource(Protocol):
     ``times`` (n,) datetime64[ns] evenly spaced ``time_step`` apart, ``hours`` (n,) float64,
     ``lat`` (h,) decreasing, ``lon`` (w,) in [0, 360), ``levels`` (hPa), ``members``,
     ``static`` {name: (h, w)}, ``fields`` {kind: {aurora name: ...}}, ``path`` (for messages).
+    Optional, for writing the source's own coordinates back (the forecast writer falls back
+    to ``lat``/``lon``/``levels`` without them): ``grid`` (:class:`.layout.Grid`, whose
+    ``lat_values``/``lon_values`` are the source's coordinate values) and ``level_values``
+    (the source's level values of ``levels``, its dtype).
     """
 
     path: str
@@ -258,7 +263,10 @@ class WeatherStore:
       time_step: the spacing, numpy timedelta64.
       hours: (n,) float64 hours since 1970-01-01 UTC.
       lat: (h,) float32 decreasing; lon: (w,) float32 increasing in [0, 360).
+      grid: the store's :class:`.layout.Grid`; ``grid.lat_values`` / ``grid.lon_values`` are
+        the store's own coordinate values (its dtype) in the order of ``lat`` / ``lon``.
       levels: tuple of hPa levels of atmospheric fields, in the model's order.
+      level_values: (c,) the store's own level coordinate values of ``levels`` (its dtype).
       members: ensemble members (size of a ``number``/``member`` dim; 1 without one).
       static: dict Aurora name -> (h, w) float32 array (read once, here).
     """
@@ -268,7 +276,8 @@ class WeatherStore:
         self.selection = selection
         self._source = ZarrSource.open(self.path)
         ds = self._source.ds
-        self.lat, self.lon = self._source.grid.lat, self._source.grid.lon
+        self.grid = self._source.grid
+        self.lat, self.lon = self.grid.lat, self.grid.lon
         self._read_times(ds)
         self.fields: dict[str, dict[str, _Field]] = {SURF: {}, ATMOS: {}}
         for kind in (SURF, ATMOS):
@@ -291,9 +300,12 @@ class WeatherStore:
     def _read_levels(self, ds: xr.Dataset) -> None:
         self.levels: tuple[int, ...] = ()
         self._level_index = None
+        self.level_values = np.zeros(0, np.int64)
         if self.fields[ATMOS]:
             level_dim = find_dim(ds, LEVEL_DIMS)
-            self.levels, self._level_index = select_levels(np.asarray(ds[level_dim].values), self.selection.levels, self.path)
+            store_levels = np.asarray(ds[level_dim].values)
+            self.levels, self._level_index = select_levels(store_levels, self.selection.levels, self.path)
+            self.level_values = level_values(store_levels, self.levels)
 
     def _require(self, source: ZarrSource, kind: str, name: str) -> _Field:
         field = source.find(self.selection, kind, name)

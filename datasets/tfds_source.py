@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from aurora_loop.datasets.layout import Grid, check_static, check_times, select_levels
+from aurora_loop.datasets.layout import Grid, check_static, check_times, level_values, select_levels
 from aurora_loop.datasets.store import ZarrSource, read_static
 from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, VariableSelection
 from aurora_loop.errors import UsageError
@@ -64,8 +64,9 @@ class RecordStore:
       static_path: a Zarr store with static fields the records lack.
       name: how errors name the source.
 
-    Attributes as WeatherStore: ``times``, ``time_step``, ``hours``, ``lat``, ``lon``,
-    ``levels``, ``members`` (1), ``static``, ``fields``; ``read_into`` fills batch slots.
+    Attributes as WeatherStore: ``times``, ``time_step``, ``hours``, ``lat``, ``lon``, ``grid``,
+    ``levels``, ``level_values``, ``members`` (1), ``static``, ``fields``; ``read_into`` fills
+    batch slots.
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class RecordStore:
         lon = first.get("longitude") if lon is None else lon
         if lat is None or lon is None:
             raise UsageError(f"{name} records carry no 'latitude'/'longitude'; add them to the records or pass lat= and lon=")
-        self._grid = Grid.from_coords(np.asarray(lat), np.asarray(lon), name)
+        self._grid = self.grid = Grid.from_coords(np.asarray(lat), np.asarray(lon), name)
         self.lat, self.lon = self._grid.lat, self._grid.lon
         self.members = 1
         self._index, times = self._time_order()
@@ -97,11 +98,13 @@ class RecordStore:
         }
         self.levels: tuple[int, ...] = ()
         self._level_index: np.ndarray | slice | None = None
+        self.level_values = np.zeros(0, np.int64)
         if self.fields[ATMOS]:
             levels = first.get("level") if levels is None else levels
             if levels is None:
                 raise UsageError(f"{name} records carry no 'level'; add it to the records or pass levels=")
             self.levels, self._level_index = select_levels(np.asarray(levels), selection.levels, name)
+            self.level_values = level_values(np.asarray(levels), self.levels)
         self.static = check_static(self._read_static(first, static_path), name)
 
     # -- metadata -------------------------------------------------------------------------

@@ -92,6 +92,26 @@ def test_netcdf_with_other_conventions(tmp_path):
     np.testing.assert_array_equal(store.static["lsm"], expected["lsm"].isel(time=0).values)
 
 
+def test_converted_coordinates_are_the_sources_bit_for_bit(tmp_path):
+    """float32 latitudes (descending, 180/7 degrees apart: not round numbers) and float32
+    longitudes already in [0, 360) come out reordered but with the source's values and dtype,
+    and the reader keeps them for the forecast writer."""
+    lat = np.linspace(90, -90, 8).astype(np.float32)
+    lon = np.arange(0, 360, 45.0).astype(np.float32)
+    time = np.datetime64("2021-06-01T00", "ns") + np.arange(3) * np.timedelta64(6, "h")
+    source = xr.Dataset({"t2m": (("time", "latitude", "longitude"), 280 + np.zeros((3, 8, 8), np.float32))},
+                        coords={"time": time, "latitude": lat, "longitude": lon})
+    source.to_netcdf(tmp_path / "s.nc", engine="netcdf4")
+    convert([tmp_path / "s.nc"], tmp_path / "o.zarr")
+    written = xr.open_zarr(tmp_path / "o.zarr", chunks=None)
+    assert written.latitude.dtype == written.longitude.dtype == np.float32
+    np.testing.assert_array_equal(written.latitude.values, lat[::-1])
+    np.testing.assert_array_equal(written.longitude.values, lon)
+    store = WeatherStore(tmp_path / "o.zarr", VariableSelection(surf=("2t",), static=(), atmos=()))
+    np.testing.assert_array_equal(store.grid.lat_values, lat)  # Aurora's order: descending
+    np.testing.assert_array_equal(store.grid.lon_values, lon)
+
+
 def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "o.zarr"
     with pytest.raises(UsageError, match="does not exist"):

@@ -97,8 +97,9 @@ def truth_store(tmp_path_factory):
     return str(path)
 
 
-def _shifted_forecast(truth_path: str, out: str, inits: slice, delta: float) -> xr.Dataset:
-    """A WB2-layout forecast (latitude descending, to test orientation) = truth + delta."""
+def _shifted_forecast(truth_path: str, out: str, inits: slice, delta: float, lat: np.ndarray | None = None) -> xr.Dataset:
+    """A WB2-layout forecast (latitude descending, to test orientation) = truth + delta;
+    ``lat``: its latitude labels (ascending; default the truth's)."""
     truth = xr.open_zarr(truth_path)
     init = truth.time.values[inits]
     leads = np.array([6, 12], dtype="timedelta64[h]").astype("timedelta64[ns]")
@@ -113,7 +114,7 @@ def _shifted_forecast(truth_path: str, out: str, inits: slice, delta: float) -> 
         values = np.stack(frames) + np.float32(delta)
         data[name] = (dims, values[..., ::-1, :], {"units": var.attrs["units"]})
     ds = xr.Dataset(data, coords={"time": init, "prediction_timedelta": leads, "level": truth.level.values,
-                                  "latitude": truth.latitude.values[::-1], "longitude": truth.longitude.values},
+                                  "latitude": (truth.latitude.values if lat is None else lat)[::-1], "longitude": truth.longitude.values},
                     attrs={"model": "shifted", "member": 0})
     ds.to_zarr(out, mode="w", zarr_format=2)
     return ds
@@ -178,6 +179,35 @@ def test_evaluate_cli_writes_tables_and_plots(truth_store, tmp_path, capsys):
     assert csv_lines[0] == "model,variable,level,units,lead_hours,rmse,bias,acc,count" and len(csv_lines) == 19
     for name in ("rmse.png", "acc.png", "bias.png", "error_map_12h.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_matches_coordinates_within_float32_rounding_and_says_so(truth_store, tmp_path, capsys):
+    """A forecast whose latitudes went through float32 (as aurora-loop forecast wrote them
+    before) is matched to the truth's rows, and the report says so in one line."""
+    lat = xr.open_zarr(truth_store).latitude.values
+    rounded = lat.astype(np.float32).astype(np.float64)
+    assert np.any(rounded != lat)  # the 8-row grid's latitudes are not float32 numbers
+    fc_path = str(tmp_path / "fc32.zarr")
+    _shifted_forecast(truth_store, fc_path, slice(5, 9), delta=2.0, lat=rounded)
+    assert tool_main(["evaluate", fc_path, "--truth", truth_store, "--out", str(tmp_path / "report"), "--no-plots"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("grid:")]
+    assert len(notes) == 1 and "float32 rounding" in notes[0] and "matched them" in notes[0], notes
+    rows = json.loads((tmp_path / "report" / "scores.json").read_text())["rows"]
+    assert all(r["rmse"] == pytest.approx(2.0, rel=1e-4) for r in rows if r["model"] == "shifted")
+
+
+def test_evaluate_refuses_another_grid_and_writes_nothing(truth_store, tmp_path, capsys):
+    """Latitudes 0.01 degrees off are another grid: one line, exit 2, the old report untouched."""
+    lat = xr.open_zarr(truth_store).latitude.values
+    fc_path = str(tmp_path / "moved.zarr")
+    _shifted_forecast(truth_store, fc_path, slice(5, 9), delta=2.0, lat=lat + np.r_[0.0, np.full(lat.size - 1, -0.01)])
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "scores.csv").write_text("earlier\n")
+    assert tool_main(["evaluate", fc_path, "--truth", truth_store, "--out", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "latitudes are not the truth store" in err and "0.01 degrees" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in report.iterdir()) == ["scores.csv"] and (report / "scores.csv").read_text() == "earlier\n"
 
 
 def _early_truth(truth_path: str, tmp_path) -> str:

@@ -127,6 +127,79 @@ def test_every_checkpoint_form_gives_the_same_forecast(trained, forecast, tmp_pa
         assert ds.attrs["checkpoint_step"] == (150 if name == "step" else 300)
 
 
+def _wb2_rmse(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
+    """WeatherBench2's RMSE, written in xarray as WB2 writes it: ``forecast - truth`` aligned on
+    the coordinates, cell-area latitude weights (bands between row midpoints, the poles' bands
+    ending at +-90, mean 1), the root after averaging the MSE over initial times. Per lead."""
+    lat = np.deg2rad(truth.latitude.values)
+    bounds = np.concatenate([[-np.pi / 2], (lat[:-1] + lat[1:]) / 2, [np.pi / 2]])
+    area = np.sin(bounds[1:]) - np.sin(bounds[:-1])
+    weights = xr.DataArray(area / area.mean(), coords={"latitude": truth.latitude}, dims="latitude")
+    per_lead = []
+    for lead in forecast.prediction_timedelta.values:
+        valid = truth.sel(time=forecast.time.values + lead).assign_coords(time=forecast.time.values)
+        error = forecast.sel(prediction_timedelta=lead).astype(np.float64) - valid.astype(np.float64)
+        assert error.sizes["latitude"] == truth.sizes["latitude"]  # the inner join kept every row
+        per_lead.append(np.sqrt((error**2 * weights).mean(("latitude", "longitude")).mean("time")))
+    return xr.concat(per_lead, "prediction_timedelta")
+
+
+def test_forecast_coordinates_are_the_stores_and_xarray_scores_as_evaluate(trained, tmp_path, capsys):
+    """On the built-in sample's 32 x 64 grid (latitudes 180/31 degrees apart: not float32
+    numbers) the forecast's latitude/longitude/level are the store's bit for bit, so
+    xr.align(join="exact") succeeds and WB2's RMSE in plain xarray equals aurora-loop evaluate's."""
+    _, run = trained
+    store, fc, report = str(tmp_path / "sample.zarr"), str(tmp_path / "fc.zarr"), tmp_path / "report"
+    assert tool_main(["sample-data", store, "--times", "24", "--levels", "500,850"]) == 0
+    truth = xr.open_zarr(store)
+    assert np.any(truth.latitude.values.astype(np.float32) != truth.latitude.values)  # float32 copies would differ
+    # the conv model is grid-agnostic: trained on 16 x 32, it forecasts on the sample's 32 x 64
+    assert tool_main(["forecast", "--checkpoint", run, "--dataset_path", store, "--init", "2020-01-03T00/2020-01-04T00/12h",
+                      "--steps", "2", "--out", fc, "--no-progress"]) == 0
+    forecast = xr.open_zarr(fc)
+    for dim in ("latitude", "longitude", "level"):
+        assert forecast[dim].dtype == truth[dim].dtype
+        np.testing.assert_array_equal(forecast[dim].values, truth[dim].values)
+    aligned_fc, aligned_truth = xr.align(forecast, truth, join="exact", exclude=["time"])  # raises on any difference
+    assert aligned_fc.sizes["latitude"] == 32 and aligned_fc.sizes["longitude"] == 64
+
+    capsys.readouterr()
+    assert tool_main(["evaluate", fc, "--truth", store, "--out", str(report), "--no-plots", "--baselines", ""]) == 0
+    assert "grid:" not in capsys.readouterr().out  # equal labels: nothing matched within rounding
+    rows = json.loads((report / "scores.json").read_text())["rows"]
+    for name, level in (("2m_temperature", None), ("geopotential", 500), ("specific_humidity", 850)):
+        f, o = aligned_fc[name], aligned_truth[name]
+        if level is not None:
+            f, o = f.sel(level=level), o.sel(level=level)
+        expected = _wb2_rmse(f, o).values
+        ours = sorted((r["lead_hours"], r["rmse"]) for r in rows if r["variable"] == name and r["level"] == level)
+        assert [h for h, _ in ours] == [6.0, 12.0]
+        np.testing.assert_allclose([v for _, v in ours], expected, rtol=1e-6)  # evaluate's weights are float32 (jax)
+
+
+def test_writer_coordinates_of_a_cropped_reoriented_float32_grid(tmp_path):
+    """A store with float32 latitudes descending and longitudes in [-180, 180): the forecast
+    writer's coordinates of a prediction cropped by a row (as Aurora crops 721 -> 720) are the
+    store's own float32 values, oriented as xarray users (and evaluate) orient the store."""
+    from aurora_loop.config import TrainingConfig
+    from aurora_loop.datasets import WeatherStore, selection_from_config
+    from aurora_loop.datasets.sample_data import sample_dataset
+    from aurora_loop.inference.evaluation import standardise
+    from aurora_loop.inference.writer import grid_coords, level_coords
+
+    ds = sample_dataset(grid=(17, 32), times=3, levels=(500, 850))
+    ds = ds.assign_coords(latitude=ds.latitude.values.astype(np.float32), longitude=(ds.longitude.values.astype(np.float32) + 180) % 360 - 180)
+    ds = ds.isel(latitude=slice(None, None, -1)).sortby("longitude")
+    ds.to_zarr(tmp_path / "s.zarr", zarr_format=2)
+    store = WeatherStore(str(tmp_path / "s.zarr"), selection_from_config(TrainingConfig(levels=(850, 500))))
+    lat, lon = grid_coords(store, store.lat[:-1], store.lon)  # the southernmost row cropped
+    wb2 = standardise(xr.open_zarr(tmp_path / "s.zarr"), "s.zarr")
+    assert lat.dtype == lon.dtype == np.float32
+    np.testing.assert_array_equal(lat, wb2.latitude.values[1:])
+    np.testing.assert_array_equal(lon, wb2.longitude.values)
+    assert level_coords(store).tolist() == [850, 500] and level_coords(store).dtype == ds.level.dtype
+
+
 def test_forecast_refuses_bad_input(trained, tmp_path, capsys):
     store, run = trained
     out = str(tmp_path / "f.zarr")

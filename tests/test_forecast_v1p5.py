@@ -104,6 +104,9 @@ def test_a_1p5_forecast_on_an_hourly_store_steps_by_the_model_step(setup, plain)
     out, reads = plain
     ds = xr.open_zarr(out)
     assert ds.sizes == {"time": 2, "prediction_timedelta": 2, "level": 2, "latitude": 32, "longitude": 64}
+    truth = xr.open_zarr(store)
+    for dim in ("latitude", "longitude", "level"):  # the store's own labels, not float32 copies (180/31-degree rows)
+        assert ds[dim].dtype == truth[dim].dtype and np.array_equal(ds[dim].values, truth[dim].values), dim
     assert (ds.prediction_timedelta.values / np.timedelta64(1, "h")).tolist() == [6.0, 12.0]
     assert [str(t)[:13] for t in ds.time.values] == ["2020-01-01T12", "2020-01-01T18"]
     # Inputs: two times 6 store steps (6 h) apart, the newest the initial time (12 h, 18 h).

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         written += plot_scores(result, args.out)
         written += plot_error_maps(result, args.out, leads)
     print(f"{result.model} vs truth {result.truth_path}: {len(result.init_times)} init times; climatology: {result.climatology}")
+    if result.grid_note:
+        print(result.grid_note)
     print_table(result, leads, sys.stdout)
     print(f"Wrote {len(written)} files to {os.path.abspath(args.out)}: {', '.join(os.path.basename(p) for p in written)}")
     return 0

@@ -23,6 +23,10 @@ climatology averages all members.
 
 Pairs (init, lead) whose valid time is not in the truth store are left out (``count`` tells
 how many initial times each score averages).
+
+Grid points are matched by their coordinates (:func:`match_grid`): the forecast's latitudes
+and longitudes must be the truth's (or some of them) up to float32 rounding; another grid is
+an error, not a silent match by position.
 """
 
 from __future__ import annotations
@@ -284,6 +288,7 @@ class Evaluation:
     fields: list[FieldScores]
     climatology: str
     init_times: np.ndarray
+    grid_note: str = ""  # one line when the grids matched within rounding only (GridMatch.note)
 
     @property
     def lead_hours(self) -> np.ndarray:
@@ -336,11 +341,52 @@ def _truth_variable(truth: xr.Dataset, name: str, forecast_var: xr.DataArray, tr
     raise UsageError(f"variable {name!r} of the forecast is not in the truth store {truth_path} (it has {', '.join(sorted(map(str, truth.data_vars)))}); score a truth store with the same variables or pass --variables")
 
 
-def _on_grid(field: xr.DataArray, lat: np.ndarray, lon: np.ndarray, truth_path: str) -> xr.DataArray:
-    try:
-        return field.sel(latitude=lat, longitude=lon, method="nearest", tolerance=1e-3)
-    except KeyError:
-        raise UsageError(f"the truth store {truth_path} is on another grid than the forecast; regrid one onto the other") from None
+@dataclasses.dataclass
+class GridMatch:
+    """Where the forecast's grid points lie in the truth store.
+
+    Attributes:
+      rows: (h,) the truth's latitude index of each forecast latitude.
+      cols: (w,) the truth's longitude index of each forecast longitude.
+      largest: the largest difference between matched coordinates, degrees (0: the same labels).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    largest: float
+
+    def note(self) -> str:
+        """One line for the user when the labels differ within rounding; "" when they are equal."""
+        if self.largest == 0:
+            return ""
+        return (f"grid: the forecast's latitudes/longitudes differ from the truth's by up to {self.largest:.2g} degrees "
+                "(float32 rounding); matched them point by point")
+
+
+def match_grid(fc: xr.Dataset, truth: xr.Dataset, truth_path: str) -> GridMatch:
+    """Match the forecast's latitudes and longitudes (both standardised) to the truth's.
+
+    Every forecast coordinate must equal a truth coordinate up to float32 rounding (e.g. a
+    forecast written with float32 copies of the grid); the forecast may cover part of the
+    truth's grid (a cropped row, a region). Anything further apart is another grid, and
+    matching positions would score the wrong points: a one-line UsageError.
+    """
+    from aurora_loop.datasets.layout import float32_rounding, nearest
+
+    found = {}
+    for dim in ("latitude", "longitude"):
+        want, have = fc[dim].values, truth[dim].values
+        index, distance = nearest(have, want)
+        far = distance > float32_rounding(want)
+        if np.any(far):
+            i = int(np.argmax(distance))
+            raise UsageError(
+                f"the forecast's {dim}s are not the truth store {truth_path}'s: {dim} {float(want[i]):.8g} of the forecast is "
+                f"{float(distance[i]):.3g} degrees from the nearest truth {dim} ({float(have[index[i]]):.8g}), more than rounding; "
+                "score against the store the forecast was made from, or regrid one onto the other"
+            )
+        found[dim] = (index, float(distance.max(initial=0.0)))
+    return GridMatch(rows=found["latitude"][0], cols=found["longitude"][0], largest=max(found["latitude"][1], found["longitude"][1]))
 
 
 def evaluate(
@@ -385,6 +431,7 @@ def evaluate(
     leads = fc["prediction_timedelta"].values.astype("timedelta64[ns]")
     lat, lon = fc["latitude"].values, fc["longitude"].values
     weights = area_weights(lat)
+    grid = match_grid(fc, truth, truth_path)
     truth_times = truth["time"].values.astype("datetime64[ns]")
     valid_index = _time_index(truth_times, init[:, None] + leads[None, :])  # (I, L)
     init_index = _time_index(truth_times, init)  # (I,)
@@ -395,7 +442,7 @@ def evaluate(
     model = str(fc.attrs.get("model", "forecast"))
     for name in names:
         var = fc[name]
-        tvar = _on_grid(_truth_variable(truth, name, var, truth_path), lat, lon, truth_path)
+        tvar = _truth_variable(truth, name, var, truth_path).isel(latitude=grid.rows, longitude=grid.cols)
         has_level = "level" in var.dims
         field_levels = [int(v) for v in var["level"].values] if has_level else [None]
         if levels and has_level:
@@ -435,4 +482,4 @@ def evaluate(
                 mean_error = np.nanmean(f - o, axis=0)
             fields.append(FieldScores(name, level, str(var.attrs.get("units", "")), scores, np.sum(~np.isnan(o[..., 0, 0]), axis=0), mean_error))
     return Evaluation(model=model, forecast_path=os.path.abspath(forecast_path), truth_path=os.path.abspath(truth_path), leads=leads,
-                      lat=lat, lon=lon, fields=fields, climatology=clim_text, init_times=init)
+                      lat=lat, lon=lon, fields=fields, climatology=clim_text, init_times=init, grid_note=grid.note())

@@ -15,6 +15,9 @@ read it:
   surface ones (time, [number,] prediction_timedelta, latitude, longitude), atmospheric ones
   (time, [number,] prediction_timedelta, level, latitude, longitude); every variable the model
   predicts, Aurora 1.5's output-only ones included;
+- the ``latitude``, ``longitude`` and ``level`` coordinates are the input store's own values
+  in its dtype (:func:`grid_coords`, :func:`level_coords`), never float32 copies, so
+  ``forecast - truth`` in xarray (WB2's evaluation) aligns every grid point;
 - CF attributes: ``units``, ``long_name``, ``standard_name`` on variables and coordinates
   (:data:`aurora_loop.datasets.variables.CF_METADATA`; the store's own units win),
   ``Conventions = "CF-1.8"`` and where the forecast came from on the dataset.
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from aurora_loop.datasets.layout import float32_rounding, nearest
 from aurora_loop.datasets.variables import ATMOS, CF_METADATA, DEFAULT_MAP, SURF
 from aurora_loop.errors import UsageError
 
@@ -49,6 +53,45 @@ def wb2_name(kind: str, aurora_name: str, store_name: str) -> str:
     """The WeatherBench2 name of Aurora variable ``aurora_name`` of ``kind`` ("surf"/"atmos");
     the store's own name when it has no standard WB2 name."""
     return _WB2_NAME.get(kind, {}).get(aurora_name, store_name)
+
+
+def _positions(store_values: np.ndarray, model_values: np.ndarray) -> np.ndarray | None:
+    """Index into ``store_values`` (the store's float32 coordinates) of each of
+    ``model_values`` (n,), or None when one of them is not a store value (a task that
+    predicts on its own grid)."""
+    if np.size(store_values) == 0 or np.size(model_values) == 0:
+        return None
+    index, distance = nearest(store_values, model_values)
+    return index if np.all(distance <= float32_rounding(model_values)) else None
+
+
+def grid_coords(store: Any, lat: Any, lon: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The forecast store's ``latitude`` (h,) ascending and ``longitude`` (w,) coordinates for
+    a prediction on ``lat`` (h,) decreasing and ``lon`` (w,) (Aurora's orientation, float32
+    after the model; a model may have cropped a row).
+
+    Where the prediction's grid is the store's (or part of it) these are the store's own
+    values in its dtype (``store.grid.lat_values`` / ``lon_values``), not the float32 copies,
+    so they equal the truth's labels bit for bit; otherwise (a task's own grid, or a source
+    without ``grid``) the prediction's values as float64.
+    """
+    lat, lon = np.asarray(lat), np.asarray(lon)
+    grid = getattr(store, "grid", None)
+    if grid is not None and grid.lat_values is not None and grid.lon_values is not None:
+        rows, cols = _positions(grid.lat, lat), _positions(grid.lon, lon)
+        if rows is not None and cols is not None:
+            return grid.lat_values[rows][::-1], grid.lon_values[cols]  # WB2: latitudes ascending
+    return lat.astype(np.float64)[::-1], lon.astype(np.float64)
+
+
+def level_coords(store: Any) -> np.ndarray:
+    """The forecast store's ``level`` coordinate (c,): the store's own level values of
+    ``store.levels`` (its dtype, e.g. int64 hPa as WB2 writes them), else ``store.levels``
+    as int64."""
+    values = getattr(store, "level_values", None)
+    if values is not None and len(values) == len(store.levels):
+        return np.asarray(values)
+    return np.asarray(store.levels, np.int64)
 
 
 class ForecastWriter:
@@ -127,8 +170,7 @@ class ForecastWriter:
         """One batch as an xarray Dataset. ``prediction``: a Batch with surf (b, [M,] N, h, w)
         and atmos (b, [M,] N, c, h, w) in Aurora orientation (M: with ``members``);
         ``init_times``: (b,) datetime64."""
-        lat = np.asarray(prediction.metadata.lat, np.float64)[::-1]  # WB2: ascending (a model may crop rows)
-        lon = np.asarray(prediction.metadata.lon, np.float64)
+        lat, lon = grid_coords(self.store, prediction.metadata.lat, prediction.metadata.lon)
         lead_dims = ("time", MEMBER_DIM, "prediction_timedelta") if self.members is not None else ("time", "prediction_timedelta")
         data = {}
         for kind, fields in ((SURF, prediction.surf_vars), (ATMOS, prediction.atmos_vars)):
@@ -161,7 +203,7 @@ class ForecastWriter:
         if prediction.atmos_vars:
             coords["level"] = xr.Variable(
                 "level",
-                np.asarray(self.store.levels, np.int64),
+                level_coords(self.store),
                 {"units": "hPa", "standard_name": "air_pressure", "long_name": "pressure level", "positive": "down", "axis": "Z"},
             )
         return xr.Dataset(data, coords=coords, attrs={"Conventions": "CF-1.8", **self.attrs})
