@@ -97,6 +97,11 @@ class TrainingConfig:
     # Devices.
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (alias --num_devices; CPU devices on a CPU-only machine; none: all visible)")
 
+    # Memory estimate (aurora-loop memory takes the same flags).
+    estimate_memory: bool = _field(False, "compile the configured train step on abstract parameters (simulating --num_gpus devices where this machine has fewer), print what each device needs (parameters, optimizer state, batch, temporaries, and where the temporaries peak) and exit; allocates no parameters and writes nothing")
+    estimate_grid: str | None = _field(None, "with --estimate_memory: estimate for this latitudes x longitudes grid, e.g. 721x1440, with the configured variables and --levels (WeatherBench2's 13 when none are given) instead of reading --dataset_path")
+    device_memory_gib: float | None = _field(None, "with --estimate_memory: the memory of one device in GiB to check the run against, e.g. 80; when the run does not fit, the cheapest changes that would make it fit are compiled and named (default: this machine's accelerator, if it has one)")
+
     # Multi-process (JAX's distributed runtime). Unset: auto-detected under SLURM / Open MPI,
     # else a single process.
     coordinator_address: str | None = _field(None, "host:port of process 0 for jax.distributed.initialize (unset: auto-detect under SLURM/Open MPI, else single-process)")
@@ -156,7 +161,7 @@ RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
      "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time", "compile_cache",
-     "save_every_n_minutes", "eval_weights"}
+     "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib"}
 )
 
 
@@ -323,6 +328,17 @@ def replay_settings_problem(buffer_size: int, refresh_every: int, rollout_steps:
     return None
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    """``"721x1440"`` -> (721, 1440), or a UsageError naming the form."""
+    try:
+        h, w = (int(v) for v in str(text).lower().replace(" ", "").split("x"))
+    except ValueError:
+        raise UsageError(f"estimate_grid {text!r} is not HxW; give latitudes x longitudes, e.g. --estimate_grid 721x1440") from None
+    if h < 2 or w < 2:
+        raise UsageError(f"estimate_grid {text!r} needs at least 2 latitudes and 2 longitudes, e.g. --estimate_grid 721x1440")
+    return h, w
+
+
 def validate(config: TrainingConfig) -> None:
     """Check value ranges that types alone cannot; raise UsageError naming the fix."""
     positive = {"batch_size": "--batch_size 2", "epochs": "--epochs 20", "rollout_steps": "--rollout_steps 1",
@@ -411,6 +427,13 @@ def validate(config: TrainingConfig) -> None:
         raise UsageError(f"remat_policy must be inputs or dots, got {config.remat_policy!r}")
     if config.remat_policy != "inputs" and not config.remat:
         raise UsageError(f"--remat_policy {config.remat_policy} chooses what --remat keeps; add --remat")
+    for name in ("estimate_grid", "device_memory_gib"):
+        if getattr(config, name) is not None and not config.estimate_memory:
+            raise UsageError(f"--{name} belongs to the memory estimate; add --estimate_memory (or run aurora-loop memory)")
+    if config.estimate_grid is not None:
+        parse_grid(config.estimate_grid)
+    if config.device_memory_gib is not None and not config.device_memory_gib > 0:
+        raise UsageError(f"device_memory_gib must be positive, got {config.device_memory_gib}; e.g. --device_memory_gib 80")
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

@@ -182,6 +182,14 @@ class _MicroBatches:
         self.loader.load_state_dict(state)
 
 
+def _global_shape(local_shape: tuple[int, ...], sharding: Any) -> tuple[int, ...]:
+    """The global shape of a leaf of one process's batch: leaves split over the devices are
+    every process's shares together (the leading axis times the process count)."""
+    if local_shape and any(axis is not None for axis in sharding.spec):
+        return (local_shape[0] * jax.process_count(), *local_shape[1:])
+    return tuple(local_shape)
+
+
 def _as_loader(data: Any) -> Loader | None:
     if data is None or isinstance(data, Loader):
         return data
@@ -521,6 +529,52 @@ class Trainer:
         shardings = self._shardings(local_batch[0])
         return place_batch(stack_micro_batches(local_batch, shardings), micro_batch_shardings(shardings, self.mesh))
 
+    def abstract_train_step(self, task: Task, train_data: Any) -> tuple[Callable[..., Any], TrainState, Any]:
+        """The train step :meth:`fit` would compile for ``task`` and ``train_data``, with its
+        arguments as shapes only: ``(jitted step, abstract train state, abstract global
+        batch)``, each abstract leaf a ``jax.ShapeDtypeStruct`` carrying its sharding. Reads
+        one example batch (host arrays) and runs ``task.setup`` on it, as :meth:`fit` does, but
+        allocates nothing on the devices; ``step.lower(state, batch).compile()`` then gives
+        what the run would need (``compiled.memory_analysis()``, :mod:`aurora_loop.memory`)."""
+        self.task = task
+        self.train_data = _as_loader(train_data)
+        if callable(getattr(task, "train_loader", None)):
+            self.train_data = task.train_loader(self.train_data)
+        if self.mesh is None:
+            self.mesh = make_mesh(self.num_devices)
+        host_example = example_batch(self.train_data)
+        if callable(getattr(task, "setup", None)):
+            task.setup(host_example)
+        sharding = self._shardings(host_example)
+        example = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(_global_shape(x.shape, s), np.asarray(x).dtype, sharding=s),
+                               host_example, sharding)
+        init_fn, abstract, shardings, batch_sharding = self._step_parts(example, sharding)
+        step = make_train_step(task, self.optimizer, shardings, batch_sharding, self.mesh, self.trainable, self._step_options())
+        if self.accumulate_grad_batches > 1:
+            n = self.accumulate_grad_batches
+            leaves = [jax.ShapeDtypeStruct((n, *x.shape), x.dtype, sharding=s) if split else x
+                      for x, s, split in zip(jax.tree.leaves(example), jax.tree.leaves(batch_sharding.leaves), batch_sharding.stacked)]
+            example = type(batch_sharding)(leaves, batch_sharding.stacked, batch_sharding.treedef)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        return step, state, example
+
+    def _step_options(self) -> StepOptions:
+        return StepOptions(accumulate=self.accumulate_grad_batches, ema_decay=self.ema_decay, compute_dtype=self.compute_dtype)
+
+    def _step_parts(self, example: Any, example_sharding: Any) -> tuple[Callable[[Any], TrainState], TrainState, TrainState, Any]:
+        """(init function, abstract train state, its shardings, the train step's batch
+        shardings) for a placed (or abstract) ``example`` batch with ``example_sharding``."""
+        init_fn = make_init_fn(self.task, self.optimizer, self.seed, ema=self.ema_decay is not None)
+        abstract = jax.eval_shape(init_fn, example)
+        if abstract.task_state is not None and self.accumulate_grad_batches > 1:
+            raise ValueError(f"task {type(self.task).__name__} keeps a state across steps (e.g. replay mode's buffer); "
+                             "gradient accumulation does not combine with it: use accumulate_grad_batches=1")
+        shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
+        train_batch_sharding = example_sharding
+        if self.accumulate_grad_batches > 1:
+            train_batch_sharding = micro_batch_shardings(train_batch_sharding, self.mesh)
+        return init_fn, abstract, shardings, train_batch_sharding
+
     def _setup(self, resume: bool) -> None:
         host_example = example_batch(self.train_data)
         if callable(getattr(self.task, "setup", None)):
@@ -528,19 +582,10 @@ class Trainer:
         example = self.place(host_example)
         del host_example
 
-        init_fn = make_init_fn(self.task, self.optimizer, self.seed, ema=self.ema_decay is not None)
-        abstract = jax.eval_shape(init_fn, example)
-        if abstract.task_state is not None and self.accumulate_grad_batches > 1:
-            raise ValueError(f"task {type(self.task).__name__} keeps a state across steps (e.g. replay mode's buffer); "
-                             "gradient accumulation does not combine with it: use accumulate_grad_batches=1")
-        shardings = state_shardings(abstract, self.mesh, fsdp=self.fsdp)
+        init_fn, abstract, shardings, train_batch_sharding = self._step_parts(example, self._shardings_of(example))
         self.state_shardings = shardings
-        trainable = self.trainable
-        options = StepOptions(accumulate=self.accumulate_grad_batches, ema_decay=self.ema_decay, compute_dtype=self.compute_dtype)
-        train_batch_sharding = self._shardings_of(example)
-        if self.accumulate_grad_batches > 1:
-            train_batch_sharding = micro_batch_shardings(train_batch_sharding, self.mesh)
-        self.train_step = make_train_step(self.task, self.optimizer, shardings, train_batch_sharding, self.mesh, trainable, options)
+        self.train_step = make_train_step(self.task, self.optimizer, shardings, train_batch_sharding, self.mesh, self.trainable,
+                                          self._step_options())
         for cb in self.callbacks:
             self.train_step = cb.wrap_train_step(self, self.train_step)
         self._eval_step = make_eval_step(self.task, shardings.params, None, self.mesh, self.compute_dtype)

@@ -11,7 +11,12 @@ pressure levels, batch 1, float32). The JAX side is the jitted step of
   (``qkv`` straight into (3, windows, heads, tokens, head dim), ``proj`` straight out of
   it; padding tokens are projected too), instead of token-major with transposes around them;
 - ``remat`` / ``remat_dots``: the model with ``--remat`` under ``--remat_policy inputs`` /
-  ``dots`` (what rematerialisation costs in time; its memory is ``step_time.py``'s).
+  ``dots`` (what rematerialisation costs in time; its memory is ``step_time.py``'s);
+- ``before_26`` / ``remat_before_26``: ``default`` / ``remat`` as they were before the memory
+  cuts of issue 26: the level aggregation and de-aggregation over all patches at once
+  (``level_chunk_tokens=0``), a constant shifted-window mask and the attention's scale on
+  the logits (not on q). ``--level-chunk-tokens N`` sets the other variants' chunks (at
+  64 x 128 the default of 2048 patches leaves 512 patches in one chunk; 0.25° has 32).
 
 The reference runs in its own interpreter (``--reference-python``, a venv with ``torch==2.14.1
 torchvision==0.29.1 microsoft-aurora``), started once and driven over a pipe, so that the two
@@ -40,7 +45,7 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
 from benchmarks.step_time import TORCH_SETUP  # noqa: E402 - after the path set-up
 
-VARIANTS = ("default", "windowed_qkv", "remat", "remat_dots")
+VARIANTS = ("default", "windowed_qkv", "remat", "remat_dots", "before_26", "remat_before_26")
 
 # The reference, as a server: builds the model (step_time.py's set-up), prints "ready", then
 # times one step per command line ("fb": forward + backward; "adamw": also the fused AdamW update).
@@ -122,20 +127,42 @@ def windowed_qkv_attention(self, grid, mask, rollout_step, ws=(1, 1, 1), ss=(0, 
     return y
 
 
+def logits_scaled_attention(q, k, v, bias=None):
+    """``einsum_attention`` as it was before issue 26: the scale multiplies the logits."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = jnp.einsum("...qd,...kd->...qk", q, k)
+    acc = jnp.promote_types(logits.dtype, jnp.float32)
+    logits = logits.astype(acc) * q.shape[-1] ** -0.5
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
 def compile_variant(name: str, args: argparse.Namespace, levels: tuple[int, ...]) -> tuple[Callable, list]:
     """(compiled step, [params, opt_state, inputs, target]) of one variant."""
+    import jax.numpy as jnp
+
+    import aurora_loop.model.layers as layers
     import aurora_loop.model.swin as swin
     from benchmarks.step_time import build
 
-    remat = name in ("remat", "remat_dots")
-    step, _, params, opt_state, inputs, target = build(args, levels, remat, "dots" if name == "remat_dots" else "inputs")
-    original = swin.WindowAttention
-    if name == "windowed_qkv":  # SwinBlock looks the class up in its module when it runs
-        swin.WindowAttention = type("WindowedQKVAttention", (original,), {"__call__": windowed_qkv_attention})
+    remat = name in ("remat", "remat_dots", "remat_before_26")
+    before = name.endswith("before_26")
+    changes = {"level_chunk_tokens": 0} if before else ({} if args.level_chunk_tokens is None else {"level_chunk_tokens": args.level_chunk_tokens})
+    step, _, params, opt_state, inputs, target = build(args, levels, remat, "dots" if name == "remat_dots" else "inputs", **changes)
+    # Modules look these names up in their own modules when they run: swapped while tracing.
+    originals = (swin.WindowAttention, swin.block_mask, layers.einsum_attention)
+    if name == "windowed_qkv":
+        swin.WindowAttention = type("WindowedQKVAttention", (originals[0],), {"__call__": windowed_qkv_attention})
+    if before:
+        swin.block_mask = lambda mask, grid: jnp.asarray(mask)
+        layers.einsum_attention = logits_scaled_attention
     try:
         compiled = step.lower(params, opt_state, inputs, target).compile()  # traced here
     finally:
-        swin.WindowAttention = original
+        swin.WindowAttention, swin.block_mask, layers.einsum_attention = originals
     return compiled, [params, opt_state, inputs, target]
 
 
@@ -148,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=13)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of every side each)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--level-chunk-tokens", type=int, default=None,
+                        help="AuroraConfig.level_chunk_tokens of every variant but the before_26 ones (default: the model's)")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if not variants or variants[0] != "default" or any(v not in VARIANTS for v in variants):

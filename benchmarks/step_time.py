@@ -169,8 +169,9 @@ def make_inputs_and_target(config, grid: tuple[int, int], levels: tuple[int, ...
     return make_batch(2, 438300.0), make_batch(1, 438306.0)
 
 
-def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool, remat_policy: str = "inputs"):
-    """(jitted train step, params, opt_state, batch) for the benchmark shapes."""
+def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool, remat_policy: str = "inputs", **model_changes):
+    """(jitted train step, params, opt_state, batch) for the benchmark shapes; ``model_changes``:
+    further ``AuroraConfig`` fields (e.g. ``level_chunk_tokens``)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -178,7 +179,7 @@ def build(args: argparse.Namespace, levels: tuple[int, ...], remat: bool, remat_
     from aurora_loop.model import AuroraConfig, apply, init_params
     from aurora_loop.tasks.aurora import weighted_mae
 
-    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat, remat_policy=remat_policy)
+    config = AuroraConfig.preset(args.model, use_lora=False, autocast=args.bf16, remat=remat, remat_policy=remat_policy, **model_changes)
     inputs, target = make_inputs_and_target(config, tuple(args.grid), levels)
     params = init_params(config, jax.random.key(0), inputs)
     optimizer = optax.adamw(1e-4)

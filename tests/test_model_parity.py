@@ -19,6 +19,7 @@ from the local run exactly in those 28 patches' scale encodings.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -49,14 +50,17 @@ def _our_root_area() -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _run(x64: bool, areas: str | None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+def _run(x64: bool, areas: str | None, level_chunk_tokens: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """Our roll-out on the fixture, fed the patch areas of ``FIXTURES[areas]`` (None: our
-    own, through the host callback): (first-step taps, per-step fields), as numpy."""
+    own, through the host callback): (first-step taps, per-step fields), as numpy.
+    ``level_chunk_tokens``: the model's chunking of the level (de-)aggregation (None: the default)."""
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", x64)
     try:
         data = fx.load()
         cfg = fx.config(data)
+        if level_chunk_tokens is not None:
+            cfg = dataclasses.replace(cfg, level_chunk_tokens=level_chunk_tokens)
         params = load_reference_params(cfg, fx.state_dict(data))
         params = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64 if x64 else jnp.float32), params)
         batch = fx.batch(data)
@@ -77,8 +81,8 @@ def _run(x64: bool, areas: str | None) -> tuple[dict[str, np.ndarray], list[dict
         jax.config.update("jax_enable_x64", previous)
 
 
-def _errors(x64: bool, reference: str, areas: str | None) -> dict[str, float]:
-    taps, steps = _run(x64, areas)
+def _errors(x64: bool, reference: str, areas: str | None, level_chunk_tokens: int | None = None) -> dict[str, float]:
+    taps, steps = _run(x64, areas, level_chunk_tokens)
     ref = fx.load(FIXTURES[reference])
     errors = {f"tap/{k}": _relative(v, ref[f"tap/step1/{k}"]) for k, v in taps.items()}
     for k, fields in enumerate(steps, 1):
@@ -124,6 +128,14 @@ def test_parity_float32(reference: str) -> None:
     errors = _errors(False, reference, areas=reference)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 2e-3, f"{worst}: {errors[worst]:.3e}"
+
+
+def test_parity_x64_with_chunked_level_aggregation() -> None:
+    """The level aggregation and de-aggregation over chunks of 48 patches (the fixture's
+    2 x 128 patches in 6 chunks, the last padded): still the reference's numbers."""
+    errors = _errors(True, "shared", areas="shared", level_chunk_tokens=48)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, f"{worst}: {errors[worst]:.3e}"
 
 
 def test_float32_close_to_x64() -> None:

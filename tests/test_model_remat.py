@@ -67,7 +67,8 @@ def test_parameter_tree_unchanged(inputs) -> None:
 
 
 def test_model_loss_and_gradients_match(inputs) -> None:
-    """The whole model (encoder, backbone, decoder) with a traced roll-out step."""
+    """The whole model (encoder, backbone, decoder) with a traced roll-out step, its level
+    aggregation and de-aggregation whole or over chunks of patches."""
     params = _random_like(_shapes(_config(), inputs))
 
     def value_and_grad(config: AuroraConfig):
@@ -78,9 +79,12 @@ def test_model_loss_and_gradients_match(inputs) -> None:
         return jax.jit(jax.value_and_grad(loss), compiler_options=FAST_COMPILE)(params)
 
     value, grads = value_and_grad(_config())
-    for policy in REMAT_POLICIES:
-        value_r, grads_r = value_and_grad(_config(remat=True, remat_policy=policy))
-        np.testing.assert_allclose(float(value_r), float(value), rtol=1e-6, err_msg=policy)
+    # level_chunk_tokens=3: the 8 patches' level (de-)aggregation as 3 chunks, one row padded.
+    variants = [dict(level_chunk_tokens=3)] + [dict(remat=True, remat_policy=policy, level_chunk_tokens=chunk)
+                                               for policy in REMAT_POLICIES for chunk in (0, 3)]
+    for variant in variants:
+        value_r, grads_r = value_and_grad(_config(**variant))
+        np.testing.assert_allclose(float(value_r), float(value), rtol=1e-6, err_msg=str(variant))
         _assert_trees_close(grads_r, grads)
 
 

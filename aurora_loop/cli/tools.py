@@ -1,7 +1,9 @@
 """``aurora-loop``: the tool box (sub-commands).
 
 Each sub-command is a module in this package exposing ``register(subparsers)``, which adds
-its parser and sets ``func=run`` where ``run(args) -> int`` returns the exit status. List a
+its parser and sets ``func=run`` where ``run(args) -> int`` returns the exit status (or
+``forward(argv) -> int``, which takes the raw arguments, as ``memory`` hands them to
+``aurora-train``). List a
 new module in ``SUBCOMMANDS``. Modules are imported only when their command runs, so
 ``aurora-loop --help`` stays fast.
 """
@@ -23,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "forecast": ("forecast", "roll a trained model out to a WeatherBench2 forecast Zarr store"),
     "evaluate": ("evaluate", "score a forecast store against the truth: RMSE, bias, ACC vs baselines; CSV/JSON and plots"),
     "stats": ("stats", "normalisation statistics (mean, std per variable and level) of a store, for aurora-train --stats"),
+    "memory": ("memory", "will a run fit? compile aurora-train's step for its flags on abstract parameters and print the memory per device"),
 }
 
 
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(f"aurora_loop.cli.{SUBCOMMANDS[argv[0]][0]}")
+    if callable(getattr(module, "forward", None)):  # a command that takes another command's flags as they are
+        return int(module.forward(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog=f"aurora-loop {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
     module.register(parser)
     args = parser.parse_args(argv[1:])

@@ -284,6 +284,31 @@ def _print_param_groups(task: Any, train_loader: Any, groups: Any) -> int:
     return 0
 
 
+def optimizer_for(config: TrainingConfig, schedule_steps: int) -> tuple[Any, Any, Any]:
+    """(learning-rate schedule, parameter groups, optax optimizer) of a run whose schedule
+    lasts ``schedule_steps`` steps."""
+    from aurora_loop.optim import ParamGroups, is_lora_param, learning_rate_schedule, make_optimizer
+
+    schedule = learning_rate_schedule(config.learning_rate, schedule_steps, config.warmup_steps)
+    groups = ParamGroups(freeze=config.freeze, lr_multipliers=dict(config.lr_multipliers or {}),
+                         trainable=is_lora_param if config.lora_only else None)
+    return schedule, groups, make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, groups=groups)
+
+
+def step_settings(config: TrainingConfig, optimizer: Any, groups: Any) -> dict[str, Any]:
+    """The Trainer arguments that shape the compiled train step (what ``--estimate_memory``
+    must compile exactly as the run would)."""
+    return dict(
+        optimizer=optimizer,
+        seed=config.seed,
+        fsdp=config.fsdp,
+        trainable=None if groups.trivial else groups.is_trainable,
+        accumulate_grad_batches=config.accumulate_grad_batches,
+        ema_decay=config.ema_decay,
+        precision="bf16-mixed" if config.bf16 and config.precision == "fp32" else config.precision,
+    )
+
+
 def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False,
         callback_specs: tuple[str, ...] = (), print_param_groups: bool = False) -> int:
     """Train according to ``config``; returns the exit status.
@@ -303,7 +328,6 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     import numpy as np
 
     from aurora_loop.callbacks.preemption import PREEMPTED_EXIT_CODE, was_preempted
-    from aurora_loop.optim import ParamGroups, is_lora_param, learning_rate_schedule, make_optimizer
     from aurora_loop.parallel import check_batch_divisible, make_mesh
     from aurora_loop.plugins import load_callbacks
     from aurora_loop.task import available_tasks, make_task
@@ -347,31 +371,22 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     # The schedule is fixed when a run starts (config.json records it; a resume inherits it).
     schedule_steps = config.lr_schedule_steps or total_steps
     requested = requested.replace(lr_schedule_steps=schedule_steps)
-    schedule = learning_rate_schedule(config.learning_rate, schedule_steps, config.warmup_steps)
-    groups = ParamGroups(freeze=config.freeze, lr_multipliers=dict(config.lr_multipliers or {}),
-                         trainable=is_lora_param if config.lora_only else None)
+    schedule, groups, optimizer = optimizer_for(config, schedule_steps)
     if print_param_groups:
         return _print_param_groups(task, train_loader, groups)
-    optimizer = make_optimizer(schedule, config.weight_decay, config.grad_clip_norm, groups=groups)
 
     checkpoint_dir = os.path.join(out, "checkpoints")
     tensorboard_dir = os.path.join(out, "tensorboard")
     callbacks = [RunConfigWriter(requested), *default_callbacks(config, out, checkpoint_dir, tensorboard_dir, user_callbacks)]
     trainer = Trainer(
         callbacks=callbacks,
-        optimizer=optimizer,
         log_learning_rate=schedule,
         max_epochs=config.epochs,
         max_steps=config.max_steps,
         val_every_n_steps=config.val_every_n_steps,
         mesh=mesh,
-        seed=config.seed,
-        fsdp=config.fsdp,
-        trainable=None if groups.trivial else groups.is_trainable,
-        accumulate_grad_batches=config.accumulate_grad_batches,
-        ema_decay=config.ema_decay,
         eval_weights=config.eval_weights,
-        precision="bf16-mixed" if config.bf16 and config.precision == "fp32" else config.precision,
+        **step_settings(config, optimizer, groups),
     )
     main = jax.process_index() == 0
     warning = untrainable_lora_warning(config, task)
@@ -414,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, args = resolve_config(argv)
+        if config.estimate_memory:  # compiles and prints; writes nothing, not even the output dir
+            from aurora_loop.cli.memory import estimate_run
+
+            return estimate_run(config)
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
         if not clear_previous:  # a run that continues keeps its learning-rate schedule
             config = inherit_schedule(config, resume=args.resume)

@@ -130,6 +130,11 @@ class AuroraConfig:
     (only its inputs; everything is recomputed: the least memory) or ``dots`` (also the
     outputs of its linear layers, ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``;
     only element-wise work and the attention products are recomputed)."""
+    level_chunk_tokens: int = 2048
+    """Patches per chunk of the Perceiver level aggregation (encoder) and de-aggregation
+    with its output heads (decoder): they run as a loop over chunks of this many patches
+    (0: all at once). The result is the same; with ``remat`` each chunk is recomputed on
+    its own in the backward pass, so their memory follows the chunk, not the grid."""
     scan_blocks: bool = False
     """Run each Swin stage of four or more blocks as a loop over (unshifted, shifted) block
     pairs, so that XLA compiles one pair per stage instead of every block (shorter
@@ -192,6 +197,8 @@ class AuroraConfig:
     def _validate(self) -> None:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if not isinstance(self.level_chunk_tokens, int) or self.level_chunk_tokens < 0:
+            raise ValueError(f"level_chunk_tokens must be a whole number >= 0 (0: no chunks), got {self.level_chunk_tokens!r}")
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
         if self.latent_levels < 2:

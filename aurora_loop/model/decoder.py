@@ -13,10 +13,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from aurora_loop.model.chunks import map_token_chunks
 from aurora_loop.model.config import AuroraConfig
 from aurora_loop.model.fourier import levels_encoding
 from aurora_loop.model.layers import KERNEL_INIT, dense
 from aurora_loop.model.perceiver import PerceiverResampler
+from aurora_loop.model.swin import detached
 
 Array = Any
 
@@ -81,13 +83,24 @@ class Perceiver3DDecoder(nn.Module):
 
         queries = dense(d2, "atmos_levels_embed")(jnp.asarray(levels_encoding(levels, d2), x.dtype))  # (C, 2D)
         context = x[:, :, 1:].reshape(b * length, lat_levels - 1, d2)
-        atmos = PerceiverResampler(
+        resampler = PerceiverResampler(
             cfg.dec_depth, d2 // cfg.num_heads, cfg.num_heads, cfg.dec_mlp_ratio, cfg.perceiver_ln_eps,
             name="level_decoder",
-        )(queries, context)
-        atmos = atmos.reshape(b, length, len(levels), d2)
-        atmos = VariableHeads(cfg.atmos_vars, p * p, name="atmos_heads")(atmos, atmos_names)  # (B, L, C, V, p*p)
-        atmos = atmos.swapaxes(2, 3)  # (B, L, V, C, p*p)
+        )
+        heads = VariableHeads(cfg.atmos_vars, p * p, name="atmos_heads")
+        if self.is_initializing():
+            atmos = heads(resampler(queries, context), atmos_names)  # (B * L, C, V, p*p)
+        else:  # the levels and their heads over chunks of patches (model/chunks.py)
+            resample, read_out = detached(resampler), detached(heads)
+
+            def disaggregate(weights: tuple, ctx: Array) -> Array:
+                levels_out = resample.apply({"params": weights[0]}, weights[2], ctx)
+                return read_out.apply({"params": weights[1]}, levels_out, atmos_names)
+
+            own = self.variables["params"]
+            atmos = map_token_chunks(disaggregate, (own["level_decoder"], own["atmos_heads"], queries), context,
+                                     cfg.level_chunk_tokens, cfg.remat)
+        atmos = atmos.reshape(b, length, len(levels), len(atmos_names), p * p).swapaxes(2, 3)  # (B, L, V, C, p*p)
         atmos_fields = unpatchify(atmos, h, w, p)  # (B, V, C, H, W)
         return (
             {k: surf_fields[:, i] for i, k in enumerate(surf_names)},

@@ -16,11 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aurora_loop.model.chunks import map_token_chunks
 from aurora_loop.model.config import AuroraConfig
 from aurora_loop.model.fourier import absolute_time_encoding, levels_encoding
 from aurora_loop.model.layers import MLP, dense, layer_norm
 from aurora_loop.model.perceiver import PerceiverResampler
 from aurora_loop.model.posenc import position_scale_encoding
+from aurora_loop.model.swin import detached
 
 Array = Any
 
@@ -49,17 +51,24 @@ class LevelPatchEmbed(nn.Module):
 
         weight = self.param("weight", uniform, (len(self.var_names), t_max, p, p, self.embed_dim))
         bias = self.param("bias", uniform, (self.embed_dim,))
-        unknown = [n for n in names if n not in self.var_names]
-        if unknown:
-            raise KeyError(f"the model has no embedding for variables {unknown}; it knows {self.var_names}")
         n, v, t, h, w = x.shape
-        if t > t_max:
-            raise ValueError(f"{t} history steps given but the model takes at most {t_max}")
-        index = jnp.asarray([self.var_names.index(name) for name in names], dtype=jnp.int32)
-        kernel = weight[index, :t].astype(x.dtype)  # (V', T, p, p, D)
+        kernel, bias = patch_kernel({"weight": weight, "bias": bias}, self.var_names, names, t, x.dtype)
         patches = x.reshape(n, v, t, h // p, p, w // p, p)
         out = jnp.einsum("nvtaibj,vtijd->nabd", patches, kernel)
-        return out.reshape(n, (h // p) * (w // p), self.embed_dim) + bias.astype(x.dtype)
+        return out.reshape(n, (h // p) * (w // p), self.embed_dim) + bias
+
+
+def patch_kernel(params: dict[str, Array], var_names: tuple[str, ...], names: tuple[str, ...], t: int, dtype: Any) -> tuple[Array, Array]:
+    """The kernel (V', T, p, p, D) and bias (D,) in ``dtype`` that a :class:`LevelPatchEmbed`
+    with parameters ``params`` applies to the variables ``names`` (a subset of ``var_names``,
+    in that order) over ``t`` history steps (the newest kernel slices' prefix)."""
+    unknown = [n for n in names if n not in var_names]
+    if unknown:
+        raise KeyError(f"the model has no embedding for variables {unknown}; it knows {var_names}")
+    if t > params["weight"].shape[1]:
+        raise ValueError(f"{t} history steps given but the model takes at most {params['weight'].shape[1]}")
+    index = jnp.asarray([var_names.index(name) for name in names], dtype=jnp.int32)
+    return params["weight"][index, :t].astype(dtype), params["bias"].astype(dtype)
 
 
 class Perceiver3DEncoder(nn.Module):
@@ -101,10 +110,7 @@ class Perceiver3DEncoder(nn.Module):
             x_surf = jnp.zeros((b, t, 0, h, w), dtype)
 
         surf_embed = LevelPatchEmbed(cfg.surf_vars + cfg.static_vars, p, d, cfg.max_history_size, name="surf_token_embeds")
-        atmos_embed = LevelPatchEmbed(cfg.atmos_vars, p, d, cfg.max_history_size, name="atmos_token_embeds")
         tokens_surf = surf_embed(x_surf.swapaxes(1, 2), surf_names)  # (B, L, D)
-        x_atmos = x_atmos.transpose(0, 3, 2, 1, 4, 5).reshape(b * c, len(atmos_names), t, h, w)
-        tokens_atmos = atmos_embed(x_atmos, atmos_names).reshape(b, c, -1, d)  # (B, C, L, D)
         length = tokens_surf.shape[1]
 
         trunc = nn.initializers.truncated_normal(stddev=0.02)
@@ -112,16 +118,34 @@ class Perceiver3DEncoder(nn.Module):
         tokens_surf = tokens_surf + surf_level.astype(dtype)
         tokens_surf = tokens_surf + layer_norm("surf_norm")(MLP(int(d * cfg.mlp_ratio), name="surf_mlp")(tokens_surf))
 
-        level_enc = jnp.asarray(levels_encoding(levels, d), dtype)
-        tokens_atmos = tokens_atmos + dense(d, "atmos_levels_embed")(level_enc)[None, :, None, :]
-
-        # Aggregate the C pressure levels into latent levels, independently for every patch.
+        # Every pressure level's patches are embedded, and the C levels aggregated into latent
+        # levels, independently for every patch: over chunks of patches (model/chunks.py).
+        atmos_embed = LevelPatchEmbed(cfg.atmos_vars, p, d, cfg.max_history_size, name="atmos_token_embeds")
+        level_embed = dense(d, "atmos_levels_embed")(jnp.asarray(levels_encoding(levels, d), dtype))  # (C, D)
         latents = self.param("atmos_latents", trunc, (cfg.latent_levels - 1, d)).astype(dtype)
-        context = tokens_atmos.transpose(0, 2, 1, 3).reshape(b * length, c, d)
-        agg = PerceiverResampler(
+        resampler = PerceiverResampler(
             cfg.enc_depth, d // cfg.num_heads, cfg.num_heads, cfg.mlp_ratio, cfg.perceiver_ln_eps,
             ln_k_q=cfg.stabilise_level_agg, name="level_agg",
-        )(latents, context)
+        )
+        if self.is_initializing():
+            tokens_atmos = atmos_embed(x_atmos.transpose(0, 3, 2, 1, 4, 5).reshape(b * c, -1, t, h, w), atmos_names)
+            context = (tokens_atmos.reshape(b, c, -1, d) + level_embed[None, :, None, :]).transpose(0, 2, 1, 3)
+            agg = resampler(latents, context.reshape(b * length, c, d))
+        else:
+            v = len(atmos_names)
+            pixels = x_atmos.reshape(b, t, v, c, h // p, p, w // p, p).transpose(0, 4, 6, 3, 2, 1, 5, 7)
+            pixels = pixels.reshape(b * length, c, v, t, p, p)  # every patch's pixels, level by level
+            own = self.variables["params"]
+            kernel, bias = patch_kernel(own["atmos_token_embeds"], cfg.atmos_vars, atmos_names, t, dtype)
+            module = detached(resampler)
+
+            def embed_and_aggregate(weights: tuple, pixels: Array) -> Array:
+                agg_params, kernel, bias, level_embed, latents = weights
+                tokens = jnp.einsum("ncvtij,vtijd->ncd", pixels, kernel) + bias + level_embed  # (n, C, D)
+                return module.apply({"params": agg_params}, latents, tokens)  # (n, C', D)
+
+            agg = map_token_chunks(embed_and_aggregate, (own["level_agg"], kernel, bias, level_embed, latents), pixels,
+                                   cfg.level_chunk_tokens, cfg.remat)
         tokens_atmos = agg.reshape(b, length, -1, d).transpose(0, 2, 1, 3)  # (B, C', L, D)
 
         x = jnp.concatenate([tokens_surf[:, None], tokens_atmos], axis=1)  # (B, latent, L, D)

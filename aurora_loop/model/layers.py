@@ -71,9 +71,14 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None = None) -> Array:
 def einsum_attention(q: Array, k: Array, v: Array, bias: Array | None = None) -> Array:
     """:func:`attention` as two einsums around a float32 softmax."""
     scale = q.shape[-1] ** -0.5
+    exact = float(np.log2(scale)).is_integer()
+    if exact:  # a power of two scales q exactly, and XLA:CPU need not expand the scale to the logits' shape
+        q = q * jnp.asarray(scale, q.dtype)
     logits = jnp.einsum("...qd,...kd->...qk", q, k)
     acc = jnp.promote_types(logits.dtype, jnp.float32)
-    logits = logits.astype(acc) * scale
+    logits = logits.astype(acc)
+    if not exact:
+        logits = logits * scale
     if bias is not None:
         logits = logits + bias.astype(acc)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -39,11 +39,11 @@ REFERENCE_KWARGS = (
     "rollout_input_clipping", "stochastic",
 )
 # AuroraConfig fields that are no keyword argument of the reference (dropped from the kwargs):
-# ``remat``, ``remat_policy`` and ``scan_blocks`` are this port's own; ``atmos_stats`` the reference takes from the module-level
+# ``remat``, ``remat_policy``, ``level_chunk_tokens`` and ``scan_blocks`` are this port's own; ``atmos_stats`` the reference takes from the module-level
 # tables ``aurora.normalisation.locations`` / ``scales`` (see :func:`atmos_stats_overrides`).
 # ``log_transform_scaled`` / ``prescribed_insolation`` the reference sets by class
 # (``aurora.AuroraV1p5``; see :func:`reference_class`).
-OWN_FIELDS = ("remat", "remat_policy", "scan_blocks", "atmos_stats", "log_transform_scaled", "prescribed_insolation")
+OWN_FIELDS = ("remat", "remat_policy", "level_chunk_tokens", "scan_blocks", "atmos_stats", "log_transform_scaled", "prescribed_insolation")
 DEFAULT_TIMESTEP_HOURS = 6.0
 
 

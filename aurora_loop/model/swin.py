@@ -85,7 +85,8 @@ class WindowAttention(nn.Module):
         if mask is not None:
             nw = mask.shape[0]
             shape = (bw // nw, nw, self.num_heads, n, d // self.num_heads)
-            out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), jnp.asarray(mask)[None, :, None])
+            bias = block_mask(mask, grid)[None, :, None]
+            out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), bias)
             out = out.reshape(bw, self.num_heads, n, -1)
         else:
             out = attention(q, k, v)
@@ -161,6 +162,13 @@ def after(tree: Any, signal: Any) -> Any:
         return x + jnp.minimum(s.astype(x.dtype), jnp.zeros((), x.dtype))
 
     return jax.tree_util.tree_map(tie, tree)
+
+
+def block_mask(mask: np.ndarray, grid: Array) -> Array:
+    """The shifted-window mask (nW, N, N) as a value of this block (tied to its input
+    ``grid``): a constant mask is broadcast once to the logits' shape and kept alive for
+    the whole step (XLA:CPU: 3.4 GiB at 0.25°); this one is made where the block runs."""
+    return after(jnp.asarray(mask), grid)
 
 
 def detached(module: nn.Module) -> nn.Module:
