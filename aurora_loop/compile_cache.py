@@ -51,3 +51,37 @@ def enable_compile_cache(setting: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return path
+
+
+# --- was a program compiled or loaded from the cache? ------------------------------------------
+
+_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+_counts = {"hits": 0, "misses": 0}
+_listening = False
+
+
+def _on_event(event: str, **_: object) -> None:
+    name = _EVENTS.get(event)
+    if name is not None:
+        _counts[name] += 1
+
+
+def cache_counts() -> tuple[int, int]:
+    """(hits, misses) of JAX's persistent compilation cache in this process so far.
+
+    Counting starts with the first call (JAX's monitoring events; one listener, registered
+    once); compare two readings around a compilation to learn where its program came from.
+    """
+    global _listening
+    if not _listening:
+        import jax.monitoring
+
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+    return _counts["hits"], _counts["misses"]
+
+
+def came_from_cache(before: tuple[int, int], after: tuple[int, int]) -> bool:
+    """Whether the compilations between two :func:`cache_counts` readings were all served
+    from the persistent cache (at least one hit, no miss)."""
+    return after[0] > before[0] and after[1] == before[1]

@@ -30,8 +30,8 @@ class TrainingConfig:
     """A training run. Field docs double as ``--help`` text."""
 
     # Data.
-    dataset_path: str | None = _field(None, "WeatherBench2-layout Zarr store; none: write and use the built-in synthetic sample under output_dir/sample_data.zarr")
-    static_path: str | None = _field(None, "separate Zarr store holding the static fields (default: dataset_path)")
+    dataset_path: str | None = _field(None, "WeatherBench2-layout Zarr store (or tfds:NAME[:SPLIT]); none: write the synthetic sample to output_dir/sample_data.zarr and train on it")
+    static_path: str | None = _field(None, "separate Zarr store holding the static fields; none: the --dataset_path store")
     surf_vars: tuple[str, ...] = _field(("2t", "10u", "10v", "msl"), "surface variables (Aurora names, comma list; empty: none)")
     static_vars: tuple[str, ...] = _field(("lsm", "z", "slt"), "static variables (comma list; empty: none)")
     atmos_vars: tuple[str, ...] = _field(("z", "u", "v", "t", "q"), "atmospheric variables (comma list; empty: none)")
@@ -49,23 +49,23 @@ class TrainingConfig:
     tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
 
     # Model.
-    model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora; Aurora 1.5 as v1p5 or v1p5_tiny, its ensemble as v1p5_ensemble or v1p5_ensemble_tiny; or conv (a small convolutional baseline)")
+    model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora; Aurora 1.5 as v1p5, v1p5_tiny, v1p5_ensemble or v1p5_ensemble_tiny; or conv (a small CNN baseline)")
     checkpoint_dir: str | None = _field(None, "directory with pretrained encoder/, backbone/, decoder/ checkpoints to start from")
     checkpoint_encoder: str | None = _field(None, "pretrained encoder checkpoint (overrides checkpoint_dir/encoder)")
     checkpoint_backbone: str | None = _field(None, "pretrained backbone checkpoint (overrides checkpoint_dir/backbone)")
     checkpoint_decoder: str | None = _field(None, "pretrained decoder checkpoint (overrides checkpoint_dir/decoder)")
     timestep_hours: float | None = _field(None, "the model's step in hours (Aurora's lead time per roll-out step); none: the data's time step")
-    lead_times: tuple[float, ...] = _field((), "sample the lead time of each training example's last target step from these hours (comma list, e.g. 1,3,6; Aurora 1.5's sub-6-hour steps): inputs and earlier targets lie the model step apart (--timestep_hours, else the largest lead time), the last target the drawn lead after the step before it; every lead and the model step must be multiples of the store's time step; validation keeps the model step; empty: every step is the data's step")
-    ensemble_members: int = _field(1, "members per example for the ensemble models (v1p5_ensemble, v1p5_ensemble_tiny), which train with the fair CRPS over them and need at least 2; other models take only 1")
+    lead_times: tuple[float, ...] = _field((), "hours (comma list, e.g. 1,3,6) to draw each training example's last lead time from (Aurora 1.5's sub-6-hour steps; docs/finetuning.md); empty: every step is the data's step")
+    ensemble_members: int = _field(1, "members per example for the ensemble models (v1p5_ensemble*: at least 2, trained with the fair CRPS); other models take 1")
     bf16: bool = _field(False, "same as --precision bf16-mixed (kept for existing scripts)")
-    precision: str = _field("fp32", "fp32 (all float32), bf16-mixed (float32 parameters, bfloat16 compute where the model supports it) or bf16-params (bfloat16 parameters and compute; the optimizer keeps float32 master weights)")
+    precision: str = _field("fp32", "fp32, bf16-mixed (float32 parameters, bfloat16 compute) or bf16-params (bfloat16 parameters and compute, float32 master weights in the optimizer)")
     remat: bool = _field(False, "rematerialise activations per block to save memory")
-    remat_policy: str = _field("inputs", "with --remat, what each block keeps for the backward pass: inputs (only its input, all else recomputed: the least memory) or dots (also its linear layers' outputs, only element-wise work and attention recomputed: faster, more memory)")
-    lora_only: bool = _field(False, "train only the LoRA weights (parameter names containing 'lora'); the base weights stay frozen (zero updates, no Adam state)")
-    fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3: each leaf split on its largest dimension divisible by the device count)")
-    model_kwargs: dict[str, Any] | None = _field(None, "JSON object of keyword arguments of the reference's Aurora constructor, applied over the preset (or over --checkpoint_dir's config.json), e.g. '{\"use_lora\": true, \"lora_mode\": \"all\", \"lora_steps\": 4}'; variables, bf16, remat and the time step keep their own flags")
-    new_weights_init: str = _field("zero", "with --checkpoint_dir: what the slices of variables the pretrained model lacks (its embedding slice and output head) start from: zero (the extended model predicts the pretrained variables exactly as the pretrained model did; the slices still train) or default (the fresh initialisation); new history slots always start at zero")
-    stats: str | None = _field(None, "JSON of normalisation statistics written by `aurora-loop stats` (the reference's locations/scales, keys like 2t and z_500), used only for variables (and levels) the model has no statistics for; built-in statistics are kept")
+    remat_policy: str = _field("inputs", "with --remat, what a block keeps for the backward pass: inputs (the least memory) or dots (also its linear layers' outputs: faster, more memory)")
+    lora_only: bool = _field(False, "train only the LoRA weights (names containing 'lora'); the base weights stay frozen (no updates, no Adam state)")
+    fsdp: bool = _field(False, "shard parameters and optimizer state over the devices (FSDP / ZeRO-3)")
+    model_kwargs: dict[str, Any] | None = _field(None, "JSON object of the reference Aurora constructor's keyword arguments, over the preset (or --checkpoint_dir's config.json), e.g. '{\"use_lora\": true}'")
+    new_weights_init: str = _field("zero", "with --checkpoint_dir, what new variables' slices start from: zero (the pretrained variables' forecasts stay as they were) or default (a fresh initialisation)")
+    stats: str | None = _field(None, "JSON of normalisation statistics from `aurora-loop stats`, for the variables and levels without built-in ones")
 
     # Optimisation.
     batch_size: int = _field(2, "global batch size, split over all devices of the mesh")
@@ -73,58 +73,60 @@ class TrainingConfig:
     warmup_steps: int = _field(100, "linear warm-up steps; then cosine decay to learning_rate / 10 at the last step")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip_norm: float | None = _field(None, "clip gradients to this global norm (none: no clipping)")
-    accumulate_grad_batches: int = _field(1, "micro-batches of --batch_size per optimizer step (gradients averaged over them, so the effective batch is batch_size x N); steps, schedules and logs count optimizer steps")
-    freeze: tuple[str, ...] = _field((), "comma list of regular expressions over parameter paths (see --print_param_groups) whose parameters stay fixed: zero updates, no optimizer state, e.g. 'encoder\\..*'")
-    lr_multipliers: dict[str, float] | None = _field(None, "PATTERN=FACTOR pairs (comma list): parameters whose path matches PATTERN learn at FACTOR x the learning rate (the first matching pattern wins), e.g. encoder.surf_token_embeds=20")
-    ema_decay: float | None = _field(None, "keep an exponential moving average of the weights with this decay (e.g. 0.999; the decay ramps up as (1 + n) / (10 + n) over the first steps); validation, forecast maps, export-checkpoint and forecast use it (see --eval_weights)")
+    accumulate_grad_batches: int = _field(1, "micro-batches of --batch_size averaged into each optimizer step (effective batch: batch_size x N); steps and logs count optimizer steps")
+    freeze: tuple[str, ...] = _field((), "regular expressions (comma list) over parameter paths (see --print_param_groups) whose parameters stay fixed, e.g. 'encoder\\..*'")
+    lr_multipliers: dict[str, float] | None = _field(None, "PATTERN=FACTOR pairs (comma list): parameters whose path matches PATTERN learn at FACTOR x the learning rate, e.g. encoder.surf_token_embeds=20")
+    ema_decay: float | None = _field(None, "keep a moving average of the weights with this decay per step, e.g. 0.999; validation, maps, export and forecast use it (see --eval_weights)")
     eval_weights: str = _field("ema", "with --ema_decay: validate and draw maps with the ema weights or the raw ones")
-    epochs: int = _field(20, "passes over the training split (may change on resume; the learning-rate schedule does not, see --lr_schedule_steps)")
-    max_steps: int | None = _field(None, "stop after this many optimizer steps (none: epochs decide; may change on resume, the learning-rate schedule does not)")
-    lr_schedule_steps: int | None = _field(None, "length in steps of the learning-rate schedule (warm-up, then cosine decay; past its end the final rate holds); none: the run's length from --epochs/--max_steps when it starts. A resumed run keeps the schedule it started with, whatever --epochs/--max_steps say now; passing a different value is a different run")
+    epochs: int = _field(20, "passes over the training split (may change on resume; the learning-rate schedule does not)")
+    max_steps: int | None = _field(None, "stop after this many optimizer steps; none: --epochs decides (may change on resume)")
+    lr_schedule_steps: int | None = _field(None, "length of the learning-rate schedule in steps (warm-up, cosine decay, then the final rate); none: the run's length when it starts (a resume keeps it)")
     rollout_steps: int = _field(1, "autoregressive steps per sample, each with its own target")
     loss_surf_weights: dict[str, float] | None = _field(None, "Aurora loss: surface variable weights over the paper's (2t 3.0, 10u 0.77, 10v 0.66, msl 1.5; others 1), e.g. 2t=1,msl=2")
     loss_atmos_weights: dict[str, float] | None = _field(None, "Aurora loss: atmospheric variable weights over the paper's (z 2.8, q 0.78, t 1.7, u 0.87, v 0.6; others 1), e.g. z=3.5")
-    loss_gamma: float = _field(1.0, "Aurora loss: the dataset weight gamma (the paper used 2.0 for ERA5 in pre-training; with one dataset it only rescales the loss)")
+    loss_gamma: float = _field(1.0, "Aurora loss: the dataset weight gamma (the paper: 2.0 for ERA5; with one dataset it only rescales the loss)")
     latitude_weighted_loss: bool = _field(False, "Aurora loss: weight each grid row by its area (WeatherBench2's latitude weights, mean 1); the paper's loss is unweighted")
     average_rollout_loss: bool = _field(True, "average the loss over roll-out steps (else: the last step's loss)")
-    rollout_mode: str = _field("full", "roll-out fine-tuning: full (back-propagate through every step), pushforward (only the last step; earlier predictions fed back without gradients, loss on the last step) or replay (the paper's replay buffer: one step per optimizer step from a buffer of the model's own forecasts, up to rollout_steps ahead)")
+    rollout_mode: str = _field("full", "full (back-propagate through every step), pushforward (gradients through the last step only) or replay (the paper's buffer of the model's own forecasts)")
     replay_buffer_size: int = _field(4, "replay mode: slots in the replay buffer, each one global batch of roll-out states")
-    replay_refresh_every: int = _field(2, "replay mode: a fresh dataset batch enters the buffer every this many steps (1..rollout_steps; the loader yields one batch per this many steps)")
+    replay_refresh_every: int = _field(2, "replay mode: a fresh dataset batch enters the buffer every this many steps (1..rollout_steps)")
     seed: int = _field(0, "seed for parameters, shuffling and any stochastic layers")
 
-    compile_cache: str | None = _field("~/.cache/aurora_loop/xla", "directory of JAX's persistent compilation cache, so a rerun or resume loads the compiled steps instead of compiling them ($XDG_CACHE_HOME is honoured; JAX_COMPILATION_CACHE_DIR in the environment wins); none: off")
+    compile_cache: str | None = _field("~/.cache/aurora_loop/xla", "directory of JAX's persistent compilation cache, so a rerun loads the compiled steps ($XDG_CACHE_HOME honoured; JAX_COMPILATION_CACHE_DIR wins); none: off")
 
     # Devices.
-    num_gpus: int | None = _field(None, "devices in the mesh over all processes (alias --num_devices; CPU devices on a CPU-only machine; none: all visible)")
+    num_gpus: int | None = _field(None, "devices in the mesh over all processes (CPU devices on a CPU-only machine); none: all visible")
 
     # Memory estimate (aurora-loop memory takes the same flags).
     estimate_memory: bool = _field(False, "compile the configured train step on abstract parameters (simulating --num_gpus devices where this machine has fewer), print what each device needs (parameters, optimizer state, batch, temporaries, and where the temporaries peak) and exit; allocates no parameters and writes nothing")
     estimate_grid: str | None = _field(None, "with --estimate_memory: estimate for this latitudes x longitudes grid, e.g. 721x1440, with the configured variables and --levels (WeatherBench2's 13 when none are given) instead of reading --dataset_path")
-    device_memory_gib: float | None = _field(None, "with --estimate_memory: the memory of one device in GiB to check the run against, e.g. 80; when the run does not fit, the cheapest changes that would make it fit are compiled and named (default: this machine's accelerator, if it has one)")
+    device_memory_gib: float | None = _field(None, "with --estimate_memory: the memory of one device in GiB to check the run against, e.g. 80; when the run does not fit, the cheapest changes that would make it fit are compiled and named; none: this machine's accelerator's, if it has one")
 
     # Multi-process (JAX's distributed runtime). Unset: auto-detected under SLURM / Open MPI,
     # else a single process.
-    coordinator_address: str | None = _field(None, "host:port of process 0 for jax.distributed.initialize (unset: auto-detect under SLURM/Open MPI, else single-process)")
+    coordinator_address: str | None = _field(None, "address of process 0 for jax.distributed.initialize; none: auto-detect under SLURM/Open MPI, else one process")
     num_processes: int | None = _field(None, "number of processes in the job (with --coordinator_address)")
     process_id: int | None = _field(None, "this process's index, 0-based (with --coordinator_address)")
 
     # Output.
-    output_dir: str = _field("outputs", "run directory: config.json, checkpoints/, tensorboard/")
+    output_dir: str = _field("outputs", "run directory: config.json, checkpoints/, tensorboard/, summary.json")
     save_every_n_steps: int = _field(200, "checkpoint every this many steps (and at the end)")
     max_to_keep: int | None = _field(3, "keep at most this many step checkpoints (none: all)")
     val_every_n_steps: int | None = _field(None, "validate every this many steps (none: at the end of each epoch)")
-    val_rollout_steps: int | None = _field(None, "roll-out steps of each validation sample; an Aurora model also reports its scores per lead time as val/rmse/<var>/<lead>h and val/mae/<var>/<lead>h (none: --rollout_steps)")
-    max_time: str | None = _field(None, "stop cleanly (checkpoint, exit 0) before this much wall-clock time has passed since the start, as [DD:]HH:MM:SS, e.g. 02:30:00; the margin is estimated from the measured step, validation and save times")
-    save_every_n_minutes: float | None = _field(None, "also checkpoint whenever this many minutes of wall-clock time have passed since the last save (decided by process 0's clock)")
+    val_rollout_steps: int | None = _field(None, "roll-out steps of each validation sample (Aurora also logs per-lead scores, val/rmse/<var>/<lead>h); none: --rollout_steps")
+    max_time: str | None = _field(None, "stop cleanly (checkpoint, exit 0) before this much wall-clock time since the start, e.g. 02:30:00")
+    save_every_n_minutes: float | None = _field(None, "also checkpoint when this many minutes have passed since the last save (process 0's clock)")
     log_every_n_steps: int = _field(10, "write training scalars every this many steps")
+    val_table: str = _field("compact", "validation scores on the console: compact (RMSE; the levels that fit 80 columns), full (MAE and RMSE, every level) or none (the loss)")
+    verbose: bool = _field(False, "also show third-party warnings and log messages (JAX, orbax, absl) on the console")
     monitor: str | None = _field(None, "validation score that picks the best checkpoints, e.g. val/loss (none: keep only the newest)")
     mode: str = _field("min", "min or max: which way --monitor improves")
     save_top_k: int = _field(1, "with --monitor, keep this many best checkpoints besides the newest")
-    early_stopping_patience: int | None = _field(None, "stop after this many validations without improvement of --monitor (default val/loss); none: never")
-    early_stopping_min_delta: float = _field(0.0, "smallest change of the monitored score that counts as an improvement")
-    profile_steps: str | None = _field(None, "START:N: trace N steps after step START with jax.profiler into output_dir/tensorboard")
+    early_stopping_patience: int | None = _field(None, "stop after this many validations without improvement of --monitor (val/loss when unset); none: never")
+    early_stopping_min_delta: float = _field(0.0, "smallest change of the monitored score, in its units, that counts as an improvement")
+    profile_steps: str | None = _field(None, "trace N steps after step START with jax.profiler into output_dir/tensorboard")
     use_wandb: bool = _field(False, "also log to Weights & Biases (extra 'wandb')")
-    wandb_project: str | None = _field(None, "Weights & Biases project name")
+    wandb_project: str | None = _field(None, "Weights & Biases project name; none: W&B's default")
 
     def replace(self, **changes: Any) -> TrainingConfig:
         return dataclasses.replace(self, **changes)
@@ -161,8 +163,106 @@ RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
      "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time", "compile_cache",
-     "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib"}
+     "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib", "val_table", "verbose"}
 )
+
+# aurora-train --help groups, in the order of the docs, each with the page that tells more.
+HELP_GROUPS = {
+    "data": "docs/data.md",
+    "model": "docs/model.md",
+    "optimisation": "docs/finetuning.md",
+    "roll-outs": "docs/finetuning.md",
+    "parallelism and processes": "docs/cluster.md",
+    "checkpoints and resuming": "docs/cluster.md",
+    "logging and callbacks": "docs/callbacks.md",
+}
+# Every field's --help group: one line per field, so a new field is one line here
+# (tests/test_help.py refuses a field without a group).
+FIELD_GROUPS = {
+    "dataset_path": "data",
+    "static_path": "data",
+    "surf_vars": "data",
+    "static_vars": "data",
+    "atmos_vars": "data",
+    "levels": "data",
+    "history": "data",
+    "train_start": "data",
+    "train_end": "data",
+    "val_start": "data",
+    "val_end": "data",
+    "num_workers": "data",
+    "prefetch": "data",
+    "cache_mb": "data",
+    "nan_policy": "data",
+    "variable_map": "data",
+    "tfds_data_dir": "data",
+    "model": "model",
+    "checkpoint_dir": "model",
+    "checkpoint_encoder": "model",
+    "checkpoint_backbone": "model",
+    "checkpoint_decoder": "model",
+    "timestep_hours": "model",
+    "ensemble_members": "model",
+    "bf16": "model",
+    "precision": "model",
+    "remat": "model",
+    "remat_policy": "model",
+    "model_kwargs": "model",
+    "new_weights_init": "model",
+    "stats": "model",
+    "batch_size": "optimisation",
+    "learning_rate": "optimisation",
+    "warmup_steps": "optimisation",
+    "weight_decay": "optimisation",
+    "grad_clip_norm": "optimisation",
+    "accumulate_grad_batches": "optimisation",
+    "freeze": "optimisation",
+    "lr_multipliers": "optimisation",
+    "lora_only": "optimisation",
+    "ema_decay": "optimisation",
+    "eval_weights": "optimisation",
+    "epochs": "optimisation",
+    "max_steps": "optimisation",
+    "lr_schedule_steps": "optimisation",
+    "loss_surf_weights": "optimisation",
+    "loss_atmos_weights": "optimisation",
+    "loss_gamma": "optimisation",
+    "latitude_weighted_loss": "optimisation",
+    "seed": "optimisation",
+    "rollout_steps": "roll-outs",
+    "average_rollout_loss": "roll-outs",
+    "rollout_mode": "roll-outs",
+    "replay_buffer_size": "roll-outs",
+    "replay_refresh_every": "roll-outs",
+    "lead_times": "roll-outs",
+    "val_rollout_steps": "roll-outs",
+    "num_gpus": "parallelism and processes",
+    "fsdp": "parallelism and processes",
+    "coordinator_address": "parallelism and processes",
+    "num_processes": "parallelism and processes",
+    "process_id": "parallelism and processes",
+    "estimate_memory": "parallelism and processes",
+    "estimate_grid": "parallelism and processes",
+    "device_memory_gib": "parallelism and processes",
+    "output_dir": "checkpoints and resuming",
+    "save_every_n_steps": "checkpoints and resuming",
+    "save_every_n_minutes": "checkpoints and resuming",
+    "max_to_keep": "checkpoints and resuming",
+    "monitor": "checkpoints and resuming",
+    "mode": "checkpoints and resuming",
+    "save_top_k": "checkpoints and resuming",
+    "max_time": "checkpoints and resuming",
+    "compile_cache": "checkpoints and resuming",
+    "log_every_n_steps": "logging and callbacks",
+    "val_every_n_steps": "logging and callbacks",
+    "val_table": "logging and callbacks",
+    "verbose": "logging and callbacks",
+    "early_stopping_patience": "logging and callbacks",
+    "early_stopping_min_delta": "logging and callbacks",
+    "profile_steps": "logging and callbacks",
+    "use_wandb": "logging and callbacks",
+    "wandb_project": "logging and callbacks",
+}
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-params")

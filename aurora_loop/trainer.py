@@ -13,6 +13,7 @@ there the hooks run before the next dispatch.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from jax.sharding import Mesh
 
 from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
 from aurora_loop.callbacks.base import Callback, CheckpointIO
+from aurora_loop.compile_cache import cache_counts, came_from_cache
 from aurora_loop.data import REPEAT_BATCH, Loader, example_batch
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.parallel.distributed import agree_any
@@ -38,6 +40,7 @@ from aurora_loop.step import (
     state_shardings,
 )
 from aurora_loop.task import Task
+from aurora_loop.timing import CompileRecord, PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +306,10 @@ class Trainer:
         self.resumed_from: int | None = None
         self._sharding_cache: dict[Any, Any] = {}
         self._lr_table: np.ndarray | None = None
+        # Where the time of the current (or last) fit went, by phase; and the compilations
+        # it waited for (the first train step, the first eval step).
+        self.clock = PhaseClock()
+        self.compiles: list[CompileRecord] = []
 
     # --- helpers for callbacks -------------------------------------------------------------
     @property
@@ -482,10 +489,13 @@ class Trainer:
         self.val_data = _as_loader(val_data)
         self._clear_stop_requests()
         self.last_validated_step = None
+        self.clock.start()
+        self.compiles = []
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
         try:
-            self._setup(resume)
+            with self.clock.phase("start-up"):
+                self._setup(resume)
             self._emit("on_fit_start")
             self._run()
             self._emit("on_fit_end")
@@ -509,6 +519,33 @@ class Trainer:
             return example_batch(self.val_data)
         except StopIteration:
             return None
+
+    @property
+    def train_step_compile(self) -> CompileRecord | None:
+        """The compilation of this fit's train step (``None`` before its first step)."""
+        return next((c for c in self.compiles if c.what == "train step"), None)
+
+    def _compiling_call(self, what: str, step: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for the first time in this fit: the call compiles it (or loads it from
+        the persistent cache), which the clock and :attr:`compiles` record. Dispatch is
+        asynchronous, so the call's length is the compilation's."""
+        before = cache_counts()
+        start = time.perf_counter()
+        with self.clock.phase("compilation"):
+            out = fn(*args)
+        self.compiles.append(CompileRecord(what, step, time.perf_counter() - start, came_from_cache(before, cache_counts())))
+        return out
+
+    def _batches(self, loader: Loader) -> Iterator[Any]:
+        """``loader``'s batches, the wait for each charged to the clock's ``data`` phase."""
+        iterator = iter(loader)
+        while True:
+            with self.clock.phase("data"):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+            yield batch
 
     def _shardings(self, batch: Any) -> Any:
         key = jax.tree.structure(batch), tuple(getattr(x, "shape", ()) for x in jax.tree.leaves(batch))
@@ -609,7 +646,11 @@ class Trainer:
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+            if cb is self.checkpoint_io:  # its hooks save (and wait for earlier saves)
+                with self.clock.phase("checkpointing"):
+                    getattr(cb, hook)(self, *args)
+            else:
+                getattr(cb, hook)(self, *args)
 
     def _run(self) -> None:
         """The loop. Order at a step that ends an epoch or the run: its ``on_step``, then its
@@ -628,13 +669,19 @@ class Trainer:
 
         ended_mid_epoch = False
         placed = None  # the batch on the mesh that a REPEAT_BATCH trains on again
+        compiled = False
         while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.stopping:
-            for local_batch in loader:
+            for local_batch in self._batches(loader):
                 if local_batch is not REPEAT_BATCH:
-                    placed = self._place_train_batch(local_batch)
+                    with self.clock.phase("data"):
+                        placed = self._place_train_batch(local_batch)
                 elif placed is None:
                     raise ValueError("the training loader yielded REPEAT_BATCH before any batch")
-                self.state, device_metrics = self.train_step(self.state, placed)
+                if compiled:
+                    self.state, device_metrics = self.train_step(self.state, placed)
+                else:
+                    self.state, device_metrics = self._compiling_call("train step", self.global_step + 1, self.train_step, self.state, placed)
+                    compiled = True
                 self.global_step += 1
                 self.epoch_step += 1
                 step = self.global_step
@@ -705,17 +752,22 @@ class Trainer:
         """
         if self.val_data is None:
             return None
-        self.val_data.set_epoch(0)
-        total = None
-        for local_batch in self.val_data:
-            self._agree()
-            if self.stop_skips_validation:
+        with self.clock.phase("validation"):
+            self.val_data.set_epoch(0)
+            total = None
+            for local_batch in self.val_data:
+                self._agree()
+                if self.stop_skips_validation:
+                    return None
+                placed = self.place(local_batch)
+                if any(c.what == "eval step" for c in self.compiles):
+                    batch_metrics = self._eval_step(self.eval_params, placed)
+                else:
+                    batch_metrics = self._compiling_call("eval step", step, self._eval_step, self.eval_params, placed)
+                total = batch_metrics if total is None else total.merge(batch_metrics)
+            if total is None:
                 return None
-            batch_metrics = self._eval_step(self.eval_params, self.place(local_batch))
-            total = batch_metrics if total is None else total.merge(batch_metrics)
-        if total is None:
-            return None
-        self.last_val_metrics = total.compute()
-        self.last_validated_step = step
-        self._emit("on_validate", step, dict(self.last_val_metrics))
+            self.last_val_metrics = total.compute()
+            self.last_validated_step = step
+            self._emit("on_validate", step, dict(self.last_val_metrics))
         return self.last_val_metrics

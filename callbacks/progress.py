@@ -1,34 +1,31 @@
-"""ProgressBar: a live bar on a terminal, periodic log lines otherwise; validation summaries.
+"""ProgressBar: a live bar on a terminal, periodic log lines otherwise; validation scorecards.
 
 On a TTY it redraws one line (step / total, loss, steps/s, time left); when stdout is not a TTY (CI,
-``nohup``, SLURM logs) it prints a line every ``every_n_steps`` steps instead. After each
-validation it prints the mean MAE and RMSE per variable. Only process 0 prints.
+``nohup``, SLURM logs) it prints a line every ``every_n_steps`` steps instead. It says when the
+first step is being compiled, and afterwards whether the train step was compiled or loaded
+from JAX's persistent compilation cache. The rate and the ETA count only steps after that
+first one, and leave out validation and checkpoint time (the trainer's
+:class:`~aurora_loop.timing.PhaseClock`); the ETA adds the validations still to come at their
+measured length. After each validation it prints a table of scores
+(:mod:`aurora_loop.callbacks.val_table`). Only process 0 prints.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from aurora_loop.callbacks.base import Callback
+from aurora_loop.callbacks.val_table import VAL_TABLE_MODES, split_fields, validation_lines
 
 
 def _display_order(names: list[str]) -> list[str]:
-    """Surface fields first (as given), then atmospheric ones by variable and ascending level
+    """Surface fields first, then atmospheric ones by variable and ascending level
     (``z50, z250, z500`` rather than the alphabetical ``z250, z50, z500``)."""
-    surface, atmos = [], []
-    for name in names:
-        match = re.fullmatch(r"(.*[^\d.])(\d+(?:\.\d+)?)", name)
-        if match and not name[0].isdigit():
-            atmos.append((match.group(1), float(match.group(2)), name))
-        else:
-            surface.append(name)
-    variables = list(dict.fromkeys(var for var, _, _ in atmos))
-    atmos.sort(key=lambda item: (variables.index(item[0]), item[1]))
-    return surface + [name for _, _, name in atmos]
+    surface, atmos = split_fields(names)
+    return surface + [name for row in atmos.values() for name in row.values()]
 
 
 def _clock(seconds: float) -> str:
@@ -37,14 +34,43 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-class ProgressBar(Callback):
-    """Console progress. ``every_n_steps``: refresh cadence (reading the loss syncs then)."""
+def _rate(steps_per_sec: float) -> str:
+    """``12.3 steps/s``, or ``4.1 s/step`` for slow steps (easier to read)."""
+    return f"{steps_per_sec:.2f} steps/s" if steps_per_sec >= 1 else f"{1 / steps_per_sec:.2f} s/step"
 
-    def __init__(self, every_n_steps: int = 10, stream: TextIO | None = None) -> None:
+
+def validations_left(trainer: Any, step: int, total: int) -> int:
+    """Validations the run will still make after ``step`` (every ``val_every_n_steps`` steps or
+    at each epoch end, and one at the end of the run)."""
+    if getattr(trainer, "val_data", None) is None:
+        return 0
+    every = getattr(trainer, "val_every_n_steps", None) or getattr(trainer, "steps_per_epoch", None)
+    if not every:
+        return 1 if step < total else 0
+    return total // every - step // every + (1 if total % every else 0)
+
+
+class ProgressBar(Callback):
+    """Console progress.
+
+    Args:
+      every_n_steps: refresh cadence (reading the loss syncs then).
+      stream: where to write (default: stdout).
+      val_table: after each validation, ``compact`` (RMSE by variable and level, at the levels
+        that fit ``width``; an ensemble's CRPS and spread/skill too), ``full`` (every metric,
+        every level) or ``none`` (the loss alone).
+      width: characters a compact table fits in.
+    """
+
+    def __init__(self, every_n_steps: int = 10, stream: TextIO | None = None, val_table: str = "compact",
+                 width: int = 80) -> None:
+        if val_table not in VAL_TABLE_MODES:
+            raise ValueError(f"val_table must be one of {', '.join(VAL_TABLE_MODES)}, got {val_table!r}")
         self.every_n_steps = every_n_steps
         self.stream = stream
-        self._start_time = 0.0
-        self._start_step = 0
+        self.val_table = val_table
+        self.width = width
+        self._window: tuple[int, float] | None = None  # (first step after compilation, its stepping seconds)
         self._live = False
 
     @property
@@ -54,25 +80,53 @@ class ProgressBar(Callback):
     def _is_tty(self) -> bool:
         return hasattr(self._out, "isatty") and self._out.isatty()
 
+    @staticmethod
+    def _stepping_seconds(trainer: Any) -> float:
+        clock = getattr(trainer, "clock", None)
+        return clock.stepping() if clock is not None and clock.started else time.perf_counter()
+
     def on_fit_start(self, trainer: Any) -> None:
-        self._start_time = time.perf_counter()
-        self._start_step = trainer.global_step
+        self._window = None
+        if trainer.is_main_process:
+            text = f"Step {trainer.global_step + 1}: compiling the train step (or loading it from the compilation cache)"
+            if self._is_tty():  # replaced by the outcome
+                self._out.write(text)
+                self._live = True
+            else:
+                self._out.write(text + "\n")
+            self._out.flush()
 
     def wants_metrics(self, trainer: Any, step: int) -> bool:
         return trainer.is_main_process and step % self.every_n_steps == 0
 
+    def _first_step(self, trainer: Any, step: int) -> None:
+        """The first step of the fit: it was compiled; the rate counts from here."""
+        self._window = (step, self._stepping_seconds(trainer))
+        record = getattr(trainer, "train_step_compile", None)
+        if record is not None and trainer.is_main_process:
+            how = "loaded from the compilation cache" if record.from_cache else "compiled"
+            text = f"Step {record.step}: train step {how} in {record.seconds:.1f} s"
+            self._out.write(f"\r{text:<80}\n" if self._live else text + "\n")
+            self._live = False
+            self._out.flush()
+
     def on_step(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+        if self._window is None:
+            self._first_step(trainer, step)
         if not self.wants_metrics(trainer, step):
             return
-        elapsed = max(time.perf_counter() - self._start_time, 1e-9)
-        rate = (step - self._start_step) / elapsed
+        first, start = self._window
         total = trainer.total_steps
         where = f"step {step}/{total}" if total else f"step {step}"
         loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-        eta = ""
-        if total and rate > 0 and step < total:
-            eta = f"  ETA {_clock((total - step) / rate)}"
-        text = f"epoch {trainer.epoch} {where}{loss}  {rate:.2f} steps/s{eta}"
+        speed = eta = ""
+        elapsed = self._stepping_seconds(trainer) - start
+        if step > first and elapsed > 0:
+            rate = (step - first) / elapsed
+            speed = f"  {_rate(rate)}"
+            if total and step < total:
+                eta = f"  ETA {_clock((total - step) / rate + self._validation_seconds(trainer, step, total))}"
+        text = f"epoch {trainer.epoch} {where}{loss}{speed}{eta}"
         if self._is_tty():
             width = 24
             done = int(width * step / total) if total else 0
@@ -81,6 +135,14 @@ class ProgressBar(Callback):
         else:
             self._out.write(text + "\n")
         self._out.flush()
+
+    @staticmethod
+    def _validation_seconds(trainer: Any, step: int, total: int) -> float:
+        """The validations still to come, at the mean length of those so far (none yet: 0)."""
+        clock = getattr(trainer, "clock", None)
+        if clock is None or not clock.count("validation"):
+            return 0.0
+        return validations_left(trainer, step, total) * clock.seconds()["validation"] / clock.count("validation")
 
     def _end_line(self) -> None:
         if self._live:
@@ -91,14 +153,10 @@ class ProgressBar(Callback):
         if not trainer.is_main_process:
             return
         self._end_line()
-        # Per-variable scores averaged over the roll-out; per-lead ones (mae/<var>/<lead>h) go to the loggers.
-        names = _display_order([k.split("/", 1)[1] for k in metrics if k.startswith("mae/") and k.count("/") == 1])
-        lines = [f"Validation at step {step}: loss {metrics.get('loss', float('nan')):.4f}"]
-        for name in names:
-            line = f"  {name:>8}  MAE {metrics[f'mae/{name}']:.4g}  RMSE {metrics[f'rmse/{name}']:.4g}"
-            if f"crps/{name}" in metrics:  # an ensemble (the MAE/RMSE are then its mean's)
-                line += f"  CRPS {metrics[f'crps/{name}']:.4g}  spread/skill {metrics.get(f'spread_skill/{name}', float('nan')):.3g}"
-            lines.append(line)
+        # Scores averaged over the roll-out; per-lead ones (rmse/<var>/<lead>h) go to the loggers.
+        model = getattr(getattr(trainer, "task", None), "model_config", None)
+        surface = tuple(getattr(model, "surf_vars", ())) + tuple(getattr(model, "output_only_surf_vars", ()))
+        lines = validation_lines(step, metrics, self.val_table, self.width, surface)
         self._out.write("\n".join(lines) + "\n")
         self._out.flush()
 

@@ -6,11 +6,11 @@ compiles it ahead of time (``lower(...).compile()``), timing the compilation and
 XLA's cost analysis (FLOPs per step *per device*: the partitioned program's); later calls
 run that executable (the same one ``jit`` would have built, so nothing compiles twice).
 
-Every ``every_n_steps`` steps it reports, over the steps since the last report (the first
-step, which includes compilation, excluded):
+``perf/compile_time_s`` is logged once, at the first step of a fit (as soon as it is known,
+so that a run of a few steps records it too). Every ``every_n_steps`` steps it reports, over
+the steps since the last report (the first step, which includes compilation, excluded):
 
 - ``perf/steps_per_sec`` and ``perf/samples_per_sec`` (global batch),
-- ``perf/compile_time_s`` (once),
 - ``perf/tflops_per_device`` and ``perf/mfu`` = achieved FLOP/s per device / peak FLOP/s per
   device, when the FLOPs are known (cost analysis, or ``flops_per_step``) and the peak is
   known (``peak_flops_per_device``, or the table below for the device kind).
@@ -144,17 +144,22 @@ class Throughput(Callback):
         return self.flops_per_step if self.flops_per_step is not None else self.flops_from_cost_analysis
 
     def wrap_train_step(self, trainer: Any, step: Any) -> Any:
+        self.compile_time = None  # this fit's step compiles anew (or comes from the cache)
         return _TimedStep(step, self) if hasattr(step, "lower") else step
 
     def on_fit_start(self, trainer: Any) -> None:
         if self.peak_flops_per_device is None and trainer.mesh is not None:
             self.peak_flops_per_device = peak_flops(trainer.mesh.devices.reshape(-1)[0])
         self._window = None
+        self._compile_reported = False
 
     def on_step(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         now = time.perf_counter()
         if self._window is None:  # the first step of this fit (compiles): start the clock after it
             self._window = (step, now)
+            if self.compile_time is not None and not self._compile_reported:
+                self._compile_reported = True
+                log_to_loggers(trainer, step, {"perf/compile_time_s": self.compile_time})
             return
         first, start = self._window
         if step % self.every_n_steps or step == first:
@@ -163,9 +168,6 @@ class Throughput(Callback):
         report = {"perf/steps_per_sec": steps_per_sec}
         if self.batch_size is not None:
             report["perf/samples_per_sec"] = steps_per_sec * self.batch_size
-        if self.compile_time is not None and not self._compile_reported:
-            report["perf/compile_time_s"] = self.compile_time
-            self._compile_reported = True
         if self.flops is not None:
             achieved = self.flops * steps_per_sec
             report["perf/tflops_per_device"] = achieved / 1e12

@@ -20,9 +20,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rename", type=_mapping, default=None, help="source=WB2 variable names, comma list (ERA5 short names are known, Aurora 1.5's included: "
                              "tp becomes total_precipitation_1hr, u100 100m_u_component_of_wind, sd snow_depth, ...)")
     parser.add_argument("--member", type=int, default=None, help="keep one ensemble member (default: keep the ensemble dim; each member is a sample)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype of the fields (default float32)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype of the fields")
     parser.add_argument("--engine", default=None, help="xarray engine (default: cfgrib for .grib files, else xarray's choice)")
-    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (default 2, as WeatherBench2)")
+    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (2: as WeatherBench2)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -78,13 +78,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step",
         default="latest",
-        help="checkpoint step to export: a number, 'latest' (default) or 'best' (ModelCheckpoint's monitored best)",
+        help="checkpoint step to export: a number, latest or best (ModelCheckpoint's monitored best)",
     )
     parser.add_argument(
         "--format",
         choices=FORMATS,
         default="orbax",
-        help="orbax (default): encoder/, backbone/, decoder/ in the directory PATH, as import-checkpoint writes; "
+        help="orbax: encoder/, backbone/, decoder/ in the directory PATH, as import-checkpoint writes; "
         "torch, safetensors, npz: the PyTorch reference's state_dict in the file PATH (.ckpt, .safetensors, .npz) "
         "with its aurora.Aurora keyword arguments in PATH.json (Aurora runs only; torch needs pip install 'aurora_loop[torch]')",
     )

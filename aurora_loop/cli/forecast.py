@@ -56,10 +56,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="FORECAST.zarr", help="Zarr store to write (refused if it exists, unless --overwrite)"
     )
-    parser.add_argument("--model", help="task name, for checkpoints without a training config (e.g. imported Aurora weights)")
+    parser.add_argument("--model", metavar="NAME", help="task name, for checkpoints without a training config (e.g. imported Aurora weights)")
     for name in ("surf_vars", "static_vars", "atmos_vars", "levels"):
         parser.add_argument(
-            f"--{name}", help=f"override the run's {name} (comma list; for checkpoints without a training config)"
+            f"--{name}", metavar="A,...", help=f"override the run's {name} (comma list; for checkpoints without a training config)"
         )
     parser.add_argument(
         "--timestep_hours",
@@ -81,9 +81,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "(default: one forecast, no member dim)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of a stochastic model's noise, folded per member and initial time (default 0)"
+        "--seed", type=int, default=0, help="seed of a stochastic model's noise, folded per member and initial time"
     )
-    parser.add_argument("--member", type=int, default=0, help="ensemble member of the store to start from (default 0)")
+    parser.add_argument("--member", type=int, default=0, help="ensemble member of the store to start from")
     parser.add_argument(
         "--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)"
     )
@@ -93,7 +93,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         choices=(2, 3),
         default=2,
-        help="Zarr format of the output (default 2, consolidated, as WeatherBench2)",
+        help="Zarr format of the output, consolidated (2: as WeatherBench2)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)

@@ -28,10 +28,10 @@ _SAFETENSORS_DTYPES = {
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="reference checkpoint: .ckpt (torch), .npz or .safetensors state dict")
-    parser.add_argument("--model", required=True,
+    parser.add_argument("src", metavar="CHECKPOINT", help="reference checkpoint: .ckpt (torch), .npz or .safetensors state dict")
+    parser.add_argument("--model", required=True, metavar="NAME",
                         help="the architecture: a preset (tiny, small, aurora, v1p5, v1p5_ensemble, ...) or a JSON file of the reference's keyword arguments")
-    parser.add_argument("--out", required=True, help="new directory to write encoder/, backbone/, decoder/ and config.json to")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new directory to write encoder/, backbone/, decoder/ and config.json to")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -32,15 +32,15 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT.zarr", help="store to create (must not exist)")
-    parser.add_argument("--grid", type=_grid, default=(32, 64), help="latitudes x longitudes (default 32x64)")
-    parser.add_argument("--times", type=int, default=120, help="number of time steps, --step_hours apart (default 120 = 30 days of 6-hourly steps)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="pressure levels in hPa (default 100,250,500,850)")
-    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (default 2, as WeatherBench2)")
-    parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (default 6; 1 for hourly data, e.g. for --lead_times 1,3,6)")
+    parser.add_argument("--grid", type=_grid, default=(32, 64), help="latitudes x longitudes (default: 32x64)")
+    parser.add_argument("--times", type=int, default=120, help="number of time steps, --step_hours apart (120: 30 days of 6-hourly steps)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--levels", type=_levels, default=DEFAULT_LEVELS, help="pressure levels in hPa (comma list)")
+    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=2, help="Zarr format (2: as WeatherBench2)")
+    parser.add_argument("--step_hours", type=int, default=6, help="hours between time steps (1 for hourly data, e.g. for --lead_times 1,3,6)")
     parser.add_argument("--variables", choices=PRESETS, default="standard",
                         help="variable set: standard (2t,10u,10v,msl; statics lsm,z,slt) or v1p5 (every Aurora 1.5 variable: its 26 surface "
-                             "variables, output-only ones included, and its 36 statics, with slt kept too); default standard")
+                             "variables, output-only ones included, and its 36 statics, with slt kept too)")
     parser.add_argument("--surf_vars", default=None,
                         help=f"surface variables, Aurora names (comma list; default: the --variables set, {','.join(STANDARD_SURFACE)} for standard; "
                              f"available: {', '.join(SURFACE_VARIABLES)})")

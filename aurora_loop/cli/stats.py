@@ -17,17 +17,17 @@ from aurora_loop.errors import UsageError
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", metavar="STORE", help="WeatherBench2-layout Zarr store to read")
-    parser.add_argument("--out", required=True, help="JSON file to write (refused if it exists, unless --overwrite)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--train_start", default=None, help="first time used (ISO 8601, inclusive; default: the store's first)")
     parser.add_argument("--train_end", default=None, help="last time used (ISO 8601, inclusive; default: the store's last)")
-    parser.add_argument("--surf_vars", default=None, help="surface variables, Aurora names, comma list (default 2t,10u,10v,msl; empty: none)")
-    parser.add_argument("--static_vars", default=None, help="static variables (default lsm,z,slt; empty: none)")
-    parser.add_argument("--atmos_vars", default=None, help="atmospheric variables (default z,u,v,t,q; empty: none)")
+    parser.add_argument("--surf_vars", default=None, help="surface variables, Aurora names, comma list; empty: none (default: 2t,10u,10v,msl)")
+    parser.add_argument("--static_vars", default=None, help="static variables, comma list; empty: none (default: lsm,z,slt)")
+    parser.add_argument("--atmos_vars", default=None, help="atmospheric variables, comma list; empty: none (default: z,u,v,t,q)")
     parser.add_argument("--levels", default=None, help="pressure levels in hPa, comma list (default: every level in the store)")
     parser.add_argument("--static_path", default=None, help="separate Zarr store with the static fields (tried first)")
     parser.add_argument("--variable_map", default=None, help="store name -> Aurora name overrides, e.g. total_precipitation=tp,t2m=2t")
-    parser.add_argument("--chunk_times", type=int, default=8, help="time steps read at once per variable (bounds memory; default 8)")
+    parser.add_argument("--chunk_times", type=int, default=8, help="time steps read at once per variable (bounds memory)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 
+from aurora_loop.cli.help import HelpFormatter
 from aurora_loop.errors import UsageError, report_usage_error
 
 # command name -> (module, one-line help)
@@ -30,7 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aurora-loop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="aurora-loop", usage="%(prog)s COMMAND [ARGS ...]", formatter_class=HelpFormatter,
+                                     description="The aurora_loop tools; aurora-loop COMMAND --help tells more of each.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"aurora_loop.cli.{SUBCOMMANDS[argv[0]][0]}")
     if callable(getattr(module, "forward", None)):  # a command that takes another command's flags as they are
         return int(module.forward(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog=f"aurora-loop {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    parser = argparse.ArgumentParser(prog=f"aurora-loop {argv[0]}", description=SUBCOMMANDS[argv[0]][1], formatter_class=HelpFormatter)
     module.register(parser)
     args = parser.parse_args(argv[1:])
     try:

@@ -17,10 +17,15 @@ import json
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 from aurora_loop.callbacks.base import Callback
+from aurora_loop.cli.console import quiet_third_party, weights_line
+from aurora_loop.cli.help import HelpFormatter, Switch, field_metavar, shown_default
 from aurora_loop.config import (
+    FIELD_GROUPS,
+    HELP_GROUPS,
     RESUME_INSENSITIVE,
     TrainingConfig,
     config_from_mapping,
@@ -42,32 +47,46 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags: every TrainingConfig field (in its ``FIELD_GROUPS`` group) and the options
+    of this command alone (--config, --resume, --overwrite, --callback, --print_param_groups)."""
     parser = _OneLineParser(
         prog=PROG,
-        description="Train Aurora (or the conv baseline) with the aurora_loop Trainer.",
+        usage=f"{PROG} [--config FILE] [--FLAG VALUE ...]",
+        description="Train Aurora (or the conv baseline) with the aurora_loop Trainer. Every flag sets the "
+                    "TrainingConfig field of its name; --config FILE sets several (flags override it).",
         argument_default=argparse.SUPPRESS,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--config", help="JSON or YAML file of settings; flags override it")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from the newest checkpoint in output_dir (default: on)")
-    parser.add_argument("--callback", action="append", default=[], metavar="SPEC",
-                        help="add a callback: module:Class, module:Class={json kwargs}, or an installed "
-                             "entry-point name of the group aurora_loop.callbacks (repeatable)")
-    parser.add_argument("--print_param_groups", action="store_true", default=False,
-                        help="list every parameter path with its group (frozen, base, lr_x<FACTOR>; see --freeze, --lr_multipliers, "
-                             "--lora_only), shape and size, then exit without training")
-    parser.add_argument("--overwrite", action="store_true", default=False,
-                        help="start afresh in an output_dir that holds a different run (deletes its checkpoints and logs)")
-    for field in dataclasses.fields(TrainingConfig):
-        base, optional = field_type(field)
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings; flags override it")
+    groups = {name: parser.add_argument_group(f"{name} ({page})") for name, page in HELP_GROUPS.items()}
+    other = None
+    order = list(FIELD_GROUPS)  # within a group, the order of FIELD_GROUPS
+    fields = sorted(dataclasses.fields(TrainingConfig), key=lambda f: order.index(f.name) if f.name in order else len(order))
+    for field in fields:
+        base, _ = field_type(field)
+        group = FIELD_GROUPS.get(field.name)
+        if group is None:  # a field not yet given a group (tests/test_help.py fails on it)
+            other = other or parser.add_argument_group("other settings")
+        target = groups[group] if group else other
         names = [f"--{field.name}"] + (["--num_devices"] if field.name == "num_gpus" else [])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{field.metadata['help']} (default: {shown})"
+        help_text = f"{field.metadata['help']} (default: {shown_default(default).replace('%', '%%')})"
         if base is bool:
-            parser.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, help=help_text)
+            target.add_argument(*names, dest=field.name, action=Switch, help=help_text)
         else:
-            parser.add_argument(*names, dest=field.name, metavar=field.name.upper(), help=help_text)
+            target.add_argument(*names, dest=field.name, metavar=field_metavar(field, base), help=help_text)
+    groups["optimisation"].add_argument("--print_param_groups", action="store_true", default=False,
+                                        help="list every parameter with its group (frozen, base, lr_x<FACTOR>), shape and "
+                                             "size, then exit without training")
+    resuming = groups["checkpoints and resuming"]
+    resuming.add_argument("--resume", action=Switch, default=True,
+                          help="continue from the newest checkpoint in output_dir (default: on)")
+    resuming.add_argument("--overwrite", action="store_true", default=False,
+                          help="start afresh in an output_dir that holds a different run (deletes its checkpoints and logs)")
+    groups["logging and callbacks"].add_argument(
+        "--callback", action="append", default=[], metavar="SPEC",
+        help="add a callback: module:Class, module:Class={json kwargs} or an entry-point name of the group "
+             "aurora_loop.callbacks (repeatable)")
     return parser
 
 
@@ -243,7 +262,7 @@ def default_callbacks(config: TrainingConfig, out: str, checkpoint_dir: str, ten
     callbacks = [
         Preemption(),
         TerminateOnNaN(),
-        ProgressBar(every_n_steps=every),
+        ProgressBar(every_n_steps=every, val_table=config.val_table),
         LearningRateMonitor(every_n_steps=every),
         Throughput(every_n_steps=max(every, 50)),
         TensorBoardLogger(tensorboard_dir, log_every_n_steps=every, hparams=config.to_json_dict()),
@@ -310,12 +329,14 @@ def step_settings(config: TrainingConfig, optimizer: Any, groups: Any) -> dict[s
 
 
 def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = False,
-        callback_specs: tuple[str, ...] = (), print_param_groups: bool = False) -> int:
+        callback_specs: tuple[str, ...] = (), print_param_groups: bool = False, started: float | None = None) -> int:
     """Train according to ``config``; returns the exit status.
 
     Everything that can be checked (devices, model, data) is checked before config.json is
-    written or anything in output_dir changes.
+    written or anything in output_dir changes. ``started``: ``time.time()`` when the command
+    started (the summary's wall time counts from there; default: now).
     """
+    started = time.time() if started is None else started
     requested = config
     _use_cpu_devices(config)
     from aurora_loop.parallel.distributed import initialize_distributed
@@ -401,6 +422,10 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
               f"learning rate: {config.learning_rate:g} (schedule: {schedule_steps} steps)   rollout steps: {config.rollout_steps}")
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)
+        from aurora_loop.inference.runs import checkpoint_steps
+
+        if clear_previous or not resume or not checkpoint_steps(checkpoint_dir):  # a resume names its checkpoint itself
+            print(weights_line(config, task), flush=True)
     if main and clear_previous:
         clear_previous_run(out)
     barrier("clear_previous")  # an --overwrite cleared old checkpoints before anyone looks for one
@@ -411,21 +436,29 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         return PREEMPTED_EXIT_CODE
     if main:
         scores = trainer.last_val_metrics
-        summary = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
+        loss = f"   val loss {scores['loss']:.4f}" if "loss" in scores else ""
+        from aurora_loop.callbacks import ModelCheckpoint
         from aurora_loop.callbacks.time_limit import TimeLimit
+        from aurora_loop.cli.summary import build_summary, summary_lines, write_summary
 
+        stopped_by = None
         if any(isinstance(cb, TimeLimit) and cb.reason for cb in callbacks):
-            print(f"Stopped by --max_time {config.max_time} at step {trainer.global_step} after saving{summary}; "
+            stopped_by = f"--max_time {config.max_time}"
+            print(f"Stopped by --max_time {config.max_time} at step {trainer.global_step} after saving{loss}; "
                   "rerun the same command to continue")
         else:
-            print(f"Training finished at step {trainer.global_step}{summary}")
-        print(f"Checkpoints: {checkpoint_dir}")
-        print(f"TensorBoard logs: {tensorboard_dir}")
-        print(f"View them with: tensorboard --logdir {tensorboard_dir}", flush=True)
+            print(f"Training finished at step {trainer.global_step}{loss}")
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        summary = build_summary(trainer, config, checkpoint, out, started, stopped_by)
+        summary_path = os.path.join(out, "summary.json")
+        write_summary(summary_path, summary)
+        print("\n".join(summary_lines(summary)))
+        print(f"Summary: {summary_path}", flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config, args = resolve_config(argv)
@@ -436,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         clear_previous = check_output_dir(config, overwrite=args.overwrite)
         if not clear_previous:  # a run that continues keeps its learning-rate schedule
             config = inherit_schedule(config, resume=args.resume)
-        return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback),
-                   print_param_groups=args.print_param_groups)
+        with quiet_third_party(config.verbose):
+            return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback),
+                       print_param_groups=args.print_param_groups, started=started)
     except UsageError as err:
         return leave_job(report_usage_error(err, PROG))
     except KeyboardInterrupt:

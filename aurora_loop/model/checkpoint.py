@@ -319,6 +319,24 @@ def save_params(directory: str, config: AuroraConfig, params: Params) -> None:
         f.write(config.to_json() + "\n")
 
 
+def restore_on_host(path: str) -> Params:
+    """The PyTree checkpoint at ``path`` (one part: encoder, backbone, decoder) as numpy arrays.
+
+    Restored with explicit arguments (numpy on the host: the caller places them, with the
+    run's shardings), not orbax's default of the shardings saved beside the arrays, which
+    would tie the read to the topology it was written on (orbax warns about that).
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def load_config(directory: str) -> AuroraConfig:
     """The ``config.json`` written by :func:`save_params`."""
     with open(os.path.join(directory, "config.json")) as f:
@@ -332,19 +350,16 @@ def load_params(directory: str | None = None, config: AuroraConfig | None = None
     Each part comes from ``directory/<part>`` unless its own path is given. Raises
     :class:`CheckpointError` naming the first missing / unexpected / mis-shaped parameter.
     """
-    import orbax.checkpoint as ocp
-
     if config is None:
         if directory is None:
             raise CheckpointError("load_params needs a config or a directory holding config.json")
         config = load_config(directory)
     paths = {"encoder": encoder, "backbone": backbone, "decoder": decoder}
-    checkpointer = ocp.PyTreeCheckpointer()
     params = {}
     for part in PARTS:
         path = paths[part] or (os.path.join(directory, part) if directory else None)
         if path is None or not os.path.isdir(path):
             raise CheckpointError(f"no {part} checkpoint at {path!r}")
-        params[part] = checkpointer.restore(os.path.abspath(path))
+        params[part] = restore_on_host(path)
     _check_against(params, param_shapes(config))
     return jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), params)

@@ -50,6 +50,20 @@ def _dotted_leaves(tree: Any) -> list[str]:
     return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+def _load_report(parts: Mapping[str, str], expected: Any, loaded: int, notes: Mapping[str, str]) -> dict[str, Any]:
+    """:meth:`AuroraTask.pretrained_report` from the model's parameter shapes ``expected``, the
+    count of values read and the notes on new parameters (dotted path -> note)."""
+    from aurora_loop.optim import param_path
+
+    sizes = {param_path(p): int(np.prod(v.shape)) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    total = sum(sizes.values())
+    lora = sum(sizes.get(k, 0) for k, v in notes.items() if v == "new: LoRA adapter")
+    no_part = sum(sizes.get(k, 0) for k, v in notes.items() if v.startswith("new: no pretrained"))
+    new = {"LoRA adapters": lora, "new variables and history slots": max(total - loaded - lora - no_part, 0),
+           "parts without pretrained weights": no_part}
+    return {"parts": dict(parts), "parameters": total, "loaded": loaded, "new": {k: v for k, v in new.items() if v}}
+
+
 def weighted_mae(prediction: Batch, target: Batch, surf_stats: Mapping[str, tuple[float, float]] | None = None) -> jax.Array:
     """The paper's loss with its default weights, per example (b,) (:class:`WeightedMAE`)."""
     return WeightedMAE()(prediction, target, surf_stats)
@@ -90,6 +104,7 @@ class AuroraTask(ReplayTraining):
         self.new_weights_init = new_weights_init
         self.pretrained_config = pretrained_config  # None: the config.json beside the parts, else ``config``
         self._new_notes: dict[str, str] = {}
+        self._pretrained_report: dict[str, Any] | None = None
         self._fresh_masks: dict[tuple[str, ...], np.ndarray] = {}
         self._known_grid: KnownGrid | None = None  # set by setup()
         self._host_parts = self._read_pretrained() if self.pretrained else {}
@@ -173,10 +188,7 @@ class AuroraTask(ReplayTraining):
         (``new_weights_init``; :func:`aurora_loop.model.extend.adapt_pretrained`). Anything
         else that does not fit is a UsageError naming the parameter.
         """
-        import numpy as np
-        import orbax.checkpoint as ocp
-
-        from aurora_loop.model.checkpoint import PARTS, param_shapes
+        from aurora_loop.model.checkpoint import PARTS, param_shapes, restore_on_host
         from aurora_loop.model.extend import ExtendError, adapt_pretrained, describe_extension, new_slice_masks, new_variables
         from aurora_loop.model.normalisation import surface_stats
 
@@ -194,8 +206,10 @@ class AuroraTask(ReplayTraining):
                 raise UsageError(f"new variable {name!r}: {str(err).strip(chr(34) + chr(39))}") from None
         expected = param_shapes(self.config)
         out, notes = {}, {}
+        loaded = 0
         for part, path in self.pretrained.items():
-            restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+            restored = restore_on_host(path)
+            loaded += sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(restored))
             try:
                 # LoRA adapters added to a model pretrained without them start fresh (B = 0,
                 # so the model still computes what it was pretrained to), as the reference's
@@ -212,15 +226,12 @@ class AuroraTask(ReplayTraining):
         self._new_notes = notes
         if self.new_weights_init == "default":
             self._fresh_masks = {p: m for p, m in new_slice_masks(old, self.config).items() if p[0] in out}
-        fresh_lora = sum(v == "new: LoRA adapter" for v in notes.values())
+        self._pretrained_report = _load_report(self.pretrained, expected, loaded, notes)
         extension = describe_extension(old, self.config)
-        if jax.process_index() == 0:
-            if extension:
-                start = "zeros" if self.new_weights_init == "zero" else "the fresh initialisation"
-                init = f"; new variables' slices start from {start} (--new_weights_init {self.new_weights_init})" if added else ""
-                print(f"Extending the pretrained model ({source}): {extension}{init}; every other pretrained weight is loaded", flush=True)
-            if fresh_lora:
-                print(f"Pretrained weights loaded; {fresh_lora} LoRA parameters are not in them and start fresh", flush=True)
+        if jax.process_index() == 0 and extension:
+            start = "zeros" if self.new_weights_init == "zero" else "the fresh initialisation"
+            init = f"; new variables' slices start from {start} (--new_weights_init {self.new_weights_init})" if added else ""
+            print(f"Extending the pretrained model ({source}): {extension}{init}; every other pretrained weight is loaded", flush=True)
         return out
 
     def _pretrained_model_config(self) -> tuple[AuroraConfig, str]:
@@ -237,6 +248,14 @@ class AuroraTask(ReplayTraining):
                     first = (str(err).splitlines() or [type(err).__name__])[0][:160]
                     raise UsageError(f"{candidate} is not an Aurora model configuration ({first})") from None
         return self.config, "the model's own config"
+
+    def pretrained_report(self) -> dict[str, Any] | None:
+        """What the pretrained weights supplied (``None`` without them): ``parts`` (part ->
+        checkpoint path), ``parameters`` (the model's parameter count), ``loaded`` (values read
+        from the checkpoints) and ``new`` (kind -> count of values that start fresh: ``LoRA
+        adapters``, ``new variables and history slots``, ``parts without pretrained weights``;
+        only kinds that occur). For the run's header (``aurora-train``)."""
+        return None if self._pretrained_report is None else dict(self._pretrained_report)
 
     def new_parameters(self) -> dict[str, str]:
         """Dotted parameter path (as ``--print_param_groups`` prints it) -> a note, for every
