@@ -525,10 +525,12 @@ class Trainer:
         """The compilation of this fit's train step (``None`` before its first step)."""
         return next((c for c in self.compiles if c.what == "train step"), None)
 
-    def _compiling_call(self, what: str, step: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` for the first time in this fit: the call compiles it (or loads it from
-        the persistent cache), which the clock and :attr:`compiles` record. Dispatch is
-        asynchronous, so the call's length is the compilation's."""
+    def timed_compile(self, what: str, step: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for the first time in this fit: the call compiles ``fn`` (or loads it
+        from the persistent cache), which :attr:`clock` (as compilation) and :attr:`compiles`
+        record. Dispatch is asynchronous, so the call's length is the compilation's. The loop
+        uses it for its train and eval steps; a callback that jits a program of its own (the
+        forecast maps' predict step) may use it for that program's first call."""
         before = cache_counts()
         start = time.perf_counter()
         with self.clock.phase("compilation"):
@@ -680,7 +682,7 @@ class Trainer:
                 if compiled:
                     self.state, device_metrics = self.train_step(self.state, placed)
                 else:
-                    self.state, device_metrics = self._compiling_call("train step", self.global_step + 1, self.train_step, self.state, placed)
+                    self.state, device_metrics = self.timed_compile("train step", self.global_step + 1, self.train_step, self.state, placed)
                     compiled = True
                 self.global_step += 1
                 self.epoch_step += 1
@@ -763,7 +765,7 @@ class Trainer:
                 if any(c.what == "eval step" for c in self.compiles):
                     batch_metrics = self._eval_step(self.eval_params, placed)
                 else:
-                    batch_metrics = self._compiling_call("eval step", step, self._eval_step, self.eval_params, placed)
+                    batch_metrics = self.timed_compile("eval step", step, self._eval_step, self.eval_params, placed)
                 total = batch_metrics if total is None else total.merge(batch_metrics)
             if total is None:
                 return None

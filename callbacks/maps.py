@@ -106,7 +106,11 @@ def validation_forecast(trainer: Any, step: int) -> tuple[Any, Any] | None:
     if cached.batch is None or not hasattr(cached.batch, "targets"):
         return None
     if cached.step != step:
-        cached.prediction, cached.step = cached.forecaster(trainer.eval_params, cached.batch), step
+        if cached.step is None and callable(getattr(trainer, "timed_compile", None)):  # the first call compiles
+            cached.prediction = trainer.timed_compile("predict step", step, cached.forecaster, trainer.eval_params, cached.batch)
+        else:
+            cached.prediction = cached.forecaster(trainer.eval_params, cached.batch)
+        cached.step = step
     return cached.batch, cached.prediction
 
 

@@ -18,14 +18,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from aurora_loop.callbacks.base import Callback
-from aurora_loop.callbacks.val_table import VAL_TABLE_MODES, split_fields, validation_lines
-
-
-def _display_order(names: list[str]) -> list[str]:
-    """Surface fields first, then atmospheric ones by variable and ascending level
-    (``z50, z250, z500`` rather than the alphabetical ``z250, z50, z500``)."""
-    surface, atmos = split_fields(names)
-    return surface + [name for row in atmos.values() for name in row.values()]
+from aurora_loop.callbacks.val_table import VAL_TABLE_MODES, validation_lines
 
 
 def _clock(seconds: float) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 
 import numpy as np
 import optax
@@ -118,7 +119,9 @@ def test_throughput_reports_rates_compile_time_and_mfu(run):
         assert report["perf/steps_per_sec"] > 0
         assert report["perf/samples_per_sec"] == pytest.approx(report["perf/steps_per_sec"] * BATCH)
         assert report["perf/mfu"] == pytest.approx(tp.flops * report["perf/steps_per_sec"] / PEAK)
-    assert "perf/compile_time_s" in tp.history[0] and "perf/compile_time_s" not in tp.history[1]
+    assert not any("perf/compile_time_s" in report for report in tp.history)
+    # The compile time is logged as soon as it is known: at the first step, not with the first rate.
+    assert scalars(acc, "perf/compile_time_s") == {1: pytest.approx(tp.compile_time, rel=1e-6)}
     assert sorted(scalars(acc, "perf/steps_per_sec")) == [2, 4, 6, 8]
     # It timed the step through the public hook: the trainer's step is the wrapper it returned.
     assert type(run["trainer"].train_step).__name__ == "_TimedStep"
@@ -132,19 +135,49 @@ def test_profiler_traced_its_window(run):
 
 def test_progress_bar_prints_lines_or_a_bar(run):
     text = run["stream"].getvalue()
-    assert "epoch 0 step 2/8  loss" in text and "epoch 1 step 8/8" in text
-    assert "\r" not in text
-    assert "Validation at step 8: loss" in text
-    assert "      2t  MAE" in text and "z500  MAE" in text and "RMSE" in text
+    lines = text.splitlines()
+    assert lines[0] == "Step 1: compiling the train step (or loading it from the compilation cache)"
+    assert re.fullmatch(r"Step 1: train step (compiled|loaded from the compilation cache) in \d+\.\d s", lines[1])
+    # The first progress line's rate counts the steps after the compiled one: 1 -> 2.
+    assert re.fullmatch(r"epoch 0 step 2/8  loss \d\.\d{4}  \d+\.\d\d (steps/s|s/step)  ETA \d:\d\d:\d\d", lines[2])
+    assert "epoch 1 step 8/8" in text and "\r" not in text
+    # The validation table: surface variables on one line, levels as columns, a row per variable.
+    start = lines.index(next(line for line in lines if line.startswith("Validation at step 8: loss")))
+    assert lines[start].endswith("RMSE; MAE and per-lead scores in TensorBoard")
+    assert re.fullmatch(r"  surface 2t \S+   msl \S+", lines[start + 1])
+    assert lines[start + 2].split() == ["hPa", "500", "850"]
+    assert [line.split()[0] for line in lines[start + 3:start + 5]] == ["z", "t"]
+    assert "MAE" not in "\n".join(lines[start + 1:start + 5])
     tty = run["tty"].getvalue()
     assert "\r[" in tty and "#" in tty
 
 
-def test_progress_lists_levels_in_ascending_order():
-    from aurora_loop.callbacks.progress import _display_order
+def test_validation_table_fits_the_terminal_and_names_what_it_leaves_out():
+    from aurora_loop.callbacks.val_table import headline, split_fields, validation_lines
 
-    names = ["10u", "2t", "msl", "t1000", "t250", "t50", "z1000", "z50", "z500"]
-    assert _display_order(names) == ["10u", "2t", "msl", "t50", "t250", "t1000", "z50", "z500", "z1000"]
+    levels = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)  # WeatherBench2's 13
+    metrics = {"loss": 0.5, **{f"{kind}/{v}": 1.5 for kind in ("mae", "rmse") for v in ("msl", "10u", "2t", "10v")}}
+    metrics |= {f"{kind}/{v}{lv}": 2.5e-3 if v == "q" else 1234.5 for kind in ("mae", "rmse") for v in "tqzuv" for lv in levels}
+    metrics["rmse/z500/6h"] = 9.0  # per-lead scores stay in the loggers
+    compact = validation_lines(3, metrics)
+    assert compact[0] == "Validation at step 3: loss 0.5000   RMSE; all levels, MAE and per-lead scores in TensorBoard"
+    assert compact[1].split()[:5] == ["surface", "2t", "1.5", "10u", "1.5"]  # Aurora's order
+    assert compact[2].split() == ["hPa", "500", "700", "850"]  # WeatherBench2's headline levels
+    assert [line.split()[0] for line in compact[3:]] == ["z", "u", "v", "t", "q"]
+    assert compact[-1].split() == ["q", "0.0025", "0.0025", "0.0025"]
+    assert len(compact) == 8 and max(map(len, compact[1:])) <= 80
+    full = validation_lines(3, metrics, "full")
+    assert [line.strip() for line in full if line.strip() in ("RMSE", "MAE")] == ["RMSE", "MAE"]
+    assert full[3].split() == ["hPa", *map(str, levels)]
+    assert validation_lines(3, metrics, "none") == ["Validation at step 3: loss 0.5000"]
+    ensemble = {**{k: v for k, v in metrics.items() if k.startswith("rmse")}, "loss": 0.5,
+                **{f"crps/{k[5:]}": 0.7 for k in metrics if k.startswith("rmse/")},
+                **{f"spread_skill/{k[5:]}": 0.9 for k in metrics if k.startswith("rmse/")}}
+    blocks = [line.strip() for line in validation_lines(3, ensemble) if line.strip() in ("RMSE", "CRPS", "spread/skill")]
+    assert blocks == ["RMSE", "CRPS", "spread/skill"]
+    # Levels as rows of a variable; a surface name ending in digits is not taken for a level when named.
+    assert split_fields(["swvl1", "2t", "t850", "t50"], surface=["swvl1"]) == (["2t", "swvl1"], {"t": {50.0: "t50", 850.0: "t850"}})
+    assert list(headline(metrics)) == ["z500", "t850", "q700", "2t", "msl", "u850"]
 
 
 def test_peak_flops_table_matches_device_kinds():

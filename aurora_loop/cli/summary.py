@@ -131,5 +131,5 @@ def write_summary(path: str, summary: dict[str, Any]) -> None:
     """Write ``summary`` as JSON to ``path`` atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
+        json.dump(summary, fh, indent=2)  # in the order built: the headline keeps its order
     os.replace(tmp, path)
