@@ -232,4 +232,4 @@ def forward(argv: list[str]) -> int:
     """``aurora-loop memory``: ``aurora-train``'s flags, with ``--estimate_memory`` implied."""
     from aurora_loop.cli.train import main as train_main
 
-    return train_main(argv if "--estimate_memory" in argv else ["--estimate_memory", *argv])
+    return train_main(argv if "--estimate_memory" in argv else ["--estimate_memory", *argv], prog="aurora-loop memory")

@@ -46,12 +46,12 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see {self.prog} --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The flags: every TrainingConfig field (in its ``FIELD_GROUPS`` group) and the options
     of this command alone (--config, --resume, --overwrite, --callback, --print_param_groups)."""
     parser = _OneLineParser(
-        prog=PROG,
-        usage=f"{PROG} [--config FILE] [--FLAG VALUE ...]",
+        prog=prog,
+        usage=f"{prog} [--config FILE] [--FLAG VALUE ...]",
         description="Train Aurora (or the conv baseline) with the aurora_loop Trainer. Every flag sets the "
                     "TrainingConfig field of its name; --config FILE sets several (flags override it).",
         argument_default=argparse.SUPPRESS,
@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(argv: list[str]) -> tuple[TrainingConfig, argparse.Namespace]:
+def resolve_config(argv: list[str], prog: str = PROG) -> tuple[TrainingConfig, argparse.Namespace]:
     """Defaults <- --config file <- flags; validated."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     values = vars(args).copy()
     config_path = values.pop("config", None)
     for key in ("resume", "overwrite", "callback", "print_param_groups"):
@@ -457,25 +457,26 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """The command; ``prog``: the name it is called by (``aurora-loop memory`` forwards here)."""
     started = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config, args = resolve_config(argv)
-        if config.estimate_memory:  # compiles and prints; writes nothing, not even the output dir
-            from aurora_loop.cli.memory import estimate_run
-
-            return estimate_run(config)
-        clear_previous = check_output_dir(config, overwrite=args.overwrite)
-        if not clear_previous:  # a run that continues keeps its learning-rate schedule
-            config = inherit_schedule(config, resume=args.resume)
+        config, args = resolve_config(argv, prog)
         with quiet_third_party(config.verbose):
+            if config.estimate_memory:  # compiles and prints; writes nothing, not even the output dir
+                from aurora_loop.cli.memory import estimate_run
+
+                return estimate_run(config)
+            clear_previous = check_output_dir(config, overwrite=args.overwrite)
+            if not clear_previous:  # a run that continues keeps its learning-rate schedule
+                config = inherit_schedule(config, resume=args.resume)
             return run(config, resume=args.resume, clear_previous=clear_previous, callback_specs=tuple(args.callback),
                        print_param_groups=args.print_param_groups, started=started)
     except UsageError as err:
-        return leave_job(report_usage_error(err, PROG))
+        return leave_job(report_usage_error(err, prog))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return leave_job(130)
 
 
