@@ -98,9 +98,9 @@ class TrainingConfig:
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (CPU devices on a CPU-only machine); none: all visible")
 
     # Memory estimate (aurora-loop memory takes the same flags).
-    estimate_memory: bool = _field(False, "compile the configured train step on abstract parameters (simulating --num_gpus devices where this machine has fewer), print what each device needs (parameters, optimizer state, batch, temporaries, and where the temporaries peak) and exit; allocates no parameters and writes nothing")
-    estimate_grid: str | None = _field(None, "with --estimate_memory: estimate for this latitudes x longitudes grid, e.g. 721x1440, with the configured variables and --levels (WeatherBench2's 13 when none are given) instead of reading --dataset_path")
-    device_memory_gib: float | None = _field(None, "with --estimate_memory: the memory of one device in GiB to check the run against, e.g. 80; when the run does not fit, the cheapest changes that would make it fit are compiled and named; none: this machine's accelerator's, if it has one")
+    estimate_memory: bool = _field(False, "compile the train step on abstract parameters (simulating --num_gpus devices if need be), print what each device needs and where, and exit; writes nothing")
+    estimate_grid: str | None = _field(None, "with --estimate_memory: estimate for this latitudes x longitudes grid, e.g. 721x1440 (levels: --levels, else WeatherBench2's 13) instead of reading --dataset_path")
+    device_memory_gib: float | None = _field(None, "with --estimate_memory: one device's memory in GiB to check the run against, e.g. 80 (if it does not fit, the cheapest changes that do are named); none: this machine's accelerator's")
 
     # Multi-process (JAX's distributed runtime). Unset: auto-detected under SLURM / Open MPI,
     # else a single process.

@@ -16,8 +16,9 @@ GROUPS = ["data", "model", "optimisation", "roll-outs", "parallelism and process
           "logging and callbacks"]
 
 
-def option_entries(help_text: str) -> dict[str, str]:
-    """Each option's entry in a --help text: its first flag -> the whole entry (flag column and help)."""
+def option_entries(help_text: str, keep_lines: bool = False) -> dict[str, str]:
+    """Each option's entry in a --help text: its first flag -> the whole entry (flag column and
+    help), its lines joined by spaces (or kept, with ``keep_lines``)."""
     entries, current = {}, None
     for line in help_text.splitlines():
         match = re.match(r"  (-{1,2}[\w-]+)", line)
@@ -25,7 +26,7 @@ def option_entries(help_text: str) -> dict[str, str]:
             current = match.group(1)
             entries[current] = line
         elif current and line.startswith("    "):
-            entries[current] += " " + line.strip()
+            entries[current] += ("\n" if keep_lines else " ") + line.strip()
         else:
             current = None
     return entries
@@ -51,7 +52,8 @@ def test_the_parser_puts_each_flag_in_its_group():
     assert titles[1:] == [f"{g} ({HELP_GROUPS[g]})" for g in GROUPS]  # after argparse's own "options"
 
 
-def test_help_states_each_default_once_and_stays_short():
+def test_help_states_each_default_once_and_stays_short(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal's width
     text = build_parser().format_help()
     entries = option_entries(text)
     assert len(entries) == len(dataclasses.fields(TrainingConfig)) + 6  # -h, --config, --resume, --overwrite, --callback, --print_param_groups
@@ -63,6 +65,7 @@ def test_help_states_each_default_once_and_stays_short():
     assert "(default: none) (default: none)" not in text and "DATASET_PATH" not in text
     assert "--dataset_path PATH" in entries["--dataset_path"] and "--batch_size N" in entries["--batch_size"]
     assert "--remat, --no-remat" in entries["--remat"]
+    assert max(entry.count("\n") for entry in option_entries(text, keep_lines=True).values()) < 6  # short helps
     assert len(text.splitlines()) < 300  # 368 lines before the grouping, flags in one flat list
 
 
