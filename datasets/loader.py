@@ -12,15 +12,25 @@ gets lead ``spec.leads[j_k]``, where ``j = numpy.random.default_rng((seed, e, LE
 .integers(len(leads), size=len(order))``: a function of (seed, epoch, position) only, like
 the order, so the draws too are the same for any number of processes, threads or resumes.
 
-Reading happens on ``num_workers`` threads (zarr decompression releases the GIL), each
-loading whole batches ahead of the consumer into a bounded window of ``prefetch`` batches;
-batches are still yielded in order. ``num_workers=0`` reads in the caller's thread. Batch
+Reading runs ahead of the consumer in a bounded window of ``prefetch`` batches, yielded in
+order. From a Zarr store read from disk or object storage (not cached in memory), each
+batch is one coroutine on zarr's event loop that requests every chunk of every example at
+once (and the window's other batches are in flight too), so a remote store costs a few round
+trips per batch rather than one per chunk; decompression runs on zarr's thread pool (it
+releases the GIL). Other sources (an in-memory store, TFDS) are read on ``num_workers``
+threads, each loading whole batches. ``num_workers=0`` reads in the caller's thread. Batch
 memory is recycled once the consumer (and anything wrapping the arrays) lets go of a batch
 (``buffers.BufferPool``), so steady-state loading does not page-fault fresh memory.
+
+A remote store that keeps failing after its retries raises
+:class:`~aurora_loop.errors.DataUnavailable` from the iterator before the batch it could not
+read; with several processes they agree on it first, so all of them raise at the same batch
+(the trainer then saves and stops, as after a preemption).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -34,8 +44,9 @@ from aurora_loop.datasets.buffers import BufferPool
 from aurora_loop.datasets.samples import BatchArrays, SampleSpec, sample_index
 from aurora_loop.datasets.store import WeatherSource
 from aurora_loop.datasets.variables import ATMOS, SURF
-from aurora_loop.errors import UsageError
+from aurora_loop.errors import DataUnavailable, UsageError
 from aurora_loop.model.batch import Sample
+from aurora_loop.parallel.distributed import agree_any
 
 NAN_POLICIES = ("error", "skip")
 #: Third entropy word of the lead-time draws' generator (the order's is ``(seed, epoch)``).
@@ -67,8 +78,10 @@ class ZarrLoader:
       batch_size: global batch size (all processes together).
       shuffle: reshuffle the starts every epoch (training); False keeps time order (validation).
       seed: shuffling seed.
-      num_workers: reader threads; 0 reads synchronously.
-      prefetch: batches read ahead (the bound of the queue); default ``2 * num_workers``.
+      num_workers: reader threads for sources read on threads (see the module docstring); 0
+        reads synchronously, in the caller's thread.
+      prefetch: batches read ahead (the bound of the queue; for a Zarr store, the batches whose
+        chunks are in flight at once); default ``2 * num_workers``.
       nan_policy: ``"error"`` raises on a sample holding NaNs; ``"skip"`` replaces it by the
         next clean start in the epoch's order (deterministically) and counts the replaced
         examples in ``skipped``.
@@ -167,19 +180,47 @@ class ZarrLoader:
             while self.position < len(self):
                 yield self._take(self._load(order, self.position, share))
             return
-        pool = cf.ThreadPoolExecutor(self.num_workers, thread_name_prefix="aurora-data")
+        pool = None if self.reads_async else cf.ThreadPoolExecutor(self.num_workers, thread_name_prefix="aurora-data")
         pending: collections.deque[cf.Future[_Loaded]] = collections.deque()
         ahead = self.position
         try:
             while self.position < len(self):
                 while ahead < len(self) and len(pending) < self.prefetch:
-                    pending.append(pool.submit(self._load, order, ahead, share))
+                    if pool is None:
+                        pending.append(asyncio.run_coroutine_threadsafe(self._load_async(order, ahead, share), _zarr_loop()))
+                    else:
+                        pending.append(pool.submit(self._load, order, ahead, share))
                     ahead += 1
-                yield self._take(pending.popleft().result())
+                yield self._take(self._agreed(pending.popleft()))
         finally:
             for future in pending:
                 future.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def reads_async(self) -> bool:
+        """Whether batches are read as coroutines on zarr's event loop (a Zarr store not cached
+        in memory), rather than on threads."""
+        return callable(getattr(self.store, "read_into_async", None)) and not getattr(self.store, "cached", False)
+
+    def _agreed(self, future: cf.Future[_Loaded]) -> _Loaded:
+        """The batch of ``future``, or :class:`DataUnavailable` on every process when any
+        process could not read its share (remote stores agree on it before each batch)."""
+        failure: DataUnavailable | None = None
+        loaded = None
+        try:
+            loaded = future.result()
+        except DataUnavailable as err:
+            failure = err
+        if getattr(self.store, "remote", False) and jax.process_count() > 1:
+            (anyone,) = agree_any(failure is not None)
+            if anyone and failure is None:
+                failure = DataUnavailable(f"another process could not read its share of batch {self.position} of {self.store.path!r}")
+        if failure is not None:
+            raise failure
+        assert loaded is not None
+        return loaded
 
     # -- internals ------------------------------------------------------------------------
 
@@ -224,10 +265,43 @@ class ZarrLoader:
     def _load(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
         """Read this process's share of global batch ``position`` of ``order`` (rows
         ``(member, start[, lead])``, see :meth:`_rows`)."""
+        if self.reads_async:
+            return _zarr_sync(self._load_async(order, position, share))
         base = position * self.batch_size
         arrays = BatchArrays(self.store, self.spec, share.stop - share.start, self._pool)
         skipped = sum(self._fill_clean(arrays, slot, order, base + k) for slot, k in enumerate(range(share.start, share.stop)))
         return _Loaded(arrays.sample(), skipped)
+
+    async def _load_async(self, order: np.ndarray, position: int, share: slice) -> _Loaded:
+        """:meth:`_load` as one coroutine: every example's reads in flight at once."""
+        base = position * self.batch_size
+        arrays = BatchArrays(self.store, self.spec, share.stop - share.start, self._pool)
+        rows = [(slot, *_row(order[base + k])) for slot, k in enumerate(range(share.start, share.stop))]
+        await arrays.fill_async(rows)
+        bad = await asyncio.to_thread(lambda: [slot for slot in range(len(rows)) if arrays.has_nan(slot)])
+        skipped = 0
+        for slot in bad:  # rare: replace (or refuse) the examples holding NaNs, one at a time
+            k = base + share.start + slot
+            n = order.shape[0]
+            for misses in range(n):
+                if misses == 0:
+                    if self.nan_policy == "error":
+                        self._refuse_nan(*_row(order[k % n])[:2])
+                    continue
+                start, member, lead = _row(order[(k + misses) % n])
+                await arrays.fill_async([(slot, start, member, lead)])
+                if not await asyncio.to_thread(arrays.has_nan, slot):
+                    skipped += 1
+                    break
+            else:
+                raise UsageError(f"every sample of {self.store.path!r} holds NaNs; fill the missing values")
+        return _Loaded(arrays.sample(), skipped)
+
+    def _refuse_nan(self, start: int, member: int) -> None:
+        which = f" (member {member})" if self.store.members > 1 else ""
+        raise UsageError(
+            f"NaN in the sample starting {self.store.times[start]}{which} of {self.store.path!r}; fill the missing values, or set nan_policy='skip' to skip such samples"
+        )
 
     def _fill_clean(self, arrays: BatchArrays, slot: int, order: np.ndarray, k: int) -> int:
         """Fill ``slot`` with example ``k`` of ``order`` or, skipping NaNs, the next clean one
@@ -240,8 +314,23 @@ class ZarrLoader:
             if not arrays.has_nan(slot):
                 return int(misses > 0)
             if self.nan_policy == "error":
-                which = f" (member {member})" if self.store.members > 1 else ""
-                raise UsageError(
-                    f"NaN in the sample starting {self.store.times[start]}{which} of {self.store.path!r}; fill the missing values, or set nan_policy='skip' to skip such samples"
-                )
+                self._refuse_nan(start, member)
         raise UsageError(f"every sample of {self.store.path!r} holds NaNs; fill the missing values")
+
+
+def _row(row: np.ndarray) -> tuple[int, int, int | None]:
+    """An order row ``(member, start[, lead])`` -> ``(start, member, lead or None)``."""
+    return int(row[1]), int(row[0]), int(row[2]) if row.shape[0] > 2 else None
+
+
+def _zarr_loop() -> asyncio.AbstractEventLoop:
+    """zarr's event loop (its own thread), where the stores' clients live."""
+    from zarr.core.sync import _get_loop
+
+    return _get_loop()
+
+
+def _zarr_sync(coroutine: Any) -> Any:
+    from zarr.core.sync import sync
+
+    return sync(coroutine)

@@ -15,6 +15,7 @@ Only those time indices are read.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
@@ -186,6 +187,40 @@ class BatchArrays:
         self.starts[slot] = start
         self.leads[slot] = lead
 
+    async def fill_async(self, rows: list[tuple[int, int, int, int | None]]) -> None:
+        """Read examples ``(slot, start, member, lead)`` into their slots, every read in flight
+        at once (the store's ``read_into_async``). A time that an earlier row of ``rows``
+        also holds (consecutive windows overlap) is read once and copied."""
+        spec = self.spec
+        first: dict[tuple[int, int], tuple[int, int]] = {}  # (member, time) -> (slot, step) that reads it
+        copies: list[tuple[int, int, int, int]] = []
+        reads = []
+        for slot, start, member, lead in rows:
+            lead = spec.stride if lead is None else int(lead)
+            times = int(start) + spec.offsets(lead)
+            own = []
+            for k, t in enumerate(times.tolist()):
+                if (member, t) in first:
+                    copies.append((slot, k, *first[(member, t)]))
+                else:
+                    first[(member, t)] = (slot, k)
+                    own.append(k)
+            for run in _runs(own, times, spec.stride):
+                k0, k1 = run[0], run[-1] + 1
+                reads.append(self._read_async({n: v[slot, k0:k1] for n, v in self.surf.items()},
+                                              {n: v[slot, k0:k1] for n, v in self.atmos.items()}, int(times[k0]), member, spec.stride))
+            self.starts[slot] = start
+            self.leads[slot] = lead
+        await asyncio.gather(*reads)
+        for slot, k, src_slot, src_k in copies:
+            for v in (*self.surf.values(), *self.atmos.values()):
+                v[slot, k] = v[src_slot, src_k]
+
+    async def _read_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> None:
+        if surf or atmos:
+            count = next(iter((*surf.values(), *atmos.values()))).shape[0]
+            await self.store.read_into_async(surf, atmos, start, member, step=step if count > 1 else 1)
+
     def _read(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> None:
         if step == 1:
             self.store.read_into(surf, atmos, start, member)
@@ -218,6 +253,17 @@ class BatchArrays:
             )
 
         return Sample(inputs=batch(slice(0, h), newest), targets=batch(slice(h, None), first_target), lead_hours=lead_hours)
+
+
+def _runs(steps: list[int], times: np.ndarray, stride: int) -> list[list[int]]:
+    """``steps`` (ascending) split into runs of consecutive steps whose times lie ``stride`` apart."""
+    runs: list[list[int]] = []
+    for k in steps:
+        if runs and runs[-1][-1] == k - 1 and times[k] - times[k - 1] == stride:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
 
 
 def read_sample(store: WeatherSource, start: int, spec: SampleSpec, member: int = 0, lead: int | None = None) -> Sample:

@@ -17,20 +17,19 @@ threads read at once without xarray's per-call overhead.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import xarray as xr
 import zarr
-
-try:  # zarr 3
-    from zarr.core.buffer.cpu import NDBuffer as _NDBuffer
-except ImportError:  # zarr 2 takes numpy arrays as ``out``
-    _NDBuffer = None
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import NDBuffer as _NDBuffer
+from zarr.core.indexing import BasicIndexer
 
 from aurora_loop.datasets.layout import (
     CANONICAL,
@@ -46,21 +45,41 @@ from aurora_loop.datasets.layout import (
     role,
     select_levels,
 )
+from aurora_loop.datasets.storage import check_remote_root, is_remote, open_store, storage_error
 from aurora_loop.datasets.variables import ATMOS, STATIC, SURF, V1P5_OUTPUT_ONLY, VariableSelection
-from aurora_loop.errors import UsageError
+from aurora_loop.errors import DataUnavailable, UsageError
 from aurora_loop.model.batch import hours_since_epoch
 
 
-def open_zarr_dataset(path: str | os.PathLike) -> xr.Dataset:
-    """Open ``path`` lazily with xarray (no dask), or raise a one-line :class:`UsageError`."""
+def open_zarr_dataset(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> xr.Dataset:
+    """Open ``path`` (a local path or a URL, see :mod:`.storage`) lazily with xarray (no
+    dask), or raise a one-line :class:`UsageError`."""
+    return open_zarr(path, storage_options, cache_dir)[0]
+
+
+def open_zarr(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> tuple[xr.Dataset, Any]:
+    """``(dataset, store)``: ``path`` opened lazily with xarray, and what zarr opens it from
+    (the local path, or the remote store object). One-line :class:`UsageError` for a missing
+    path or bucket, a denied request or something that is not a Zarr store."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    remote = is_remote(path)
+    if not remote and not os.path.exists(path):
         raise UsageError(f"data store {path!r} does not exist; pass the path of a WeatherBench2-layout Zarr store (make one with `aurora-loop sample-data OUT.zarr`)")
+    store = open_store(path, storage_options, cache_dir)
+    if remote:
+        check_remote_root(store, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return xr.open_zarr(path, chunks=None, consolidated=None, decode_timedelta=False)
+            return xr.open_zarr(store, chunks=None, consolidated=None, decode_timedelta=False), store
     except Exception as err:  # zarr/xarray raise many types for "not a store"
+        mapped = storage_error(err, path) if remote else None
+        if isinstance(mapped, UsageError) and "does not exist" not in str(mapped):
+            raise mapped from None
+        if isinstance(mapped, DataUnavailable):
+            raise UsageError(f"{path!r} could not be read ({str(mapped)}); check the URL and the network, then retry") from None
+        if remote and isinstance(err, FileNotFoundError | KeyError) or isinstance(mapped, UsageError):
+            raise UsageError(f"no Zarr store at {path!r}; check the path (it must name the store's root, where .zgroup or zarr.json lies)") from None
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"{path!r} is not a readable Zarr store ({first}); convert NetCDF/GRIB with `aurora-loop convert SRC... OUT.zarr`") from err
 
@@ -98,16 +117,34 @@ class _Field:
         wanted (an array, or a slice for an ascending run; None = all, in store order);
         ``member`` indexes an ensemble dim, if any.
         """
+        level_sel, selection = self._selection(time, levels, member)
+        if any(isinstance(v, np.ndarray) for v in selection):
+            raw = self.array.get_orthogonal_selection(selection)
+        else:
+            raw = self.array[selection]
+        return self._finish(raw, selection, levels, level_sel)
+
+    async def read_async(self, time: slice | int, levels: np.ndarray | slice | None = None, member: int = 0) -> np.ndarray:
+        """:meth:`read` as a coroutine on zarr's event loop (decoding in its thread pool)."""
+        level_sel, selection = self._selection(time, levels, member)
+        array = self.array._async_array
+        if any(isinstance(v, np.ndarray) for v in selection):
+            raw = await array.get_orthogonal_selection(selection)
+        else:
+            raw = await array.getitem(selection)
+        return await asyncio.to_thread(self._finish, raw, selection, levels, level_sel)
+
+    def _selection(self, time: slice | int, levels: np.ndarray | slice | None, member: int) -> tuple[Any, tuple[Any, ...]]:
+        """(the level selection, the store-order selection) of a read."""
         if levels is None or isinstance(levels, slice):
             level_sel: Any = slice(None) if levels is None else levels
         else:
             level_sel = np.sort(levels)  # zarr wants them ascending
         pick = {"time": time, "level": level_sel, "member": member, "lat": slice(None), "lon": slice(None)}
-        selection = tuple(pick[r] for r in self.roles)
-        if any(isinstance(v, np.ndarray) for v in selection):
-            raw = self.array.get_orthogonal_selection(selection)
-        else:
-            raw = self.array[selection]
+        return level_sel, tuple(pick[r] for r in self.roles)
+
+    def _finish(self, raw: Any, selection: tuple[Any, ...], levels: np.ndarray | slice | None, level_sel: Any) -> np.ndarray:
+        """Raw store values of ``selection`` -> decoded float32 in Aurora's dim order and orientation."""
         kept = [r for r, v in zip(self.roles, selection) if not isinstance(v, (int, np.integer))]
         order = [kept.index(r) for r in CANONICAL if r in kept]
         raw = np.transpose(np.asarray(raw), order)
@@ -143,16 +180,33 @@ class _Field:
         if not self.reads_directly(levels):
             out[...] = self.read(time, levels, member)
             return
+        selection, target = self._direct(out, time, levels, member)
+        self.array.get_basic_selection(selection, out=_out_buffer(target))
+
+    async def read_into_async(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None = None, member: int = 0) -> None:
+        """:meth:`read_into` as a coroutine on zarr's event loop: every chunk request of the
+        reads that are awaited together is in flight at once (what a remote store needs)."""
+        if self.cache is not None:
+            self.read_into(out, time, levels, member)
+            return
+        if not self.reads_directly(levels):
+            values = await self.read_async(time, levels, member)
+            await asyncio.to_thread(np.copyto, out, values)
+            return
+        selection, target = self._direct(out, time, levels, member)
+        array = self.array._async_array
+        indexer = BasicIndexer(selection, array.shape, array.metadata.chunk_grid)
+        await array._get_selection(indexer, prototype=default_buffer_prototype(), out=_out_buffer(target))
+
+    def _direct(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None, member: int) -> tuple[tuple[Any, ...], np.ndarray]:
+        """(store selection, the view of ``out`` zarr decodes into) of a direct read."""
         pick = {"time": time, "level": slice(None) if levels is None else levels, "member": member}
         selection = tuple(pick.get(r, slice(None)) for r in self.roles)
-        target = out[..., ::-1, :] if self.grid.flip_lat else out
-        self.array.get_basic_selection(selection, out=_out_buffer(target))
+        return selection, (out[..., ::-1, :] if self.grid.flip_lat else out)
 
 
 def _out_buffer(array: np.ndarray) -> Any:
-    """``out=`` for zarr's selection methods: an NDBuffer in zarr 3, the array in zarr 2."""
-    if _NDBuffer is None:
-        return array
+    """``out=`` for zarr's selection methods: an NDBuffer over ``array``."""
     return _NDBuffer.from_numpy_array(array)
 
 
@@ -174,11 +228,11 @@ class ZarrSource:
     grid: Grid
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ZarrSource:
+    def open(cls, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> ZarrSource:
         path = os.fspath(path)
-        ds = open_zarr_dataset(path)
+        ds, store = open_zarr(path, storage_options, cache_dir)
         grid = Grid.of(ds, path)
-        return cls(path, ds, zarr.open_group(path, mode="r"), grid)
+        return cls(path, ds, zarr.open_group(store, mode="r"), grid)
 
     def find(self, selection: VariableSelection, kind: str, name: str) -> _Field | None:
         """The store variable that serves Aurora ``name`` of ``kind``, or None if there is none.
@@ -257,6 +311,10 @@ class WeatherStore:
         the fallback). Its grid must match the main store's after orientation.
       cache_mb: when the selected fields of all times fit in this many MiB (float32), they
         are read into memory once, at open (``cached``); 0 never caches.
+      storage_options: for a URL (``s3://``, ``gs://``, ``az://``, ``https://``): obstore
+        settings over the defaults (see :mod:`.storage`); the static store uses them too.
+      cache_dir: keep a remote store's chunks in this local directory (:mod:`.chunk_cache`),
+        at most ``cache_gb`` GB for all stores in it.
 
     Attributes:
       times: (n,) datetime64[ns], evenly spaced.
@@ -271,10 +329,13 @@ class WeatherStore:
       static: dict Aurora name -> (h, w) float32 array (read once, here).
     """
 
-    def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None, cache_mb: float = 256) -> None:
+    def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None, cache_mb: float = 256,
+                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> None:
         self.path = os.fspath(path)
         self.selection = selection
-        self._source = ZarrSource.open(self.path)
+        self.remote = is_remote(self.path)
+        self._open_options = (storage_options, cache_dir)
+        self._source = ZarrSource.open(self.path, storage_options, cache_dir)
         ds = self._source.ds
         self.grid = self._source.grid
         self.lat, self.lon = self.grid.lat, self.grid.lon
@@ -321,7 +382,7 @@ class WeatherStore:
         return field
 
     def _read_static(self, static_path: str | os.PathLike | None) -> dict[str, np.ndarray]:
-        sources = [self._source] if static_path is None else [ZarrSource.open(static_path), self._source]
+        sources = [self._source] if static_path is None else [ZarrSource.open(static_path, *self._open_options), self._source]
         return check_static(read_static(self.selection, sources, self.lat, self.lon), self.path)
 
     def _cache_if_small(self, cache_mb: float) -> bool:
@@ -372,6 +433,21 @@ class WeatherStore:
             self.fields[SURF][name].read_into(out, _times(start, out.shape[0], step), member=member)
         for name, out in atmos.items():
             self.fields[ATMOS][name].read_into(out, _times(start, out.shape[0], step), self._level_index, member)
+
+
+    async def read_into_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> None:
+        """:meth:`read_into` as a coroutine on zarr's event loop: every field's chunks are
+        requested at once. A storage error becomes a one-line :class:`UsageError` (missing,
+        denied) or :class:`~aurora_loop.errors.DataUnavailable` (kept failing after retries)."""
+        reads = [self.fields[SURF][name].read_into_async(out, _times(start, out.shape[0], step), member=member) for name, out in surf.items()]
+        reads += [self.fields[ATMOS][name].read_into_async(out, _times(start, out.shape[0], step), self._level_index, member) for name, out in atmos.items()]
+        try:
+            await asyncio.gather(*reads)
+        except Exception as err:
+            mapped = storage_error(err, self.path) if self.remote else None
+            if mapped is None:
+                raise
+            raise mapped from err
 
 
 def _times(start: int, count: int, step: int = 1) -> slice:
