@@ -47,6 +47,9 @@ class TrainingConfig:
     nan_policy: str = _field("error", "a sample holding NaNs: error (stop with a message) or skip (replace it by the next clean one)")
     variable_map: dict[str, str] | None = _field(None, "store variable name -> Aurora name overrides, e.g. t2m=2t,sp=msl (or a JSON object)")
     tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
+    storage_options: dict[str, Any] | None = _field(None, "for a store in object storage (s3://, gs://, az://, https://): a JSON object of obstore settings, e.g. '{\"region\": \"eu-west-1\"}', '{\"skip_signature\": false}', '{\"retry\": {\"retry_timeout_s\": 600}}' (default: credentials from the usual AWS_*/GOOGLE_*/AZURE_* environment, else anonymous)")
+    cache_dir: str | None = _field(None, "keep the chunks read from a remote store in this local directory (shared safely by the processes of a node), so later epochs and runs read local disk")
+    cache_gb: float = _field(50.0, "the bound on --cache_dir's size in GB (least recently used chunks are deleted)")
 
     # Model.
     model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora; Aurora 1.5 as v1p5, v1p5_tiny, v1p5_ensemble or v1p5_ensemble_tiny; or conv (a small CNN baseline)")
@@ -163,7 +166,8 @@ RESUME_INSENSITIVE = frozenset(
     {"epochs", "max_steps", "num_workers", "prefetch", "cache_mb", "coordinator_address", "num_processes", "process_id", "log_every_n_steps", "save_every_n_steps", "max_to_keep",
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
      "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time", "compile_cache",
-     "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib", "val_table", "verbose"}
+     "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib", "val_table", "verbose",
+     "storage_options", "cache_dir", "cache_gb"}
 )
 
 # aurora-train --help groups, in the order of the docs, each with the page that tells more.
@@ -196,6 +200,9 @@ FIELD_GROUPS = {
     "nan_policy": "data",
     "variable_map": "data",
     "tfds_data_dir": "data",
+    "storage_options": "data",
+    "cache_dir": "data",
+    "cache_gb": "data",
     "model": "model",
     "checkpoint_dir": "model",
     "checkpoint_encoder": "model",

@@ -28,6 +28,7 @@ from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
 from aurora_loop.callbacks.base import Callback, CheckpointIO
 from aurora_loop.compile_cache import cache_counts, came_from_cache
 from aurora_loop.data import REPEAT_BATCH, Loader, example_batch
+from aurora_loop.errors import DataUnavailable
 from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
 from aurora_loop.parallel.distributed import agree_any
 from aurora_loop.step import (
@@ -43,6 +44,15 @@ from aurora_loop.task import Task
 from aurora_loop.timing import CompileRecord, PhaseClock
 
 log = logging.getLogger(__name__)
+
+
+def _until_unavailable(batches: Iterable[Any], on_unavailable: Callable[[DataUnavailable], None]) -> Iterator[Any]:
+    """``batches``, ending early (after calling ``on_unavailable``) when the loader raises
+    :class:`DataUnavailable`, which loaders raise at the same batch on every process."""
+    try:
+        yield from batches
+    except DataUnavailable as err:
+        on_unavailable(err)
 
 
 class LazyMetrics(Mapping):
@@ -301,6 +311,7 @@ class Trainer:
         self.epoch_step = 0  # steps taken in the current epoch
         self.stop_reason: str | None = None
         self._clear_stop_requests()
+        self.data_error: str | None = None  # why the data stopped the last fit (DataUnavailable), if it did
         self.last_val_metrics: dict[str, float] = {}
         self.last_validated_step: int | None = None
         self.resumed_from: int | None = None
@@ -488,6 +499,7 @@ class Trainer:
             self.train_data = _MicroBatches(self.train_data, self.accumulate_grad_batches)
         self.val_data = _as_loader(val_data)
         self._clear_stop_requests()
+        self.data_error = None
         self.last_validated_step = None
         self.clock.start()
         self.compiles = []
@@ -673,7 +685,7 @@ class Trainer:
         placed = None  # the batch on the mesh that a REPEAT_BATCH trains on again
         compiled = False
         while self.epoch < self.max_epochs and not self._reached_max_steps() and not self.stopping:
-            for local_batch in self._batches(loader):
+            for local_batch in _until_unavailable(self._batches(loader), self._data_unavailable):
                 if local_batch is not REPEAT_BATCH:
                     with self.clock.phase("data"):
                         placed = self._place_train_batch(local_batch)
@@ -711,6 +723,9 @@ class Trainer:
                 self._emit("on_sync", step)
                 last_synced = step
             flush()
+            if self.data_error is not None and not ended_mid_epoch:
+                self._agree()  # every process met it at the same batch
+                ended_mid_epoch = True
             if ended_mid_epoch:
                 break
             run_ends = self.stopping or self._reached_max_steps() or self.epoch + 1 >= self.max_epochs
@@ -732,6 +747,13 @@ class Trainer:
         if last_synced != self.global_step:
             self._emit("on_sync", self.global_step)
 
+    def _data_unavailable(self, err: DataUnavailable) -> None:
+        """A loader could not read the next batch (on every process at once): stop here as a
+        preemption does, saving the last completed step, without the final validation."""
+        self.data_error = str(err)
+        log.warning("data unavailable, stopping at step %d after saving: %s", self.global_step, err)
+        self.request_stop(f"data unavailable ({err})", validate=False, checkpoint=True)
+
     def _reached_max_steps(self) -> bool:
         return self.max_steps is not None and self.global_step >= self.max_steps
 
@@ -750,14 +772,15 @@ class Trainer:
 
         Returns the scores (keys such as ``loss``, ``mae/2t``), or ``None`` when there is
         no validation data or a stop that skips validation arrived mid-way (a signal: the pass
-        is given up, nothing is emitted, so that the run saves promptly).
+        is given up, nothing is emitted, so that the run saves promptly; the data became
+        unavailable: the run stops with a checkpoint).
         """
         if self.val_data is None:
             return None
         with self.clock.phase("validation"):
             self.val_data.set_epoch(0)
             total = None
-            for local_batch in self.val_data:
+            for local_batch in _until_unavailable(self.val_data, self._data_unavailable):
                 self._agree()
                 if self.stop_skips_validation:
                     return None
@@ -767,7 +790,7 @@ class Trainer:
                 else:
                     batch_metrics = self.timed_compile("eval step", step, self._eval_step, self.eval_params, placed)
                 total = batch_metrics if total is None else total.merge(batch_metrics)
-            if total is None:
+            if total is None or self.data_error is not None:  # no scores from part of the data
                 return None
             self.last_val_metrics = total.compute()
             self.last_validated_step = step

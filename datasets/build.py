@@ -9,6 +9,7 @@ import numpy as np
 
 from aurora_loop.datasets.loader import ZarrLoader
 from aurora_loop.datasets.samples import SampleSpec, sample_index, split_starts
+from aurora_loop.datasets.storage import parse_storage_options
 from aurora_loop.datasets.store import WeatherStore
 from aurora_loop.datasets.tfds_source import TFDS_PREFIX, RecordStore, open_tfds
 from aurora_loop.datasets.variables import ATMOS, AURORA_VARS, STATIC, SURF, VariableSelection, parse_name_list
@@ -95,6 +96,16 @@ def sample_specs(config: Any, time_step: np.timedelta64 | None = None) -> tuple[
     return spec, SampleSpec(history=history, rollout_steps=int(val_steps))
 
 
+def storage_kwargs(config: Any) -> dict[str, Any]:
+    """The :class:`WeatherStore` keywords for a remote store that a config sets:
+    ``storage_options`` (a dict or JSON text), ``cache_dir`` and ``cache_gb``."""
+    return {
+        "storage_options": parse_storage_options(getattr(config, "storage_options", None)),
+        "cache_dir": getattr(config, "cache_dir", None) or None,
+        "cache_gb": float(getattr(config, "cache_gb", 50.0) or 50.0),
+    }
+
+
 def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     """Open ``config.dataset_path`` and return ``(train_loader, val_loader)``.
 
@@ -109,7 +120,8 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     ``train_start`` / ``train_end`` / ``val_start`` / ``val_end`` (ISO strings or None: with
     none set, the last ~20% of the times validate), ``nan_policy`` ("error" or "skip"),
     ``cache_mb`` (256: stores whose selected fields fit are read into memory once),
-    ``tfds_data_dir`` (for ``tfds:`` paths), ``lead_times`` (() = none) and ``timestep_hours``
+    ``tfds_data_dir`` (for ``tfds:`` paths), ``storage_options`` / ``cache_dir`` / ``cache_gb``
+    (for stores in object storage, see :mod:`.storage`), ``lead_times`` (() = none) and ``timestep_hours``
     (None): with lead times, training samples take their steps the model step T apart
     (``timestep_hours``, else the largest lead time; a multiple of the store's step) and draw
     the last target's lead per example from ``lead_times`` (the batch's ``lead_hours``);
@@ -126,7 +138,7 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
     if str(path).startswith(TFDS_PREFIX):
         store: WeatherStore | RecordStore = open_tfds(str(path), selection, getattr(config, "tfds_data_dir", None), static_path)
     else:
-        store = WeatherStore(path, selection, static_path=static_path, cache_mb=float(getattr(config, "cache_mb", 256)))
+        store = WeatherStore(path, selection, static_path=static_path, cache_mb=float(getattr(config, "cache_mb", 256)), **storage_kwargs(config))
     if getattr(config, "lead_times", None):
         spec, val_spec = sample_specs(config, store.time_step)
     train, val = split_starts(

@@ -146,14 +146,14 @@ def storage_error(err: BaseException, path: str) -> Exception | None:
     """The error to raise for ``err`` met while reading ``path``: a :class:`UsageError`
     (missing, denied: the user must act), :class:`DataUnavailable` (the store kept failing:
     try later), or None when ``err`` is not a storage error."""
-    try:
-        import obstore.exceptions as obe
-    except ImportError:  # pragma: no cover - obstore is a dependency
-        return None
-    if isinstance(err, (obe.PermissionDeniedError, obe.UnauthenticatedError)):
+    import obstore.exceptions as obe
+
+    text = str(err)
+    denied = isinstance(err, (obe.PermissionDeniedError, obe.UnauthenticatedError)) or "403 Forbidden" in text or "401 Unauthorized" in text
+    if denied:
         return UsageError(f"access to {path!r} was denied ({_first_line(err)}); set credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, "
                           "AZURE_STORAGE_*) or --storage_options, or check the bucket's permissions")
-    if isinstance(err, obe.NotFoundError):
+    if isinstance(err, (obe.NotFoundError, FileNotFoundError, KeyError)) or "404 Not Found" in text or "NoSuchBucket" in text:
         return UsageError(f"{path!r} does not exist ({_first_line(err)}); check the bucket and path")
     if isinstance(err, (obe.BaseError, OSError, TimeoutError)):
         return DataUnavailable(f"reading {path!r} kept failing after retries ({_first_line(err)})")
@@ -170,10 +170,12 @@ def check_remote_root(store: Any, path: str) -> None:
         return
     try:
         next(iter(obstore.list(inner, chunk_size=1)), None)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - mapped below, or re-raised
         mapped = storage_error(err, path)
         if isinstance(mapped, UsageError) and "does not exist" in str(mapped):
             raise UsageError(f"the bucket or container of {path!r} does not exist; check the URL") from None
+        if isinstance(mapped, DataUnavailable):
+            raise UsageError(f"{path!r} cannot be reached ({_first_line(err)}); check the URL, the endpoint (AWS_ENDPOINT_URL) and the network") from None
         if mapped is not None:
             raise mapped from None
         raise

@@ -57,7 +57,8 @@ def open_zarr_dataset(path: str | os.PathLike, storage_options: Mapping[str, Any
     return open_zarr(path, storage_options, cache_dir)[0]
 
 
-def open_zarr(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> tuple[xr.Dataset, Any]:
+def open_zarr(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+              cache_gb: float = 50.0) -> tuple[xr.Dataset, Any]:
     """``(dataset, store)``: ``path`` opened lazily with xarray, and what zarr opens it from
     (the local path, or the remote store object). One-line :class:`UsageError` for a missing
     path or bucket, a denied request or something that is not a Zarr store."""
@@ -65,7 +66,7 @@ def open_zarr(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
     remote = is_remote(path)
     if not remote and not os.path.exists(path):
         raise UsageError(f"data store {path!r} does not exist; pass the path of a WeatherBench2-layout Zarr store (make one with `aurora-loop sample-data OUT.zarr`)")
-    store = open_store(path, storage_options, cache_dir)
+    store = open_store(path, storage_options, cache_dir, cache_gb)
     if remote:
         check_remote_root(store, path)
     try:
@@ -78,7 +79,7 @@ def open_zarr(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
             raise mapped from None
         if isinstance(mapped, DataUnavailable):
             raise UsageError(f"{path!r} could not be read ({str(mapped)}); check the URL and the network, then retry") from None
-        if remote and isinstance(err, FileNotFoundError | KeyError) or isinstance(mapped, UsageError):
+        if isinstance(mapped, UsageError):
             raise UsageError(f"no Zarr store at {path!r}; check the path (it must name the store's root, where .zgroup or zarr.json lies)") from None
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"{path!r} is not a readable Zarr store ({first}); convert NetCDF/GRIB with `aurora-loop convert SRC... OUT.zarr`") from err
@@ -228,9 +229,10 @@ class ZarrSource:
     grid: Grid
 
     @classmethod
-    def open(cls, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> ZarrSource:
+    def open(cls, path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+             cache_gb: float = 50.0) -> ZarrSource:
         path = os.fspath(path)
-        ds, store = open_zarr(path, storage_options, cache_dir)
+        ds, store = open_zarr(path, storage_options, cache_dir, cache_gb)
         grid = Grid.of(ds, path)
         return cls(path, ds, zarr.open_group(store, mode="r"), grid)
 
@@ -314,7 +316,7 @@ class WeatherStore:
       storage_options: for a URL (``s3://``, ``gs://``, ``az://``, ``https://``): obstore
         settings over the defaults (see :mod:`.storage`); the static store uses them too.
       cache_dir: keep a remote store's chunks in this local directory (:mod:`.chunk_cache`),
-        at most ``cache_gb`` GB for all stores in it.
+      cache_gb: at most this many GB for all stores in ``cache_dir``.
 
     Attributes:
       times: (n,) datetime64[ns], evenly spaced.
@@ -330,12 +332,12 @@ class WeatherStore:
     """
 
     def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None, cache_mb: float = 256,
-                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None, cache_gb: float = 50.0) -> None:
         self.path = os.fspath(path)
         self.selection = selection
         self.remote = is_remote(self.path)
-        self._open_options = (storage_options, cache_dir)
-        self._source = ZarrSource.open(self.path, storage_options, cache_dir)
+        self._open_options = (storage_options, cache_dir, cache_gb)
+        self._source = ZarrSource.open(self.path, *self._open_options)
         ds = self._source.ds
         self.grid = self._source.grid
         self.lat, self.lon = self.grid.lat, self.grid.lon

@@ -430,6 +430,11 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         clear_previous_run(out)
     barrier("clear_previous")  # an --overwrite cleared old checkpoints before anyone looks for one
     trainer.fit(task, train_loader, val_loader, resume=resume)
+    if trainer.data_error is not None:
+        if main:
+            print(f"{PROG}: stopped at step {trainer.global_step} after saving: {trainer.data_error}; "
+                  "rerun the same command to resume once the store answers again", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     if was_preempted(trainer):
         if main:
             print(f"Stopped by a signal at step {trainer.global_step} after saving; rerun the same command to resume", flush=True)
