@@ -2,9 +2,10 @@
 
 - :class:`S3Server`: moto's ``ThreadedMotoServer`` (an S3 API) with a public-read bucket
   that holds copies of local Zarr stores (uploaded file by file with boto3).
-- :class:`LatencyServer`: a threaded HTTP server over a local directory that waits
-  ``latency_s`` before answering each request, and records every request (its path, when it
-  arrived and when it was answered), so a test can count how many were in flight at once.
+- :class:`LatencyServer`: a threaded HTTP server over a local directory (or a proxy in
+  front of another server, e.g. moto's) that waits ``latency_s`` before answering each
+  request, and records every request (its path, client's User-Agent, when it arrived and
+  when it was answered), so a test can count how many were in flight at once and who asked.
   ``fail`` set to True makes it answer 503 (a transient outage) until it is set back.
 """
 
@@ -66,32 +67,63 @@ class S3Server:
 
 
 class LatencyServer:
-    """Serves ``root`` over HTTP on 127.0.0.1, ``latency_s`` late per request.
+    """Serves ``root`` over HTTP on 127.0.0.1 (or forwards to ``upstream``, a URL), ``latency_s``
+    late per request.
 
     ``requests``: ``(path, arrived, answered)`` per request (``time.perf_counter``), in
-    the order they were answered. ``max_in_flight()``: the most requests open at once.
+    the order they were answered; ``agents``: the User-Agent of each, in the same order.
+    ``max_in_flight()``: the most requests open at once.
     """
 
-    def __init__(self, root: str, latency_s: float = 0.05) -> None:
-        self.root, self.latency_s = root, latency_s
+    def __init__(self, root: str | None = None, latency_s: float = 0.05, upstream: str | None = None) -> None:
+        self.root, self.latency_s, self.upstream = root, latency_s, upstream
         self.fail = False
         self.requests: list[tuple[str, float, float]] = []
+        self.agents: list[str] = []
         self._lock = threading.Lock()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
             def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=server.root, **kwargs)
+                super().__init__(*args, directory=server.root or ".", **kwargs)
 
             def _delayed(self, answer):
                 arrived = time.perf_counter()
                 time.sleep(server.latency_s)
-                if server.fail:
-                    self.send_error(503, "injected outage")
-                else:
-                    answer()
+                try:
+                    if server.fail:
+                        self.send_error(503, "injected outage")
+                    elif server.upstream:
+                        self._forward()
+                    else:
+                        answer()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up on it (a cancelled read-ahead)
+                    pass
                 with server._lock:
                     server.requests.append((self.path, arrived, time.perf_counter()))
+                    server.agents.append(self.headers.get("User-Agent", ""))
+
+            def _forward(self):
+                import http.client
+                from urllib.parse import urlsplit
+
+                target = urlsplit(server.upstream)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
 
             def do_GET(self):  # noqa: N802 - http.server's naming
                 self._delayed(super().do_GET)
@@ -114,13 +146,15 @@ class LatencyServer:
 
     def reset(self) -> None:
         with self._lock:
-            self.requests = []
+            self.requests, self.agents = [], []
 
-    def chunk_requests(self) -> list[tuple[str, float, float]]:
-        """The requests for chunks (not metadata: .zarray, .zattrs, .zgroup, .zmetadata, zarr.json)."""
+    def chunk_requests(self, agent: str | None = None) -> list[tuple[str, float, float]]:
+        """The requests for chunks (not metadata: .zarray, .zattrs, .zgroup, .zmetadata, zarr.json,
+        nor listings), of clients whose User-Agent starts with ``agent`` (None: all)."""
         meta = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
         with self._lock:
-            return [r for r in self.requests if not r[0].rstrip("/").endswith(meta)]
+            return [r for r, a in zip(self.requests, self.agents)
+                    if not r[0].rstrip("/").endswith(meta) and "?" not in r[0] and (agent is None or a.startswith(agent))]
 
     def max_in_flight(self, requests: list[tuple[str, float, float]] | None = None) -> int:
         """The most of ``requests`` (default: all) that were open at one moment."""

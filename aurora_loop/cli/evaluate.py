@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from aurora_loop.cli.stats import add_storage_flags
 from aurora_loop.errors import UsageError
 
 
@@ -25,6 +26,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", help="comma list of pressure levels (hPa) to score (default: all)")
     parser.add_argument("--leads", metavar="HOURS", help="lead times (hours, comma list) for the error maps and the printed table (default: first and last)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
+    add_storage_flags(parser)
 
 
 def _list(text: str | None) -> list[str]:
@@ -39,6 +41,7 @@ def _numbers(text: str | None, flag: str, kind: type) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aurora_loop.datasets.storage import parse_storage_options
     from aurora_loop.inference.evaluation import evaluate
     from aurora_loop.inference.report import lead_indices_for, plot_error_maps, plot_scores, print_table, write_tables
 
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         period=period or None,
         variables=_list(args.variables) or None,
         levels=_numbers(args.levels, "--levels", int) or None,
+        storage_options=parse_storage_options(args.storage_options),
+        cache_dir=args.cache_dir,
     )
     leads = lead_indices_for(result, _numbers(args.leads, "--leads", float))
     os.makedirs(args.out, exist_ok=True)

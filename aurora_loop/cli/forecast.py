@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from aurora_loop.cli.stats import add_storage_flags
 from aurora_loop.errors import UsageError
 from aurora_loop.inference.runs import WEIGHT_CHOICES, WEIGHTS_HELP
 
@@ -40,6 +41,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="WB2-layout Zarr store to read the initial conditions from (default: the run's dataset_path)",
     )
     parser.add_argument("--static_path", metavar="STORE", help="separate store of static fields (default: the run's static_path)")
+    add_storage_flags(parser)
     parser.add_argument(
         "--init",
         required=True,
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from aurora_loop.compile_cache import enable_compile_cache
 
     enable_compile_cache(args.compile_cache)
+    from aurora_loop.datasets.storage import parse_storage_options
     from aurora_loop.inference.forecast import forecast_from_checkpoint
 
     result = forecast_from_checkpoint(
@@ -164,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         fine_lead_times=args.fine_lead_times,
         ensemble_members=args.ensemble_members,
         seed=args.seed,
+        storage_options=parse_storage_options(args.storage_options) if args.storage_options is not None else None,
+        cache_dir=args.cache_dir,
     )
     hours = result.leads / np.timedelta64(1, "h")
     members = f" x {result.members} member(s) along 'number'" if result.members is not None else ""

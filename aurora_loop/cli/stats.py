@@ -15,6 +15,14 @@ import os
 from aurora_loop.errors import UsageError
 
 
+def add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    """``--storage_options`` and ``--cache_dir``, for stores in object storage (s3://, gs://, az://, https://)."""
+    parser.add_argument("--storage_options", default=None, metavar="JSON",
+                        help="for a store in object storage (s3://, gs://, az://, https://): obstore settings as a JSON object "
+                             "(default: credentials from the usual AWS_*/GOOGLE_*/AZURE_* environment, else anonymous)")
+    parser.add_argument("--cache_dir", default=None, help="keep the chunks read from a remote store in this local directory")
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", metavar="STORE", help="WeatherBench2-layout Zarr store to read")
     parser.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (refused if it exists, unless --overwrite)")
@@ -29,6 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variable_map", default=None, help="store name -> Aurora name overrides, e.g. total_precipitation=tp,t2m=2t")
     parser.add_argument("--chunk_times", type=int, default=8, help="time steps read at once per variable (bounds memory)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+    add_storage_flags(parser)
 
 
 def _variable_map(text: str | None) -> dict[str, str] | None:
@@ -53,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.out} exists; choose another --out or pass --overwrite")
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory; pass a file path like stats.json")
-    if not os.path.exists(args.store):
+    from aurora_loop.datasets.storage import is_remote, parse_storage_options
+
+    if not is_remote(args.store) and not os.path.exists(args.store):
         raise UsageError(f"data store {args.store!r} does not exist; pass the path of a WeatherBench2-layout Zarr store")
     config = argparse.Namespace(surf_vars=args.surf_vars, static_vars=args.static_vars, atmos_vars=args.atmos_vars,
                                 levels=args.levels or (), variable_map=_variable_map(args.variable_map))
     selection = selection_from_config(config)
     stats = compute(args.store, selection, start=args.train_start, end=args.train_end, chunk_times=args.chunk_times,
-                    static_path=args.static_path, progress=not args.no_progress)
+                    static_path=args.static_path, progress=not args.no_progress,
+                    storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
     write_json(stats, args.out, overwrite=args.overwrite)
     src = stats["source"]
     print(f"wrote {args.out}: {len(stats['locations'])} statistics from {src['times']} times "

@@ -42,6 +42,8 @@ import numpy as np
 import xarray as xr
 
 from aurora_loop.datasets.layout import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
+from aurora_loop.datasets.storage import is_remote
+from aurora_loop.datasets.store import open_zarr_dataset
 from aurora_loop.errors import UsageError
 
 BASELINES = ("persistence", "climatology")
@@ -143,8 +145,11 @@ def standardise(ds: xr.Dataset, path: str) -> xr.Dataset:
     return ds.sortby(["latitude", "longitude"])
 
 
-def open_store(path: str, role: str) -> xr.Dataset:
-    """Open a Zarr store lazily (dask-free) with xarray, standardised; UsageError if unreadable."""
+def open_store(path: str, role: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None) -> xr.Dataset:
+    """Open a Zarr store (a local path, or a URL: see :mod:`aurora_loop.datasets.storage`)
+    lazily (dask-free) with xarray, standardised; UsageError if unreadable."""
+    if is_remote(path):
+        return standardise(open_zarr_dataset(path, storage_options, cache_dir), path)
     if not os.path.exists(path):
         raise UsageError(f"{role} store {path} does not exist; pass the path of a Zarr store")
     try:
@@ -396,19 +401,22 @@ def evaluate(
     period: Sequence[str] | None = None,
     variables: Sequence[str] | None = None,
     levels: Sequence[int] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> Evaluation:
     """Score the forecast store ``forecast_path`` (WB2 forecast layout, e.g. written by
     ``aurora-loop forecast``) against the truth store ``truth_path`` (WB2 layout: time, [level,]
     latitude, longitude), with the ``baselines``. See the module docstring for definitions.
 
     ``variables``: WB2 names to score (default: all of the forecast's); ``levels``: hPa levels
-    (default: all); ``period``: the climatology period (ISO start, end).
+    (default: all); ``period``: the climatology period (ISO start, end). ``storage_options``,
+    ``cache_dir``: for stores in object storage (the truth, or the forecast).
     """
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise UsageError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
-    fc = open_store(forecast_path, "forecast")
-    truth = open_store(truth_path, "truth")
+    fc = open_store(forecast_path, "forecast", storage_options, cache_dir)
+    truth = open_store(truth_path, "truth", storage_options, cache_dir)
     for dim in ("time", "prediction_timedelta"):
         if dim not in fc.dims:
             raise UsageError(f"{forecast_path} has no {dim!r} dim; pass a forecast in the WeatherBench2 layout (aurora-loop forecast writes one)")

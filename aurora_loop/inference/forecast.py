@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from aurora_loop.datasets.storage import is_remote
 from aurora_loop.errors import UsageError
 from aurora_loop.inference.inputs import read_inputs
 from aurora_loop.inference.noise import RowNoise, member_keys
@@ -257,7 +258,7 @@ def run_forecast(
         "model": loaded.config.model,
         "checkpoint": loaded.source,
         "checkpoint_step": -1 if loaded.step is None else int(loaded.step),
-        "dataset_path": os.path.abspath(store.path),
+        "dataset_path": store.path if is_remote(store.path) else os.path.abspath(store.path),
         "member": int(member),
         "input_steps": history,
         "time_step_hours": step_hours,
@@ -384,6 +385,8 @@ def forecast_from_checkpoint(
     fine_lead_times: str | Sequence[float] | None = None,
     ensemble_members: int | None = None,
     seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> ForecastResult:
     """``aurora-loop forecast`` as a function: load, check, roll out, write.
 
@@ -392,10 +395,12 @@ def forecast_from_checkpoint(
     "500,850"}`` or ``{"timestep_hours": "6"}``; the step: :func:`model_step_hours`);
     ``dataset_path`` / ``static_path`` default to the run's stores. ``fine_lead_times``,
     ``ensemble_members``, ``seed``: as :func:`run_forecast`'s ``fine_lead_times``,
-    ``members``, ``seed``. Every input is checked before anything is written.
+    ``members``, ``seed``. ``storage_options`` (None: the run's) and ``cache_dir``: for a
+    store in object storage. Every input is checked before anything is written.
     """
     from aurora_loop.config import config_from_mapping
     from aurora_loop.datasets import WeatherStore, selection_from_config
+    from aurora_loop.datasets.build import storage_kwargs
 
     fine = parse_fine_lead_times(fine_lead_times)
     if ensemble_members is not None and ensemble_members < 1:
@@ -411,7 +416,11 @@ def forecast_from_checkpoint(
         config = config.replace(static_path=static_path)
     if not config.dataset_path:
         raise UsageError("the checkpoint's run names no dataset_path; pass --dataset_path STORE")
-    store = WeatherStore(config.dataset_path, selection_from_config(config), static_path=config.static_path)
+    if storage_options is not None:
+        config = config.replace(storage_options=storage_options)
+    if cache_dir:
+        config = config.replace(cache_dir=cache_dir)
+    store = WeatherStore(config.dataset_path, selection_from_config(config), static_path=config.static_path, **storage_kwargs(config))
     if not 0 <= member < store.members:
         raise UsageError(f"--member {member} is out of range: {config.dataset_path} holds {store.members} member(s)")
     step_hours = model_step_hours(config, store)

@@ -339,11 +339,12 @@ def model_config(preset: str, config: Any) -> AuroraConfig:
     UsageError naming it."""
 
     def with_stats(model: AuroraConfig) -> AuroraConfig:
+        from aurora_loop.datasets.storage import parse_storage_options
         from aurora_loop.weather.stats import fill_model_stats, store_levels
 
         levels = getattr(config, "levels", None) or ()
         levels = tuple(v for v in (levels.split(",") if isinstance(levels, str) else levels) if str(v).strip())
-        levels = tuple(float(v) for v in levels) or store_levels(getattr(config, "dataset_path", None))
+        levels = tuple(float(v) for v in levels) or store_levels(getattr(config, "dataset_path", None), parse_storage_options(getattr(config, "storage_options", None)))
         return fill_model_stats(model, getattr(config, "stats", None), levels)
 
     overrides = checked_model_kwargs(getattr(config, "model_kwargs", None))

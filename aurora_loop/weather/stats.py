@@ -115,13 +115,16 @@ def time_range(times: np.ndarray, start: str | None, end: str | None, path: str)
     return int(index[0]), int(index[-1]) + 1
 
 
-def open_store(path: str, selection: Any, static_path: str | None = None) -> Any:
-    """The project's reader on ``path`` with nothing cached (the fields are streamed)."""
+def open_store(path: str, selection: Any, static_path: str | None = None, storage_options: dict[str, Any] | None = None,
+               cache_dir: str | None = None) -> Any:
+    """The project's reader on ``path`` (a local path or a URL) with nothing cached in memory
+    (the fields are streamed)."""
+    from aurora_loop.datasets.storage import is_remote
     from aurora_loop.datasets.store import WeatherStore
 
-    if not os.path.exists(path):
+    if not is_remote(path) and not os.path.exists(path):
         raise UsageError(f"data store {path!r} does not exist; pass the path of a WeatherBench2-layout Zarr store")
-    return WeatherStore(path, selection, static_path=static_path, cache_mb=0)
+    return WeatherStore(path, selection, static_path=static_path, cache_mb=0, storage_options=storage_options, cache_dir=cache_dir)
 
 
 def compute(
@@ -133,6 +136,8 @@ def compute(
     static_path: str | None = None,
     progress: bool = False,
     stream: TextIO | None = None,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Mean and standard deviation of every selected variable of the store at ``path``.
 
@@ -144,6 +149,8 @@ def compute(
       chunk_times: time steps read at once per variable (memory: one variable's chunk).
       static_path: a separate store for the static fields (tried first).
       progress: print a progress bar on ``stream`` (stderr).
+      storage_options, cache_dir: for a store in object storage (see
+        :mod:`aurora_loop.datasets.storage`).
 
     Returns:
       ``{"locations": {key: float}, "scales": {key: float}, "source": {...}}``, keys as the
@@ -157,7 +164,7 @@ def compute(
     chunk_times = int(chunk_times)
     if not any(selection.names(kind) for kind in (SURF, STATIC, ATMOS)):
         raise UsageError("no variables selected; name some with --surf_vars, --static_vars or --atmos_vars")
-    store = open_store(path, selection, static_path)
+    store = open_store(path, selection, static_path, storage_options, cache_dir)
     first, stop = time_range(store.times, start, end, path)
     h, w = store.shape
     levels = tuple(store.levels)
@@ -335,16 +342,18 @@ def _builtin_key(name: str, key: str) -> bool:
         return False
 
 
-def store_levels(path: str | None) -> tuple[int, ...] | None:
+def store_levels(path: str | None, storage_options: dict[str, Any] | None = None) -> tuple[int, ...] | None:
     """The pressure levels of the store at ``path`` (None when it cannot tell: no path, a
     TFDS source, no level dim, unreadable); read from metadata only."""
-    if not path or str(path).startswith("tfds:") or not os.path.exists(str(path)):
+    from aurora_loop.datasets.storage import is_remote
+
+    if not path or str(path).startswith("tfds:") or not (is_remote(path) or os.path.exists(str(path))):
         return None
     try:
         from aurora_loop.datasets.layout import LEVEL_DIMS, find_dim
         from aurora_loop.datasets.store import open_zarr_dataset
 
-        ds = open_zarr_dataset(str(path))
+        ds = open_zarr_dataset(str(path), storage_options)
         dim = find_dim(ds, LEVEL_DIMS)
         if dim is None:
             return None
