@@ -24,7 +24,15 @@ What the conversion does, in order:
    latitudes, and longitudes already in [0, 360), keep the source's values and dtype bit for
    bit (other longitudes are wrapped in float64), so a truth converted from the same files
    aligns with anything else made from them;
-5. casts floating data to ``dtype`` (float32 by default), drops the sources' encodings, gives
+5. for Aurora 1.5: ERA5's categorical ``slt``, ``tvh`` and ``tvl`` (category codes) also
+   become the one-hot maps the 1.5 model reads, ``soil_type_<k>``,
+   ``type_of_high_vegetation_<k>`` and ``type_of_low_vegetation_<k>`` (1 where the code is k,
+   else 0; NaN codes, as GRIB writes over the sea, count as 0 "none"; k over
+   :data:`~aurora_loop.datasets.variables.SOIL_TYPES` and the vegetation type lists), and
+   when the sources hold any of 1.5's surface inputs beyond the standard four, the
+   dimensionless insolation 1.5 reads (``toa_incident_solar_radiation_normalized``) is
+   computed from the times and the grid (:func:`aurora_loop.model.insolation.insolation_numpy`);
+6. casts floating data to ``dtype`` (float32 by default), drops the sources' encodings, gives
    every variable without ``units`` the CF units of its WB2 name
    (:data:`aurora_loop.datasets.variables.CF_METADATA`; ``long_name`` likewise) and writes with
    ``to_zarr``, one time step per chunk.
@@ -40,7 +48,14 @@ import numpy as np
 import xarray as xr
 
 from aurora_loop.datasets.layout import LAT_DIMS, LEVEL_DIMS, LON_DIMS, MEMBER_DIMS
-from aurora_loop.datasets.variables import CF_METADATA, DEFAULT_MAP, STATIC
+from aurora_loop.datasets.variables import (
+    CF_METADATA,
+    DEFAULT_MAP,
+    HIGH_VEGETATION_TYPES,
+    LOW_VEGETATION_TYPES,
+    SOIL_TYPES,
+    STATIC,
+)
 from aurora_loop.datasets.writer import write_store
 from aurora_loop.errors import UsageError
 
@@ -102,6 +117,42 @@ ERA5_NAMES: dict[str, str] = {
     "tvl": "type_of_low_vegetation",
 }
 STATIC_WB2 = set(DEFAULT_MAP[STATIC])
+#: ERA5's categorical statics (WB2 names) -> the category codes Aurora 1.5 takes one-hot maps of.
+CATEGORICAL = {"soil_type": SOIL_TYPES, "type_of_high_vegetation": HIGH_VEGETATION_TYPES, "type_of_low_vegetation": LOW_VEGETATION_TYPES}
+#: Aurora 1.5's surface inputs beyond the standard four (WB2 names): sources with any of them get the insolation.
+V1P5_SURFACE_INPUTS = ("low_cloud_cover", "medium_cloud_cover", "high_cloud_cover", "skin_temperature", "soil_temperature_level_1",
+                       "volumetric_soil_water_layer_1", "sea_ice_cover", "snow_depth", "toa_incident_solar_radiation")
+
+
+def add_one_hot(ds: xr.Dataset, dtype: str = "float32") -> xr.Dataset:
+    """Add the one-hot maps of ERA5's category codes (:data:`CATEGORICAL`) that ``ds`` lacks;
+    each (latitude, longitude) like its source, 1 where the code is k, else 0."""
+    for name, categories in CATEGORICAL.items():
+        if name not in ds.data_vars:
+            continue
+        source = ds[name]
+        codes = np.rint(np.nan_to_num(np.asarray(source.values, dtype=np.float64), nan=0.0)).astype(np.int64)
+        for k in categories:
+            if f"{name}_{k}" not in ds.data_vars:
+                ds[f"{name}_{k}"] = xr.DataArray((codes == k).astype(dtype), dims=source.dims, coords=source.coords)
+    return ds
+
+
+def add_insolation(ds: xr.Dataset, dtype: str = "float32") -> xr.Dataset:
+    """Add Aurora 1.5's dimensionless insolation (time, latitude, longitude) when ``ds`` holds
+    any of 1.5's surface inputs beyond the standard four and not the insolation already."""
+    from aurora_loop.model.batch import hours_since_epoch
+    from aurora_loop.model.insolation import insolation_numpy
+
+    name = "toa_incident_solar_radiation_normalized"
+    if name in ds.data_vars or not any(v in ds.data_vars for v in V1P5_SURFACE_INPUTS):
+        return ds
+    hours = hours_since_epoch(np.asarray(ds["time"].values))
+    lat = np.asarray(ds["latitude"].values, np.float64)
+    lon = np.asarray(ds["longitude"].values, np.float64)
+    values = insolation_numpy(hours, lat, lon).astype(dtype)
+    ds[name] = xr.DataArray(values, dims=("time", "latitude", "longitude"), coords={d: ds[d] for d in ("time", "latitude", "longitude")})
+    return ds
 GRIB_SUFFIXES = (".grib", ".grb", ".grib1", ".grib2", ".grb2")
 
 
@@ -155,6 +206,14 @@ def _rename_dims(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+def _name_geopotential(ds: xr.Dataset) -> xr.Dataset:
+    """ERA5's ``z`` gets its WB2 name per source file (the pressure-level and the single-level
+    files both call it ``z``), so the files merge."""
+    if "z" in ds.data_vars:
+        return ds.rename({"z": "geopotential" if "level" in ds["z"].dims else "geopotential_at_surface"})
+    return ds
+
+
 def _wb2_name(name: str, var: xr.DataArray, variable_map: Mapping[str, str]) -> str:
     if name in variable_map:
         return variable_map[name]
@@ -204,6 +263,7 @@ def to_wb2(ds: xr.Dataset, variable_map: Mapping[str, str] | None = None, member
     if "level" in ds.dims:
         ds = ds.sortby("level")
     order = [d for d in ("time", "number", "level", "latitude", "longitude") if d in ds.dims]
+    ds = add_insolation(add_one_hot(ds, dtype), dtype)
     ds = ds.transpose(*order)
     for name in ds.data_vars:
         if np.issubdtype(ds[name].dtype, np.floating) and ds[name].dtype != np.dtype(dtype):
@@ -228,7 +288,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, variab
         raise UsageError("no sources given; pass one or more NetCDF/GRIB files before OUT.zarr")
     if os.path.exists(out):
         raise UsageError(f"{os.fspath(out)!r} already exists; choose a new output path or remove it first")
-    parts = [_rename_dims(open_source(p, engine)) for p in sources]
+    parts = [_name_geopotential(_rename_dims(open_source(p, engine))) for p in sources]
     try:
         merged = parts[0] if len(parts) == 1 else xr.combine_by_coords(parts, combine_attrs="drop_conflicts")
     except (ValueError, KeyError) as err:

@@ -317,6 +317,8 @@ class WeatherStore:
         settings over the defaults (see :mod:`.storage`); the static store uses them too.
       cache_dir: keep a remote store's chunks in this local directory (:mod:`.chunk_cache`),
       cache_gb: at most this many GB for all stores in ``cache_dir``.
+      optional: surface or atmospheric Aurora names the store may lack (a forecast's
+        output-only variables: predicted, never read); the missing ones are in ``absent``.
 
     Attributes:
       times: (n,) datetime64[ns], evenly spaced.
@@ -329,10 +331,12 @@ class WeatherStore:
       level_values: (c,) the store's own level coordinate values of ``levels`` (its dtype).
       members: ensemble members (size of a ``number``/``member`` dim; 1 without one).
       static: dict Aurora name -> (h, w) float32 array (read once, here).
+      absent: {kind: [Aurora names]} of the ``optional`` variables the store lacks.
     """
 
     def __init__(self, path: str | os.PathLike, selection: VariableSelection, static_path: str | os.PathLike | None = None, cache_mb: float = 256,
-                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None, cache_gb: float = 50.0) -> None:
+                 storage_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None, cache_gb: float = 50.0,
+                 optional: Sequence[str] = ()) -> None:
         self.path = os.fspath(path)
         self.selection = selection
         self.remote = is_remote(self.path)
@@ -343,8 +347,12 @@ class WeatherStore:
         self.lat, self.lon = self.grid.lat, self.grid.lon
         self._read_times(ds)
         self.fields: dict[str, dict[str, _Field]] = {SURF: {}, ATMOS: {}}
+        self.absent: dict[str, list[str]] = {SURF: [], ATMOS: []}
         for kind in (SURF, ATMOS):
             for name in selection.names(kind):
+                if name in optional and self._source.find(selection, kind, name) is None:
+                    self.absent[kind].append(name)
+                    continue
                 self.fields[kind][name] = self._require(self._source, kind, name)
         member_dim = find_dim(ds, MEMBER_DIMS)
         self.members = int(ds.sizes[member_dim]) if member_dim in ds.dims else 1

@@ -420,7 +420,13 @@ def forecast_from_checkpoint(
         config = config.replace(storage_options=storage_options)
     if cache_dir:
         config = config.replace(cache_dir=cache_dir)
-    store = WeatherStore(config.dataset_path, selection_from_config(config), static_path=config.static_path, **storage_kwargs(config))
+    # Output-only variables (Aurora 1.5's) are predicted, never read: a store may lack them.
+    from aurora_loop.model.config import PRESETS
+
+    preset = PRESETS.get(config.model, {})
+    optional = (*preset.get("output_only_surf_vars", ()), *preset.get("output_only_atmos_vars", ()))
+    store = WeatherStore(config.dataset_path, selection_from_config(config), static_path=config.static_path, optional=optional,
+                         **storage_kwargs(config))
     if not 0 <= member < store.members:
         raise UsageError(f"--member {member} is out of range: {config.dataset_path} holds {store.members} member(s)")
     step_hours = model_step_hours(config, store)

@@ -56,10 +56,11 @@ def read_inputs(
     step_hours = timedelta_hours(store.time_step) * stride
     meta = dict(lat=store.lat, lon=store.lon, atmos_levels=store.levels)
     inputs = Batch(surf_vars=surf, static_vars=store.static, atmos_vars=atmos, metadata=Metadata(time=init_hours, **meta))
+    absent = getattr(store, "absent", {SURF: [], ATMOS: []})  # predicted variables the store lacks
     targets = Batch(
-        surf_vars={k: np.zeros((b, steps, h, w), np.float32) for k in store.fields[SURF]},
+        surf_vars={k: np.zeros((b, steps, h, w), np.float32) for k in (*store.fields[SURF], *absent[SURF])},
         static_vars=store.static,
-        atmos_vars={k: np.zeros((b, steps, c, h, w), np.float32) for k in store.fields[ATMOS]},
+        atmos_vars={k: np.zeros((b, steps, c, h, w), np.float32) for k in (*store.fields[ATMOS], *absent[ATMOS])},
         metadata=Metadata(time=init_hours + step_hours, **meta),
     )
     return Sample(inputs=inputs, targets=targets)
