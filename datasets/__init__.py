@@ -2,6 +2,8 @@
 
 - :mod:`.build`: :func:`build_loaders`, a training config -> (train, validation) loaders.
 - :mod:`.store`: :class:`WeatherStore`, the Zarr reader (v2/v3, WB2 names, members).
+- :mod:`.storage`: local paths, or ``s3://`` / ``gs://`` / ``az://`` / ``https://`` stores through obstore.
+- :mod:`.chunk_cache`: a bounded local cache of a remote store's chunks, shared by processes.
 - :mod:`.layout`: dim names, grid orientation, time / level / static checks.
 - :mod:`.samples`: history + rollout targets per sample, valid starts, time splits, batches.
 - :mod:`.loader`: :class:`ZarrLoader`, prefetching, per-process, resumable batches.

@@ -126,10 +126,38 @@ class LatencyServer:
                 conn.close()
 
             def do_GET(self):  # noqa: N802 - http.server's naming
-                self._delayed(super().do_GET)
+                self._delayed(self._send_file)
+
+            def _send_file(self):
+                """The file, or the byte range the Range header asks for (206), sent with sendfile."""
+                path = self.translate_path(self.path.split("?")[0])
+                try:
+                    fh = open(path, "rb")
+                except OSError:
+                    self.send_error(404, "not found")
+                    return
+                with fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    start, end = 0, size - 1
+                    ranged = self.headers.get("Range", "").startswith("bytes=")
+                    if ranged:
+                        first, _, last = self.headers["Range"][6:].partition("-")
+                        start = int(first) if first else max(size - int(last), 0)
+                        end = min(int(last), size - 1) if first and last else size - 1
+                    self.send_response(206 if ranged else 200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(end - start + 1))
+                    if ranged:
+                        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                    self.send_header("Accept-Ranges", "bytes")
+                    self.end_headers()
+                    if end >= start:
+                        self.connection.sendfile(fh, start, end - start + 1)
 
             def do_HEAD(self):  # noqa: N802
                 self._delayed(super().do_HEAD)
+
+            protocol_version = "HTTP/1.1"  # keep-alive: a reused connection per client thread
 
             def log_message(self, *args):
                 pass
@@ -170,3 +198,11 @@ class LatencyServer:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+if __name__ == "__main__":  # python -m tests.servers DIR LATENCY_S: serve DIR until killed (the benchmark's server)
+    import sys
+
+    server = LatencyServer(sys.argv[1], float(sys.argv[2]))
+    print(server.url, flush=True)
+    threading.Event().wait()
