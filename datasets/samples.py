@@ -170,6 +170,7 @@ class BatchArrays:
         self.atmos = {k: empty((size, spec.steps, c, h, w), np.float32) for k in store.fields[ATMOS]}
         self.starts = np.zeros(size, dtype=np.int64)
         self.leads = np.full(size, spec.stride, dtype=np.int64)  # the last target's offset, store steps
+        self.nan_known: dict[int, bool | None] = {}  # per slot, from fill_async: NaN found on the way (None: not checked)
 
     def fill(self, slot: int, start: int, member: int = 0, lead: int | None = None) -> None:
         """Read the example starting at time index ``start`` (of ``member``) into ``slot``, its
@@ -194,7 +195,7 @@ class BatchArrays:
         spec = self.spec
         first: dict[tuple[int, int], tuple[int, int]] = {}  # (member, time) -> (slot, step) that reads it
         copies: list[tuple[int, int, int, int]] = []
-        reads = []
+        reads, readers = [], []
         for slot, start, member, lead in rows:
             lead = spec.stride if lead is None else int(lead)
             times = int(start) + spec.offsets(lead)
@@ -209,17 +210,24 @@ class BatchArrays:
                 k0, k1 = run[0], run[-1] + 1
                 reads.append(self._read_async({n: v[slot, k0:k1] for n, v in self.surf.items()},
                                               {n: v[slot, k0:k1] for n, v in self.atmos.items()}, int(times[k0]), member, spec.stride))
+                readers.append(slot)
             self.starts[slot] = start
             self.leads[slot] = lead
-        await asyncio.gather(*reads)
+        found = await asyncio.gather(*reads)
         for slot, k, src_slot, src_k in copies:
             for v in (*self.surf.values(), *self.atmos.values()):
                 v[slot, k] = v[src_slot, src_k]
+        # Whether each filled slot holds a NaN, where the reads checked on the way (None: unknown).
+        for slot, _, _, _ in rows:
+            flags = [f for r, f in zip(readers, found) if r == slot]
+            copied = any(c[0] == slot for c in copies)
+            self.nan_known[slot] = True if True in flags else (False if flags and all(f is False for f in flags) and not copied else None)
 
-    async def _read_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> None:
-        if surf or atmos:
-            count = next(iter((*surf.values(), *atmos.values()))).shape[0]
-            await self.store.read_into_async(surf, atmos, start, member, step=step if count > 1 else 1)
+    async def _read_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> bool | None:
+        if not (surf or atmos):
+            return False
+        count = next(iter((*surf.values(), *atmos.values()))).shape[0]
+        return await self.store.read_into_async(surf, atmos, start, member, step=step if count > 1 else 1)
 
     def _read(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int, step: int) -> None:
         if step == 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import NDBuffer as _NDBuffer
 from zarr.core.indexing import BasicIndexer
+from zarr.storage import LocalStore
 
 from aurora_loop.datasets.layout import (
     CANONICAL,
@@ -184,26 +186,94 @@ class _Field:
         selection, target = self._direct(out, time, levels, member)
         self.array.get_basic_selection(selection, out=_out_buffer(target))
 
-    async def read_into_async(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None = None, member: int = 0) -> None:
+    async def read_into_async(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None = None, member: int = 0) -> bool | None:
         """:meth:`read_into` as a coroutine on zarr's event loop: every chunk request of the
-        reads that are awaited together is in flight at once (what a remote store needs)."""
+        reads that are awaited together is in flight at once (what a remote store needs).
+        Returns whether ``out`` holds a NaN when the read checked it on the way (chunks
+        decoded here), else None (the caller checks)."""
         if self.cache is not None:
             self.read_into(out, time, levels, member)
-            return
+            return None
         if not self.reads_directly(levels):
             values = await self.read_async(time, levels, member)
             await asyncio.to_thread(np.copyto, out, values)
-            return
+            return None
+        codec = self._whole_chunks_codec(levels)
+        if codec is not None and out.flags.c_contiguous:
+            times = range(*time.indices(self.array.shape[0]))
+            found = await asyncio.gather(*(self._decode_chunk(codec, t, out[i]) for i, t in enumerate(times)))
+            return any(found)
         selection, target = self._direct(out, time, levels, member)
         array = self.array._async_array
         indexer = BasicIndexer(selection, array.shape, array.metadata.chunk_grid)
         await array._get_selection(indexer, prototype=default_buffer_prototype(), out=_out_buffer(target))
+        return None
+
+    def _whole_chunks_codec(self, levels: np.ndarray | slice | None) -> Any:
+        """The compressor when every chunk is one time of the whole field and can be decoded
+        by itself straight into the batch (zarr v2, one numcodecs compressor, no filters,
+        float32 in WB2 dim order, all levels, no members): then a read fetches the chunk's
+        bytes and decodes them into ``out``, as plain reads of the chunk files do, without
+        zarr's intermediate array and copy. None otherwise (zarr reads it)."""
+        meta = self.array.metadata
+        if levels is not None or "member" in self.roles or getattr(meta, "zarr_format", 3) != 2 or meta.filters or meta.compressor is None:
+            return None
+        if meta.chunks[0] != 1 or tuple(meta.chunks[1:]) != tuple(self.array.shape[1:]) or meta.order != "C":
+            return None
+        return meta.compressor
+
+    async def _decode_chunk(self, codec: Any, t: int, out: np.ndarray) -> bool:
+        """Fetch time ``t``'s chunk, decode it into ``out`` ((c,) h, w float32) in zarr's thread
+        pool and check it for NaNs while it is fresh; a missing chunk is the fill value.
+        Returns whether it holds a NaN. From local disk the file is read in the same thread
+        task (read, decode, check: as plain reads do, without queueing compressed bytes)."""
+        meta = self.array.metadata
+        key = str(t) + f"{meta.dimension_separator}0" * (len(meta.chunks) - 1)
+        store_path = self.array._async_array.store_path / key
+        flip = self.grid.flip_lat
+        if isinstance(store_path.store, LocalStore):
+            file = os.path.join(os.fspath(store_path.store.root), *store_path.path.split("/"))
+            return await asyncio.to_thread(_read_decode_into, codec, file, out, flip, meta.fill_value)
+        buffer = await store_path.get(prototype=default_buffer_prototype())
+        if buffer is None:
+            out[...] = np.nan if meta.fill_value is None else meta.fill_value
+            return bool(np.isnan(out.flat[0]))
+        return await asyncio.to_thread(_decode_into, codec, buffer.as_numpy_array(), out, flip)
 
     def _direct(self, out: np.ndarray, time: slice, levels: np.ndarray | slice | None, member: int) -> tuple[tuple[Any, ...], np.ndarray]:
         """(store selection, the view of ``out`` zarr decodes into) of a direct read."""
         pick = {"time": time, "level": slice(None) if levels is None else levels, "member": member}
         selection = tuple(pick.get(r, slice(None)) for r in self.roles)
         return selection, (out[..., ::-1, :] if self.grid.flip_lat else out)
+
+
+_scratch = threading.local()
+
+
+def _decode_into(codec: Any, data: Any, out: np.ndarray, flip_lat: bool) -> bool:
+    """Decode one chunk's bytes into ``out`` (C-contiguous float32), latitudes reversed if
+    asked; returns whether it holds a NaN (min propagates NaN: one pass)."""
+    if not flip_lat:
+        codec.decode(data, out=out)
+        return bool(np.isnan(out.min()))
+    scratch = getattr(_scratch, "array", None)
+    if scratch is None or scratch.size < out.size:
+        scratch = _scratch.array = np.empty(out.size, np.float32)
+    view = scratch[: out.size].reshape(out.shape)
+    codec.decode(data, out=view)
+    np.copyto(out, view[..., ::-1, :])
+    return bool(np.isnan(view.min()))  # the scratch copy is the one still in cache
+
+
+def _read_decode_into(codec: Any, file: str, out: np.ndarray, flip_lat: bool, fill: Any) -> bool:
+    """:func:`_decode_into` of a local chunk file (its fill value when the file is missing)."""
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        out[...] = np.nan if fill is None else fill
+        return bool(np.isnan(out.flat[0]))
+    return _decode_into(codec, data, out, flip_lat)
 
 
 def _out_buffer(array: np.ndarray) -> Any:
@@ -445,19 +515,23 @@ class WeatherStore:
             self.fields[ATMOS][name].read_into(out, _times(start, out.shape[0], step), self._level_index, member)
 
 
-    async def read_into_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> None:
+    async def read_into_async(self, surf: dict[str, np.ndarray], atmos: dict[str, np.ndarray], start: int, member: int = 0, step: int = 1) -> bool | None:
         """:meth:`read_into` as a coroutine on zarr's event loop: every field's chunks are
-        requested at once. A storage error becomes a one-line :class:`UsageError` (missing,
+        requested at once. Returns whether the fields hold a NaN when every read checked
+        on the way (True as soon as one found one), else None. A storage error becomes a one-line :class:`UsageError` (missing,
         denied) or :class:`~aurora_loop.errors.DataUnavailable` (kept failing after retries)."""
         reads = [self.fields[SURF][name].read_into_async(out, _times(start, out.shape[0], step), member=member) for name, out in surf.items()]
         reads += [self.fields[ATMOS][name].read_into_async(out, _times(start, out.shape[0], step), self._level_index, member) for name, out in atmos.items()]
         try:
-            await asyncio.gather(*reads)
+            found = await asyncio.gather(*reads)
         except Exception as err:
             mapped = storage_error(err, self.path) if self.remote else None
             if mapped is None:
                 raise
             raise mapped from err
+        if any(f is True for f in found):
+            return True
+        return False if all(f is False for f in found) else None
 
 
 def _times(start: int, count: int, step: int = 1) -> slice:

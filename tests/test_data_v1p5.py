@@ -226,11 +226,19 @@ def test_zarr_reads_match_the_cache_and_only_needed_times_are_read(hourly):
         np.testing.assert_array_equal(a.inputs.surf_vars[name], b.inputs.surf_vars[name])
     reads: list[slice] = []
     field = direct.store.fields[SURF]["2t"]
-    original = field.read_into
+    original, original_async = field.read_into, field.read_into_async
     field.read_into = lambda out, time, *args, **kw: (reads.append(time), original(out, time, *args, **kw))[-1]
+
+    async def spy(out, time, *args, **kw):
+        reads.append(time)
+        return await original_async(out, time, *args, **kw)
+
+    field.read_into_async = spy
     direct.example_batch()
     read_steps = sum(len(range(len(direct.store.times))[t]) for t in reads)
-    assert read_steps == 4 * direct.spec.steps  # 4 examples x (2 inputs + 2 targets), not their 19-hour spans
+    # 4 examples x (2 inputs + 2 targets) at most (a time two examples share is read once),
+    # not their 19-hour spans
+    assert 0 < read_steps <= 4 * direct.spec.steps
 
 
 def test_draws_are_reproducible_resumable_and_seeded(hourly):
