@@ -47,9 +47,9 @@ class TrainingConfig:
     nan_policy: str = _field("error", "a sample holding NaNs: error (stop with a message) or skip (replace it by the next clean one)")
     variable_map: dict[str, str] | None = _field(None, "store variable name -> Aurora name overrides, e.g. t2m=2t,sp=msl (or a JSON object)")
     tfds_data_dir: str | None = _field(None, "data_dir of a TensorFlow Datasets source (--dataset_path tfds:NAME[:SPLIT])")
-    storage_options: dict[str, Any] | None = _field(None, "for a store in object storage (s3://, gs://, az://, https://): a JSON object of obstore settings, e.g. '{\"region\": \"eu-west-1\"}', '{\"skip_signature\": false}', '{\"retry\": {\"retry_timeout_s\": 600}}' (default: credentials from the usual AWS_*/GOOGLE_*/AZURE_* environment, else anonymous)")
-    cache_dir: str | None = _field(None, "keep the chunks read from a remote store in this local directory (shared safely by the processes of a node), so later epochs and runs read local disk")
-    cache_gb: float = _field(50.0, "the bound on --cache_dir's size in GB (least recently used chunks are deleted)")
+    storage_options: dict[str, Any] | None = _field(None, "object-storage settings (obstore's keys), e.g. '{\"region\": \"eu-west-1\"}'; none: credentials from the environment, else anonymous")
+    cache_dir: str | None = _field(None, "keep a remote store's chunks in this local directory (a node's processes may share it)")
+    cache_gb: float = _field(50.0, "the most GB --cache_dir holds")
 
     # Model.
     model: str = _field("tiny", "registered task: Aurora as tiny (the CPU demo size), small or aurora; Aurora 1.5 as v1p5, v1p5_tiny, v1p5_ensemble or v1p5_ensemble_tiny; or conv (a small CNN baseline)")

@@ -19,6 +19,7 @@ _METAVARS = {
     "coordinator_address": "HOST:PORT",
     "monitor": "TAG",
     "model_kwargs": "JSON",
+    "storage_options": "JSON",
     "variable_map": "OLD=NEW,...",
     "loss_surf_weights": "VAR=W,...",
     "loss_atmos_weights": "VAR=W,...",
