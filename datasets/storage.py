@@ -107,8 +107,8 @@ def object_store(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     config: dict[str, Any] = {}
     if family in ("s3", "gs", "az") and not _has_credentials(family):
         config["skip_signature"] = True  # a public bucket: unsigned requests
-    endpoint = str(options.get("endpoint", options.get("endpoint_url", os.environ.get("AWS_ENDPOINT_URL", "") if family == "s3" else "")))
-    if family == "http" and url.startswith("http://") or endpoint.startswith("http://"):
+    endpoint = str(options.get("endpoint", os.environ.get("AWS_ENDPOINT_URL", "") if family == "s3" else ""))
+    if (family == "http" and url.startswith("http://")) or endpoint.startswith("http://"):
         client.setdefault("allow_http", True)  # a local or private server without TLS
     config.update(options)
     if family == "http":
