@@ -7,7 +7,8 @@ cached: they are small, and a store that grows must show its new times.
 
 Several processes on a node share one cache safely: a chunk is written to a private
 temporary file and renamed into place (readers see a whole chunk or none), and eviction
-runs under an exclusive ``flock`` that a busy process skips rather than waits for. A chunk
+runs under an exclusive ``flock`` that a busy process skips rather than waits for (it tries
+again at its next write; the threads of one process take turns). A chunk
 removed while another process reads it stays readable to that process (POSIX unlink), and
 one removed before it is opened is simply fetched again. The bound is kept by deleting the
 least recently used chunks (by modification time, refreshed on every hit) down to 90% of
@@ -20,6 +21,7 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -49,6 +51,7 @@ class ChunkCache(WrapperStore):
         os.makedirs(self.root, exist_ok=True)
         self.hits = self.misses = 0
         self._written_since_check = self.max_bytes  # check the bound on the first write
+        self._lock, self._evicting = threading.Lock(), threading.Lock()
 
     def _with_store(self, store: Any) -> ChunkCache:
         return ChunkCache(store, self.cache_dir, self.url, self.max_bytes)
@@ -85,21 +88,23 @@ class ChunkCache(WrapperStore):
         except OSError:  # a full or read-only disk: the run goes on without caching this chunk
             _remove(tmp)
             return
-        self._written_since_check += len(data)
-        if self._written_since_check >= self.max_bytes // 20:
-            self._written_since_check = 0
-            self.evict()
+        with self._lock:
+            self._written_since_check += len(data)
+            due = self._written_since_check >= self.max_bytes // 20
+        if due and self.evict() is not None:
+            with self._lock:
+                self._written_since_check = 0
 
-    def evict(self) -> int:
+    def evict(self) -> int | None:
         """Delete the least recently used chunks until the cache holds at most 90% of
         ``max_bytes`` (only when it holds more than ``max_bytes``); returns the bytes freed.
-        Skipped (0) while another process evicts."""
-        lock_path = os.path.join(self.cache_dir, ".evict.lock")
-        with open(lock_path, "a") as lock:
+        Threads of this process take turns; while another process evicts, this one skips
+        (None) and tries again at its next write."""
+        with self._evicting, open(os.path.join(self.cache_dir, ".evict.lock"), "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return 0
+                return None
             try:
                 files = list(_chunk_files(self.cache_dir))
                 total = sum(size for _, _, size in files)
