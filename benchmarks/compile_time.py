@@ -53,7 +53,7 @@ def compile_once(args: argparse.Namespace, cache_dir: str) -> tuple[float, float
     from aurora_loop.parallel import make_mesh
     from aurora_loop.step import make_init_fn, make_train_step, state_shardings
     from aurora_loop.tasks.aurora import AuroraTask
-    from benchmarks.memory import make_sample
+    from benchmarks._abstract_step import make_sample
 
     config = AuroraConfig.preset(args.model, use_lora=False)
     levels = STANDARD_LEVELS[: args.levels]

