@@ -142,3 +142,21 @@ def test_pushforward_memory_is_one_step():
     full = temp_bytes(3, "full")
     assert pushforward < 1.25 * one, (one, pushforward, full)
     assert full > 1.5 * pushforward, (one, pushforward, full)
+
+
+def test_a_rematerialised_full_rollout_has_the_plain_rollouts_loss_and_gradients():
+    """``full`` with remat over 3 steps: each step is kept as its input only and recomputed
+    when its gradient arrives (``rollout._checkpointed_step``: what the step closes over,
+    here the conv model's parameters, becomes an explicit argument so it gets its
+    gradient), with the plain roll-out's loss and gradients."""
+    task, params, sample = _setup(3)
+
+    def value_and_grad(remat: bool):
+        def loss(p):
+            return rollout_loss(task._predict_fn(p), task._step_loss, sample, remat=remat)[0]
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (loss, grads), (loss_r, grads_r) = value_and_grad(False), value_and_grad(True)
+    np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+    _assert_tree_close(grads_r, grads, rtol=1e-4, atol=1e-6)

@@ -176,7 +176,8 @@ def detached(module: nn.Module) -> nn.Module:
     return module.clone(parent=None, name=None)
 
 
-def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] | None = None) -> Callable[..., Any]:
+def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] | None = None,
+                          tie_params: bool = True) -> Callable[..., Any]:
     """Activation checkpointing of ``fn(params, x, *rest) -> y`` that survives XLA:CPU.
 
     ``x`` and ``y`` may be pytrees of floating arrays (the encoder takes dicts of fields,
@@ -205,10 +206,14 @@ def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] 
     saves, and the backward pass recomputes only the rest from it, again only once the
     cotangent has arrived (``jax.checkpoint`` with the same policy, on XLA:CPU, needed more
     temporaries than no checkpointing at all).
+
+    ``tie_params=False`` leaves ``params`` untied (a whole roll-out step checkpointed with
+    the model's parameters among them: tying them would copy every weight; they may also
+    hold integers and keys).
     """
 
     def primal(params: Any, x: Array, *rest: Array) -> Array:
-        return fn(after(params, x), x, *rest)
+        return fn(after(params, x) if tie_params else params, x, *rest)
 
     if saveable is None:
 
@@ -219,7 +224,10 @@ def remat_after_cotangent(fn: Callable[..., Any], saveable: Callable[..., bool] 
             params, x, rest = saved
             differentiable, floating, float_rest = _floating_rest(fn, rest)
             # Tied outside the VJP: the ties' own (zero) derivatives would cost a reduction each.
-            params, x = after((params, x), ct)
+            if tie_params:
+                params, x = after((params, x), ct)
+            else:
+                x = after(x, ct)
             _, vjp = jax.vjp(differentiable, params, x, *float_rest)
             return _none_for_integers(vjp(ct), floating)
 
