@@ -99,6 +99,7 @@ class TrainingConfig:
 
     # Devices.
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (CPU devices on a CPU-only machine); none: all visible")
+    space_parallel: int = _field(1, "devices that split every example's grid between them, in bands of latitude rows (a divisor of --num_gpus; the batch is split over num_gpus / N groups): for grids too large for one device")
 
     # Memory estimate (aurora-loop memory takes the same flags).
     estimate_memory: bool = _field(False, "compile the train step on abstract parameters (simulating --num_gpus devices if need be), print what each device needs and where, and exit; writes nothing")
@@ -167,7 +168,9 @@ RESUME_INSENSITIVE = frozenset(
      "val_every_n_steps", "use_wandb", "wandb_project", "output_dir", "monitor", "mode", "save_top_k",
      "early_stopping_patience", "early_stopping_min_delta", "profile_steps", "val_rollout_steps", "max_time", "compile_cache",
      "save_every_n_minutes", "eval_weights", "estimate_memory", "estimate_grid", "device_memory_gib", "val_table", "verbose",
-     "storage_options", "cache_dir", "cache_gb"}
+     "storage_options", "cache_dir", "cache_gb",
+     # the mesh: a checkpoint written on one resumes on another (restored into the new shardings)
+     "num_gpus", "space_parallel", "fsdp"}
 )
 
 # aurora-train --help groups, in the order of the docs, each with the page that tells more.
@@ -244,6 +247,7 @@ FIELD_GROUPS = {
     "lead_times": "roll-outs",
     "val_rollout_steps": "roll-outs",
     "num_gpus": "parallelism and processes",
+    "space_parallel": "parallelism and processes",
     "fsdp": "parallelism and processes",
     "coordinator_address": "parallelism and processes",
     "num_processes": "parallelism and processes",
@@ -541,6 +545,11 @@ def validate(config: TrainingConfig) -> None:
         parse_grid(config.estimate_grid)
     if config.device_memory_gib is not None and not config.device_memory_gib > 0:
         raise UsageError(f"device_memory_gib must be positive, got {config.device_memory_gib}; e.g. --device_memory_gib 80")
+    if config.space_parallel < 1:
+        raise UsageError(f"space_parallel must be at least 1, got {config.space_parallel}; e.g. --space_parallel 4")
+    if config.space_parallel > 1 and config.model == "conv":
+        raise UsageError("--space_parallel splits an Aurora model's grid over devices; the conv baseline cannot be split: "
+                         "drop --space_parallel or use --model tiny, small or aurora")
     if config.nan_policy not in ("error", "skip"):
         raise UsageError(f"nan_policy must be error or skip, got {config.nan_policy!r}")
     if config.cache_mb < 0 or (config.prefetch is not None and config.prefetch < 1):

@@ -15,11 +15,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aurora_loop.accumulation import MicroBatches
-from aurora_loop.parallel import DATA_AXIS, batch_shardings, replicated
+from aurora_loop.parallel import DATA_AXIS, SPACE_AXIS, batch_shardings, replicated
 from aurora_loop.task import Task
 
 
@@ -81,8 +82,9 @@ def ema_update(ema: Any, params: Any, decay: float, updates_done: jax.Array) -> 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) -> TrainState:
     """Shardings of the train state: every leaf replicated over the mesh, or with ``fsdp``
-    every parameter and optimizer-state leaf with ndim >= 1 split over the ``data`` axis on
-    its largest dimension divisible by that axis's size (replicated when none is).
+    every parameter and optimizer-state leaf with ndim >= 1 split over the ``data`` axis (and
+    the ``space`` axis when the mesh has one: over all its devices) on its largest dimension
+    divisible by that many devices (replicated when none is).
 
     FSDP-style (ZeRO-3): each device holds 1/n of the weights and Adam moments; XLA gathers a
     layer's weights where the computation needs them and reduce-scatters the gradients.
@@ -93,7 +95,9 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) 
     task_state = None if abstract_state.task_state is None else batch_shardings(abstract_state.task_state, mesh)
     if not fsdp:
         return jax.tree.map(lambda _: sharding, abstract_state.replace(task_state=None)).replace(task_state=task_state)
-    size = mesh.shape[DATA_AXIS]
+    axes = tuple(name for name in (DATA_AXIS, SPACE_AXIS) if name in mesh.axis_names)
+    size = int(np.prod([mesh.shape[name] for name in axes]))
+    split = axes[0] if len(axes) == 1 else axes  # with a space axis: over all devices
 
     def leaf(x: Any) -> NamedSharding:
         shape = tuple(getattr(x, "shape", ()))
@@ -101,7 +105,7 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp: bool = False) 
         if not dims:
             return sharding
         d = max(dims, key=lambda d: (shape[d], -d))  # largest; the first of equals
-        return NamedSharding(mesh, PartitionSpec(*([None] * d + [DATA_AXIS])))
+        return NamedSharding(mesh, PartitionSpec(*([None] * d + [split])))
 
     return abstract_state.replace(
         step=sharding,

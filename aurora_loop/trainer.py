@@ -28,8 +28,8 @@ from aurora_loop.accumulation import micro_batch_shardings, stack_micro_batches
 from aurora_loop.callbacks.base import Callback, CheckpointIO
 from aurora_loop.compile_cache import cache_counts, came_from_cache
 from aurora_loop.data import REPEAT_BATCH, Loader, example_batch
-from aurora_loop.errors import DataUnavailable
-from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch
+from aurora_loop.errors import DataUnavailable, UsageError
+from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch, space_size
 from aurora_loop.parallel.distributed import agree_any
 from aurora_loop.step import (
     PRECISION_COMPUTE_DTYPES,
@@ -193,6 +193,16 @@ class _MicroBatches:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.loader.load_state_dict(state)
+
+
+def _bind_mesh(task: Task, mesh: Mesh) -> None:
+    """Hand the mesh to a task that splits examples over its ``space`` axis (``bind_mesh``);
+    a mesh with such an axis needs one."""
+    if callable(getattr(task, "bind_mesh", None)):
+        task.bind_mesh(mesh)
+    elif space_size(mesh) > 1:
+        raise UsageError(f"task {getattr(task, 'name', type(task).__name__)} cannot split an example over devices; "
+                         "drop --space_parallel (use data parallelism, --fsdp) or choose an Aurora model")
 
 
 def _global_shape(local_shape: tuple[int, ...], sharding: Any) -> tuple[int, ...]:
@@ -505,6 +515,7 @@ class Trainer:
         self.compiles = []
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
+        _bind_mesh(task, self.mesh)
         try:
             with self.clock.phase("start-up"):
                 self._setup(resume)
@@ -593,6 +604,7 @@ class Trainer:
             self.train_data = task.train_loader(self.train_data)
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
+        _bind_mesh(task, self.mesh)
         host_example = example_batch(self.train_data)
         if callable(getattr(task, "setup", None)):
             task.setup(host_example)

@@ -28,7 +28,7 @@ def _devices(config: TrainingConfig) -> Any:
     import numpy as np
     from jax.sharding import Mesh
 
-    from aurora_loop.parallel import DATA_AXIS
+    from aurora_loop.parallel import DATA_AXIS, SPACE_AXIS
 
     wanted = config.num_gpus or len(jax.devices())
     devices = jax.devices()
@@ -38,7 +38,12 @@ def _devices(config: TrainingConfig) -> Any:
         if len(devices) < wanted:
             raise UsageError(f"cannot simulate {wanted} devices: JAX started with {len(devices)} CPU devices; "
                              f"set JAX_NUM_CPU_DEVICES={wanted} (or unset it) and rerun")
-    return Mesh(np.asarray(devices[:wanted]), (DATA_AXIS,)), simulated
+    space = config.space_parallel
+    if wanted % space:
+        raise UsageError(f"--space_parallel {space} does not divide the {wanted} devices of the mesh; choose a divisor of {wanted}")
+    if space == 1:
+        return Mesh(np.asarray(devices[:wanted]), (DATA_AXIS,)), simulated
+    return Mesh(np.asarray(devices[:wanted]).reshape(wanted // space, space), (DATA_AXIS, SPACE_AXIS)), simulated
 
 
 def _loader(config: TrainingConfig) -> tuple[Any, str]:
@@ -71,9 +76,9 @@ def estimate_config(config: TrainingConfig, breakdown: bool = True, dump_dir: st
     if config.model not in available_tasks():
         raise UsageError(f"--model {config.model} is not a known model; choose one of: {', '.join(available_tasks())}")
     mesh, simulated = _devices(config)
-    if config.batch_size % mesh.size:
-        raise UsageError(f"batch size {config.batch_size} is not divisible by the {mesh.size} devices of the mesh; "
-                         f"use a multiple of {mesh.size} for --batch_size or change --num_gpus")
+    from aurora_loop.parallel import check_batch_divisible
+
+    check_batch_divisible(config.batch_size, mesh)
     loader, grid = _loader(config)
     if config.timestep_hours is None and getattr(loader, "time_step", None) is not None:
         config = config.replace(timestep_hours=float(loader.time_step / np.timedelta64(1, "h")))
@@ -128,7 +133,8 @@ def report_lines(report: Any, config: TrainingConfig, grid: str, simulated: bool
     remat = f"remat ({config.remat_policy})" if config.remat else "no remat"
     where = f"{report.devices} x {report.platform}" + (" (simulated)" if simulated else "")
     lines = [
-        f"Memory estimate for --model {config.model} on a {grid}: {config.batch_size // report.devices} example(s) per device, "
+        f"Memory estimate for --model {config.model} on a {grid}: {config.batch_size * config.space_parallel // report.devices} example(s) per device"
+        f"{f' (split over {config.space_parallel})' if config.space_parallel > 1 else ''}, "
         f"{where}{', FSDP' if config.fsdp else ''}, {remat}, precision {config.precision if not config.bf16 else 'bf16-mixed'}, "
         f"roll-out {config.rollout_steps} step(s) ({config.rollout_mode}); compiled in {report.compile_seconds:.0f} s",
         "Per device:",

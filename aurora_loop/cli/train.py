@@ -356,7 +356,7 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
 
     out = os.path.abspath(config.output_dir)
     user_callbacks = load_callbacks(list(callback_specs))
-    mesh = make_mesh(config.num_gpus)
+    mesh = make_mesh(config.num_gpus, config.space_parallel)
     check_batch_divisible(config.batch_size, mesh)
     if config.model not in available_tasks():
         raise UsageError(f"--model {config.model} is not a known model; choose one of: {', '.join(available_tasks())}")
@@ -415,10 +415,12 @@ def run(config: TrainingConfig, resume: bool = True, clear_previous: bool = Fals
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     if main:
         devices = mesh.devices.reshape(-1)
-        print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es))")
+        split = f", every example split over {config.space_parallel} of them" if config.space_parallel > 1 else ""
+        print(f"Devices: {mesh.size} x {devices[0].platform} ({jax.process_count()} process(es){split})")
         accumulation = (f", {config.accumulate_grad_batches} micro-batches per step: {config.batch_size * config.accumulate_grad_batches} "
                         "examples per update") if config.accumulate_grad_batches > 1 else ""
-        print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // mesh.size} per device{accumulation})")
+        per = "device" if config.space_parallel == 1 else f"group of {config.space_parallel} devices"
+        print(f"Model: {config.model}   batch size: {config.batch_size} ({config.batch_size // (mesh.size // config.space_parallel)} per {per}{accumulation})")
         print(f"Epochs: {config.epochs} ({steps_per_epoch} steps each, {total_steps} steps in all)   "
               f"learning rate: {config.learning_rate:g} (schedule: {schedule_steps} steps)   rollout steps: {config.rollout_steps}")
         print(f"Data: {config.dataset_path}   Output: {out}", flush=True)

@@ -39,6 +39,7 @@ class AuroraModule(nn.Module):
 
     config: AuroraConfig
     known_grid: Any = None  # a posenc.KnownGrid: the patch areas as constants, no host callback
+    space: Any = None  # a bands.SpacePlan: every example's grid split in bands of rows over devices
 
     def setup(self) -> None:
         self.encoder = Perceiver3DEncoder(self.config, self.known_grid, name="encoder")
@@ -82,6 +83,8 @@ class AuroraModule(nn.Module):
             static = lead_time_encoding(cfg.timestep_hours, cfg.embed_dim, cfg.use_updated_lead_time_embedding)
             lead = jnp.broadcast_to(jnp.asarray(static), (b, cfg.embed_dim))
 
+        if self.space is not None and not self.is_initializing():
+            return self._banded(batch, surf, levels, lead, rollout_step, noise)
         if rematerialise:
             encoder = detached(self.encoder)
 
@@ -106,6 +109,68 @@ class AuroraModule(nn.Module):
 
             return checkpointed(decode, cfg.remat_policy)(self.variables["params"]["decoder"], x)
         return self.decoder(x, *decode_args)
+
+
+    def _banded(self, batch: Batch, surf: dict[str, Array], levels: tuple, lead: Array, rollout_step: int | Array,
+                noise: Array | None) -> tuple[dict[str, Array], dict[str, Array]]:
+        """:meth:`__call__` with every example's grid split in bands of rows over the devices
+        of ``space`` (:mod:`aurora_loop.model.bands`): the encoder, every Swin block and the
+        decoder run on each device's band; the outputs are the grid's real rows again."""
+        from jax.sharding import PartitionSpec
+
+        from aurora_loop.model.bands import from_bands, to_bands
+        from aurora_loop.model.posenc import position_scale_encoding
+        from aurora_loop.model.swin import stage_bands
+
+        cfg, plan = self.config, self.space
+        p, d = cfg.patch_size, cfg.embed_dim
+        h, w = batch.spatial_shape
+        patch_res = (cfg.latent_levels, h // p, w // p)
+        first = stage_bands(cfg, patch_res, plan)[0]
+        meta = batch.metadata
+        rematerialise = cfg.remat
+        grid_spec = plan.banded_spec(5, 2)
+        surf_b = {k: to_bands(v, first, v.ndim - 2, p) for k, v in surf.items()}
+        atmos_b = {k: to_bands(v, first, v.ndim - 2, p) for k, v in batch.atmos_vars.items()}
+        pos, scale = position_scale_encoding(meta.lat, meta.lon, p, d, self.known_grid)  # (L, D) each
+        pos_b, scale_b = (to_bands(e.reshape(patch_res[1], patch_res[2], d), first, 0) for e in (pos, scale))
+        encoder, decoder = detached(self.encoder), detached(self.decoder)
+
+        def encode(params: Params, fields: tuple, pos_b: Array, scale_b: Array, time: Array, lead: Array) -> Array:
+            def body(prm: Params, fields_l: tuple, pos_l: Array, scale_l: Array, time_l: Array, lead_l: Array) -> Array:
+                tokens = encoder.apply({"params": prm}, *fields_l, None, None, time_l, levels, lead_l,
+                                       encodings=(pos_l.reshape(-1, d), scale_l.reshape(-1, d)))
+                return tokens.reshape(tokens.shape[0], cfg.latent_levels, pos_l.shape[0], pos_l.shape[1], d)
+
+            field_specs = ({k: plan.banded_spec(v.ndim, v.ndim - 2) for k, v in fields[0].items()},
+                           {k: plan.banded_spec(v.ndim, v.ndim - 2) for k, v in fields[1].items()})
+            encodings = plan.banded_spec(3, 0, examples=False)
+            in_specs = (plan.replicated(params), field_specs, encodings, encodings, PartitionSpec(plan.data_axis),
+                        plan.example_spec(2))
+            return plan.map(body, in_specs, grid_spec)(params, fields, pos_b, scale_b, time, lead)
+
+        encode_args = (self.variables["params"]["encoder"], (surf_b, atmos_b), pos_b, scale_b, jnp.asarray(meta.time), lead)
+        x = checkpointed(encode, cfg.remat_policy)(*encode_args) if rematerialise else encode(*encode_args)
+        self.sow("intermediates", "encoder_out", from_bands(x, first, 2).reshape(x.shape[0], -1, d))
+        if noise is not None:
+            noise = to_bands(noise.reshape(noise.shape[0], *patch_res, noise.shape[-1]), first, 2)
+        x = self.backbone(x, lead, patch_res, rollout_step, noise, space=plan)
+        self.sow("intermediates", "backbone_out", from_bands(x, first, 2).reshape(x.shape[0], -1, x.shape[-1]))
+        surf_names, atmos_names = tuple(batch.surf_vars), tuple(batch.atmos_vars)
+
+        def decode(params: Params, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+            def body(prm: Params, x_l: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+                b, latent, rows, cols, d2 = x_l.shape
+                return decoder.apply({"params": prm}, x_l.reshape(b, -1, d2), surf_names, atmos_names, levels,
+                                     (latent, rows, cols), (rows * p, w))
+
+            out_specs = ({k: plan.banded_spec(3, 1) for k in surf_names}, {k: plan.banded_spec(4, 2) for k in atmos_names})
+            return plan.map(body, (plan.replicated(params), grid_spec), out_specs)(params, x)
+
+        decode_args = (self.variables["params"]["decoder"], x)
+        surf_out, atmos_out = checkpointed(decode, cfg.remat_policy)(*decode_args) if rematerialise else decode(*decode_args)
+        return ({k: from_bands(v, first, 1, p) for k, v in surf_out.items()},
+                {k: from_bands(v, first, 2, p) for k, v in atmos_out.items()})
 
 
 def params_dtype(params: Params) -> Any:
@@ -185,6 +250,7 @@ def apply(
     noise: Array | None = None,
     rng: jax.Array | None = None,
     insolation: Array | None = None,
+    space: Any = None,
 ) -> Batch | tuple[Batch, dict[str, Array]]:
     """One forecast step, like the reference's ``Aurora.forward``.
 
@@ -205,6 +271,8 @@ def apply(
         reference feeds its ``noise_mlp``; or ``rng``, a key to draw it from.
       insolation: (B, H, W) the prescribed insolation at the valid time, when the caller
         computed it (else the formula runs in the graph).
+      space: a :class:`~aurora_loop.model.bands.SpacePlan`: split every example's grid in
+        bands of rows over the devices of its mesh's ``space`` axis (the same numbers).
 
     Returns:
       The prediction (t = 1): fields in physical units, float32, cropped to a multiple of the
@@ -213,7 +281,7 @@ def apply(
     """
     step = batch.metadata.rollout_step if rollout_step is None else rollout_step
     normalised = prepare(config, batch, params_dtype(params))
-    module = AuroraModule(config, known_grid)
+    module = AuroraModule(config, known_grid, space)
     if config.stochastic and noise is None:
         if rng is None:
             raise ValueError("a stochastic Aurora (the 1.5 ensemble) needs noise= or rng=")

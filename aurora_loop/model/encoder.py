@@ -91,11 +91,14 @@ class Perceiver3DEncoder(nn.Module):
         time: Array,
         levels: tuple[float, ...],
         lead: Array,
+        encodings: tuple[Array, Array] | None = None,
     ) -> Array:
         """surf: name -> (B, T, H, W) (static variables included, broadcast over B and T);
         atmos: name -> (B, T, C, H, W); lat (H,), lon (W,) degrees; time (B,) hours since 1970;
         levels: the C pressure levels (hPa); lead: the lead-time encoding (B, D)
-        (:func:`~aurora_loop.model.fourier.lead_times_encoding`)."""
+        (:func:`~aurora_loop.model.fourier.lead_times_encoding`). ``encodings``: the patches'
+        (position, scale) encodings (L, D) each, when they were computed elsewhere (a band of
+        a grid's rows sees only its own patches; ``lat``/``lon`` are then unused)."""
         cfg = self.config
         d, p = cfg.embed_dim, cfg.patch_size
         surf_names, atmos_names = tuple(surf), tuple(atmos)
@@ -149,7 +152,7 @@ class Perceiver3DEncoder(nn.Module):
         tokens_atmos = agg.reshape(b, length, -1, d).transpose(0, 2, 1, 3)  # (B, C', L, D)
 
         x = jnp.concatenate([tokens_surf[:, None], tokens_atmos], axis=1)  # (B, latent, L, D)
-        pos, scale = position_scale_encoding(lat, lon, p, d, self.known_grid)
+        pos, scale = encodings if encodings is not None else position_scale_encoding(lat, lon, p, d, self.known_grid)
         x = x + dense(d, "pos_embed")(pos.astype(dtype)) + dense(d, "scale_embed")(scale.astype(dtype))
         x = x.reshape(b, -1, d)
 

@@ -60,11 +60,21 @@ class WindowAttention(nn.Module):
     @nn.compact
     def __call__(
         self, grid: Array, mask: np.ndarray | None, rollout_step: int | Array,
-        ws: Triple = (1, 1, 1), ss: Triple = (0, 0, 0),
+        ws: Triple = (1, 1, 1), ss: Triple = (0, 0, 0), band: Any = None,
     ) -> Array:
+        """``band``: a :class:`~aurora_loop.model.bands.BandContext` when ``grid`` is this
+        device's band of rows (inside ``shard_map``; its rows are whole windows, padding
+        rows included): the roll moves rows between bands, the padding rows' inputs are
+        zeros (so their qkv is the bias, as the reference pads), and ``mask`` is made from
+        the band's windows."""
         b, cc, h, w, d = grid.shape
         shifted = any(ss)
-        if shifted:
+        if band is not None:
+            if shifted:
+                grid = band.roll(jnp.roll(grid, shift=(-ss[0], -ss[2]), axis=(1, 3)), -ss[1])
+            grid = band.zero_padding(grid)
+            mask = band.window_mask(grid) if shifted else None
+        elif shifted:
             grid = jnp.roll(grid, shift=(-ss[0], -ss[1], -ss[2]), axis=(1, 2, 3))
         qkv_layer = dense(3 * d, "qkv", dtype=self.dtype)
         qkv = qkv_layer(grid)
@@ -85,7 +95,7 @@ class WindowAttention(nn.Module):
         if mask is not None:
             nw = mask.shape[0]
             shape = (bw // nw, nw, self.num_heads, n, d // self.num_heads)
-            bias = block_mask(mask, grid)[None, :, None]
+            bias = (mask if band is not None else block_mask(mask, grid))[None, :, None]
             out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), bias)
             out = out.reshape(bw, self.num_heads, n, -1)
         else:
@@ -96,7 +106,9 @@ class WindowAttention(nn.Module):
         if self.use_lora:
             lora = LoRARollout(d, max_steps=self.lora_steps, mode=self.lora_mode, dtype=self.dtype, name="lora_proj")
             y = y + lora(out, rollout_step)
-        if shifted:
+        if shifted and band is not None:
+            y = band.roll(jnp.roll(y, shift=(ss[0], ss[2]), axis=(1, 3)), ss[1])
+        elif shifted:
             y = jnp.roll(y, shift=ss, axis=(1, 2, 3))
         return y
 
@@ -112,7 +124,9 @@ class AdaptiveLayerNorm(nn.Module):
         d = x.shape[-1]
         zeros = nn.initializers.zeros
         mod = nn.Dense(2 * d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros, name="modulation")(nn.silu(c))
-        shift, scale = jnp.split(mod[:, None, :] if mod.ndim == 2 else mod, 2, axis=-1)
+        if mod.ndim == 2:  # one conditioning per example, for every token
+            mod = mod.reshape(mod.shape[0], *([1] * (x.ndim - 2)), mod.shape[-1])
+        shift, scale = jnp.split(mod, 2, axis=-1)
         return layer_norm("ln", affine=False, dtype=self.dtype)(x) * scale + shift
 
 
@@ -129,20 +143,26 @@ class SwinBlock(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
-        """x (B, C*H*W, D), c (B, Dc) or (B, C*H*W, Dc), res = (C, H, W) -> (B, C*H*W, D)."""
+    def __call__(self, x: Array, c: Array, res: Triple, rollout_step: int | Array, band: Any = None) -> Array:
+        """x (B, C*H*W, D), c (B, Dc) or (B, C*H*W, Dc), res = (C, H, W) -> (B, C*H*W, D).
+
+        ``band``: x is this device's band (B, C, R, W, D) of the grid's rows (and c (B, Dc)
+        or banded likewise), a :class:`~aurora_loop.model.bands.BandContext` of this grid."""
         cc, h, w = res
-        b, length, d = x.shape
-        if length != cc * h * w:
-            raise ValueError(f"{length} tokens do not form a {cc}x{h}x{w} grid")
         ws, ss = adjust_windows(self.window_size, self.shift_size, res)
         shifted = any(ss)
-
-        mask = shifted_window_mask(res, ws, ss) if shifted else None
         attn = WindowAttention(self.num_heads, self.use_lora, self.lora_steps, self.lora_mode, self.dtype, name="attn")
-        grid = attn(x.reshape(b, cc, h, w, d), mask, rollout_step, ws, ss)
+        if band is not None:
+            grid = attn(x, None, rollout_step, ws, ss, band=band.for_windows(res, ws, ss))
+        else:
+            b, length, d = x.shape
+            if length != cc * h * w:
+                raise ValueError(f"{length} tokens do not form a {cc}x{h}x{w} grid")
+            mask = shifted_window_mask(res, ws, ss) if shifted else None
+            grid = attn(x.reshape(b, cc, h, w, d), mask, rollout_step, ws, ss).reshape(b, length, d)
+        d = x.shape[-1]
 
-        x = x + AdaptiveLayerNorm(self.dtype, name="norm1")(grid.reshape(b, length, d), c)
+        x = x + AdaptiveLayerNorm(self.dtype, name="norm1")(grid, c)
         y = MLP(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(x)
         return x + AdaptiveLayerNorm(self.dtype, name="norm2")(y, c)
 
@@ -344,8 +364,14 @@ class SwinStage(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, res: Triple, crop: Triple, rollout_step: int | Array) -> tuple[Array, Array]:
-        """Returns (resampled output, output before resampling)."""
+    def __call__(self, x: Array, c: Array, res: Triple, crop: Triple, rollout_step: int | Array,
+                 space: tuple | None = None) -> tuple[Array, Array]:
+        """Returns (resampled output, output before resampling).
+
+        ``space``: (:class:`~aurora_loop.model.bands.SpacePlan`, this grid's
+        :class:`~aurora_loop.model.bands.Bands`, the resampled grid's): x (and a per-token c)
+        are banded global arrays (B, C, rows, W, D) and every block and the resampling run on
+        each device's band."""
         half = tuple(s // 2 for s in self.window_size)
         blocks = [
             SwinBlock(
@@ -361,21 +387,27 @@ class SwinStage(nn.Module):
             )
             for i in range(self.depth)
         ]
+        banded = space is not None and not self.is_initializing()
         if self.scan_blocks and self.depth >= 4 and not self.is_initializing():
-            x = self._scanned(blocks, x, c, res, rollout_step)
+            x = self._scanned(blocks, x, c, res, rollout_step, space if banded else None)
         else:
             for block in blocks:
-                if self.remat and not self.is_initializing():
-                    x = self._apply_detached(detached(block), self.variables["params"][block.name], x, c, res, rollout_step)
+                if (self.remat or banded) and not self.is_initializing():
+                    x = self._apply_detached(detached(block), self.variables["params"][block.name], x, c, res, rollout_step,
+                                             space if banded else None)
                 else:
                     x = block(x, c, res, rollout_step)
         if self.downsample:
-            return PatchMerging(self.dtype, name="downsample")(x, res), x
+            merge = PatchMerging(self.dtype, name="downsample")
+            return (merge_bands(merge, self.variables["params"]["downsample"], x, res, space) if banded else merge(x, res)), x
         if self.upsample:
-            return PatchSplitting(self.dtype, name="upsample")(x, res, crop), x
+            split = PatchSplitting(self.dtype, name="upsample")
+            return (split_bands(split, self.variables["params"]["upsample"], x, res, crop, space) if banded
+                    else split(x, res, crop)), x
         return x, x
 
-    def _scanned(self, blocks: list[SwinBlock], x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
+    def _scanned(self, blocks: list[SwinBlock], x: Array, c: Array, res: Triple, rollout_step: int | Array,
+                 space: tuple | None = None) -> Array:
         """The blocks as a ``lax.scan`` over (unshifted, shifted) pairs: XLA compiles one
         pair instead of ``depth`` blocks. The pairs' parameters (``blocks_i``, the usual
         tree) are stacked here, at apply time, which copies them and their gradients. An
@@ -387,7 +419,7 @@ class SwinStage(nn.Module):
         unshifted, shifted = detached(blocks[0]), detached(blocks[1])
 
         def run_block(block: nn.Module, block_params: Any, x: Array) -> Array:
-            return self._apply_detached(block, block_params, x, c, res, rollout_step)
+            return self._apply_detached(block, block_params, x, c, res, rollout_step, space)
 
         def pair(x: Array, pair_params: tuple) -> tuple[Array, None]:
             return run_block(shifted, pair_params[1], run_block(unshifted, pair_params[0], x)), None
@@ -397,20 +429,104 @@ class SwinStage(nn.Module):
             x = run_block(detached(blocks[-1]), params[blocks[-1].name], x)
         return x
 
-    def _apply_detached(self, block: nn.Module, params: Any, x: Array, c: Array, res: Triple, rollout_step: int | Array) -> Array:
+    def _apply_detached(self, block: nn.Module, params: Any, x: Array, c: Array, res: Triple, rollout_step: int | Array,
+                        space: tuple | None = None) -> Array:
         """``block`` (a detached block, :func:`detached`) applied to ``params`` (a ``blocks_i``
         subtree of this stage, the same tree as without remat or scan): (B, C*H*W, D) ->
         (B, C*H*W, D). With ``remat`` it is checkpointed on its input under ``remat_policy``;
-        the block is then one pure function of (params, x, c) for the custom VJP."""
+        the block is then one pure function of (params, x, c) for the custom VJP. With
+        ``space`` the block runs on every device's band (banded x)."""
 
         def run(params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
             return block.apply({"params": params}, x, c, res, step)
+
+        if space is not None:
+            on_bands = banded_block(block, res, space, static_step=rollout_step if isinstance(rollout_step, int) else None)
+
+            def run(params: Any, x: Array, c: Array, step: int | Array = rollout_step) -> Array:
+                return on_bands(params, x, c, step)
 
         if not self.remat:
             return run(params, x, c)
         if isinstance(rollout_step, int):  # a Python step stays static (LoRA picks its adapter)
             return checkpointed(run, self.remat_policy)(params, x, c)
         return checkpointed(run, self.remat_policy)(params, x, c, rollout_step)
+
+
+def banded_block(block: nn.Module, res: Triple, space: tuple, static_step: int | None) -> Callable[..., Array]:
+    """``run(params, x, c, step)`` of a detached Swin ``block`` on every device's band of a
+    banded grid x (B, C, rows, W, D) (``space``: plan, bands); c (B, Dc), or banded per
+    token; ``step`` traced (or ``static_step``, a Python roll-out step)."""
+    from aurora_loop.model.bands import BandContext
+
+    plan, bands = space[0], space[1]
+    grid_spec = plan.banded_spec(5, 2)
+
+    def run(params: Any, x: Array, c: Array, step: int | Array | None = None) -> Array:
+        c_spec = grid_spec if c.ndim == 5 else plan.example_spec(c.ndim)
+        context = BandContext(bands, plan.space_axis)
+        if static_step is not None:
+            def body(p: Any, xl: Array, cl: Array) -> Array:
+                return block.apply({"params": p}, xl, cl, res, static_step, band=context)
+
+            return plan.map(body, (plan.replicated(params), grid_spec, c_spec), grid_spec)(params, x, c)
+
+        def body_traced(p: Any, xl: Array, cl: Array, s: Array) -> Array:
+            return block.apply({"params": p}, xl, cl, res, s, band=context)
+
+        from jax.sharding import PartitionSpec
+
+        return plan.map(body_traced, (plan.replicated(params), grid_spec, c_spec, PartitionSpec()), grid_spec)(params, x, c, step)
+
+    return run
+
+
+def merge_bands(merge: nn.Module, params: Any, x: Array, res: Triple, space: tuple) -> Array:
+    """:class:`PatchMerging` of a banded grid x (B, C, rows, W, D) into the next stage's bands
+    (``space``: plan, these bands, the next stage's): each device first gathers the row
+    pairs its new band merges (:func:`~aurora_loop.model.bands.merge_source`)."""
+    from aurora_loop.model.bands import merge_source, permute_rows
+
+    plan, here, coarse = space
+    spec = plan.banded_spec(5, 2)
+    src = merge_source(here, coarse)
+    module = detached(merge)
+
+    def body(p: Any, xl: Array) -> Array:
+        pairs = permute_rows(xl, src, here.per_device, 2, plan.space_axis)  # (B, C, 2 R', W, D)
+        b, cc, rows, w, d = pairs.shape
+        out = module.apply({"params": p}, pairs.reshape(b, cc * rows * w, d), (cc, rows, w))
+        return out.reshape(b, cc, rows // 2, -1, out.shape[-1])
+
+    return plan.map(body, (plan.replicated(params), spec), spec)(params, x)
+
+
+def split_bands(split: nn.Module, params: Any, x: Array, res: Triple, crop: Triple, space: tuple) -> Array:
+    """:class:`PatchSplitting` of a banded grid x (B, C, rows, W, D) into the finer stage's
+    bands (``space``: plan, these bands, the finer stage's): each device splits its rows,
+    then gathers its new band (:func:`~aurora_loop.model.bands.split_source`); the rows the
+    reference crops are simply never gathered."""
+    from aurora_loop.model.bands import permute_rows, split_source
+
+    plan, here, fine = space
+    spec = plan.banded_spec(5, 2)
+    src = split_source(here, fine)
+    module = detached(split)
+
+    def body(p: Any, xl: Array) -> Array:
+        b, cc, rows, w, d = xl.shape
+        out = module.apply({"params": p}, xl.reshape(b, cc * rows * w, d), (cc, rows, w), (0, 0, crop[2]))
+        out = out.reshape(b, cc, 2 * rows, -1, out.shape[-1])
+        return permute_rows(out, src, 2 * rows, 2, plan.space_axis)
+
+    return plan.map(body, (plan.replicated(params), spec), spec)(params, x)
+
+
+def stage_bands(config: AuroraConfig, patch_res: Triple, space: Any) -> list[Any]:
+    """The :class:`~aurora_loop.model.bands.Bands` of every backbone stage's grid for the
+    plan ``space``: each stage's rows in bands of its own (adjusted) window rows."""
+    res, _ = encoder_resolutions(patch_res, len(config.encoder_depths))
+    return [space.bands(r[1], adjust_windows(tuple(config.window_size), (0, 0, 0), r)[0][1]) for r in res]
 
 
 def encoder_resolutions(patch_res: Triple, stages: int) -> tuple[list[Triple], list[Triple]]:
@@ -438,7 +554,10 @@ class Swin3DBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, lead_encoding: Array, patch_res: Triple, rollout_step: int | Array,
-                 noise: Array | None = None) -> Array:
+                 noise: Array | None = None, space: Any = None) -> Array:
+        """``space``: a :class:`~aurora_loop.model.bands.SpacePlan`: x (and noise) are then
+        banded grids (B, C, rows, W, D) in the first stage's bands (:func:`stage_bands`),
+        and so is the output."""
         cfg = self.config
         dtype = cfg.backbone_dtype
         if patch_res[0] % cfg.window_size[0]:
@@ -452,9 +571,16 @@ class Swin3DBackbone(nn.Module):
         if cfg.stochastic:
             if noise is None:
                 raise ValueError("a stochastic Aurora needs noise (B, L, D): pass noise= or rng=")
-            c = c[:, None, :] + MLP(cfg.embed_dim, act="silu", dtype=dtype, name="noise_mlp")(noise.astype(x.dtype))
+            per_example = c.reshape(c.shape[0], *([1] * (noise.ndim - 2)), c.shape[-1])
+            c = per_example + MLP(cfg.embed_dim, act="silu", dtype=dtype, name="noise_mlp")(noise.astype(x.dtype))
 
         res, pads = encoder_resolutions(patch_res, len(cfg.encoder_depths))
+        banded = space is not None and not self.is_initializing()
+        bands = stage_bands(cfg, patch_res, space) if banded else None
+
+        def plan(i: int, j: int | None) -> tuple | None:  # stage i's bands, and those it resamples into
+            return (space, bands[i], None if j is None else bands[j]) if banded else None
+
         n_enc, n_dec = len(cfg.encoder_depths), len(cfg.decoder_depths)
         common = dict(
             window_size=tuple(cfg.window_size), mlp_ratio=cfg.mlp_ratio, use_lora=cfg.use_lora,
@@ -465,15 +591,17 @@ class Swin3DBackbone(nn.Module):
             contexts.append(c)
             stage = SwinStage(cfg.encoder_depths[i], cfg.encoder_num_heads[i], downsample=i < n_enc - 1,
                               name=f"encoder_layers_{i}", **common)
-            x, unscaled = stage(x, c, res[i], (0, 0, 0), rollout_step)
+            x, unscaled = stage(x, c, res[i], (0, 0, 0), rollout_step, space=plan(i, i + 1 if i < n_enc - 1 else None))
             skips.append(unscaled)
             if cfg.stochastic and i < n_enc - 1:
-                c = PatchMerging(dtype, out_dim=cfg.embed_dim, norm=False, name=f"context_down_layers_{i}")(c, res[i])
+                down = PatchMerging(dtype, out_dim=cfg.embed_dim, norm=False, name=f"context_down_layers_{i}")
+                c = merge_bands(down, self.variables["params"][down.name], c, res[i], plan(i, i + 1)) if banded else down(c, res[i])
         for i in range(n_dec):
             index = n_dec - i - 1
             stage = SwinStage(cfg.decoder_depths[i], cfg.decoder_num_heads[i], upsample=i < n_dec - 1,
                               name=f"decoder_layers_{i}", **common)
-            x, _ = stage(x, contexts[index] if cfg.stochastic else c, res[index], pads[index - 1], rollout_step)
+            x, _ = stage(x, contexts[index] if cfg.stochastic else c, res[index], pads[index - 1], rollout_step,
+                         space=plan(index, index - 1 if i < n_dec - 1 else None))
             if 0 < i < n_dec - 1:
                 x = x + skips[index - 1]
             elif i == n_dec - 1:

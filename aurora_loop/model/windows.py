@@ -68,14 +68,16 @@ def window_padding(res: Triple, ws: Triple) -> Triple:
     return tuple((-r) % w for r, w in zip(res, ws))  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=64)
-def shifted_window_mask(res: Triple, ws: Triple, ss: Triple) -> np.ndarray:
-    """Additive attention mask (nW, N, N) float32 for shifted windows on a (C, H, W) grid.
+PADDING_GROUP = 27  # the group of padding tokens (the 27 groups of a shift are 0..26)
 
-    After the cyclic shift, tokens that were not neighbours before it are kept apart,
-    except across the longitude seam: the longitude wraps around, so the groups on the two
-    sides of it may attend to each other. Padding tokens form a group of their own.
-    """
+
+@functools.lru_cache(maxsize=64)
+def shifted_window_groups(res: Triple, ws: Triple, ss: Triple) -> np.ndarray:
+    """The group of every token of every shifted window on a (C, H, W) grid, (C', H', W', N)
+    int32 (windows on the padded grid, N tokens each): after the cyclic shift, tokens of
+    different groups were not neighbours before it, except across the longitude seam (the
+    longitude wraps around, so the groups on the two sides of it are one). Padding tokens
+    are :data:`PADDING_GROUP`."""
     c, h, w = res
     groups = np.zeros((c, h, w), dtype=np.float64)
     slices = [(slice(0, -ws[i]), slice(-ws[i], -ss[i]), slice(-ss[i], None)) for i in range(3)]
@@ -86,7 +88,23 @@ def shifted_window_mask(res: Triple, ws: Triple, ss: Triple) -> np.ndarray:
         for first, second in ((1, 2), (4, 5), (7, 8)):
             offset = 9 * level_group
             groups[groups == first + offset] = second + offset
-    groups = pad_3d(groups[None, ..., None], window_padding(res, ws), value=27.0)
+    groups = pad_3d(groups[None, ..., None], window_padding(res, ws), value=float(PADDING_GROUP))
+    _, cp, hp, wp, _ = groups.shape
     windows = window_partition(groups, ws)[..., 0]  # (nW, N)
-    differ = windows[:, None, :] != windows[:, :, None]
-    return np.where(differ, MASKED, 0.0).astype(np.float32)
+    return windows.reshape(cp // ws[0], hp // ws[1], wp // ws[2], -1).astype(np.int32)
+
+
+def group_mask(groups: Array) -> Array:
+    """Additive attention mask (..., N, N) of windows' token groups (..., N): 0 within a
+    group, :data:`MASKED` between groups."""
+    xp = np if isinstance(groups, np.ndarray) else jnp
+    differ = groups[..., None, :] != groups[..., :, None]
+    return xp.where(differ, MASKED, 0.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def shifted_window_mask(res: Triple, ws: Triple, ss: Triple) -> np.ndarray:
+    """Additive attention mask (nW, N, N) float32 for shifted windows on a (C, H, W) grid
+    (:func:`shifted_window_groups`)."""
+    groups = shifted_window_groups(res, ws, ss)
+    return group_mask(groups.reshape(-1, groups.shape[-1]))

@@ -11,12 +11,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from aurora_loop.errors import UsageError
 
 DATA_AXIS = "data"
+SPACE_AXIS = "space"
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D ``("data",)`` mesh over ``num_devices`` devices (all processes' devices together).
+def make_mesh(num_devices: int | None = None, space: int = 1) -> Mesh:
+    """The device mesh over ``num_devices`` devices (all processes' devices together): 1-D
+    ``("data",)``, or with ``space`` > 1 ``("data", "space")`` of shape (num_devices / space,
+    space), whose ``space`` devices split every example's grid (``--space_parallel``;
+    consecutive devices, so a process's devices share examples first).
 
-    Built with ``jax.sharding.Mesh`` directly so the axis is Auto (``jax.make_mesh`` defaults
+    Built with ``jax.sharding.Mesh`` directly so the axes are Auto (``jax.make_mesh`` defaults
     to Explicit axes in jax 0.10). ``None`` takes every visible device.
     """
     devices = jax.devices()
@@ -32,7 +36,23 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
             f"with {jax.process_count()} processes the mesh must span all {len(devices)} devices; "
             f"drop --num_gpus or pass --num_gpus {len(devices)}"
         )
-    return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
+    if space < 1 or num_devices % space:
+        divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+        raise UsageError(f"--space_parallel {space} does not divide the {num_devices} devices of the mesh; "
+                         f"choose one of {', '.join(map(str, divisors))}")
+    if space == 1:
+        return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
+    return Mesh(np.asarray(devices[:num_devices]).reshape(num_devices // space, space), (DATA_AXIS, SPACE_AXIS))
+
+
+def data_size(mesh: Mesh) -> int:
+    """Devices along the ``data`` axis: how many ways a batch is split."""
+    return int(mesh.shape[DATA_AXIS])
+
+
+def space_size(mesh: Mesh) -> int:
+    """Devices along the ``space`` axis (1 without one): how many bands every example's grid has."""
+    return int(dict(mesh.shape).get(SPACE_AXIS, 1))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -54,10 +74,12 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
-    if global_batch_size % mesh.size:
+    n = data_size(mesh)
+    if global_batch_size % n:
+        where = f"{n} devices of the mesh" if n == mesh.size else f"{n} data-parallel groups of the mesh ({mesh.size} devices, space {space_size(mesh)})"
         raise UsageError(
-            f"batch size {global_batch_size} is not divisible by the {mesh.size} devices of the mesh; "
-            f"use a multiple of {mesh.size} for --batch_size or change --num_gpus"
+            f"batch size {global_batch_size} is not divisible by the {where}; "
+            f"use a multiple of {n} for --batch_size or change --num_gpus"
         )
 
 

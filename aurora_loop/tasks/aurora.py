@@ -107,6 +107,7 @@ class AuroraTask(ReplayTraining):
         self._pretrained_report: dict[str, Any] | None = None
         self._fresh_masks: dict[tuple[str, ...], np.ndarray] = {}
         self._known_grid: KnownGrid | None = None  # set by setup()
+        self._space: Any = None  # a bands.SpacePlan, set by bind_mesh() on a mesh with a space axis
         self._host_parts = self._read_pretrained() if self.pretrained else {}
 
     @property
@@ -128,12 +129,26 @@ class AuroraTask(ReplayTraining):
 
     _prepare = _crop  # what the replay buffer stores
 
+    def bind_mesh(self, mesh: Any) -> None:
+        """The trainer's mesh: with a ``space`` axis of more than one device, every example's
+        grid is split in bands of rows over it (:mod:`aurora_loop.model.bands`)."""
+        from aurora_loop.model.bands import SpacePlan
+        from aurora_loop.parallel import space_size
+
+        self._space = SpacePlan(mesh) if space_size(mesh) > 1 else None
+
     def setup(self, example_batch: Sample) -> None:
         """Learn the data's grid from a host example batch before anything is traced, so the
         patch areas are constants of the compiled steps (:class:`KnownGrid`)."""
         meta = self._crop(example_batch).inputs.metadata
         if isinstance(meta.lat, np.ndarray) and isinstance(meta.lon, np.ndarray):
             self._known_grid = KnownGrid(meta.lat, meta.lon)
+        if self._space is not None:
+            from aurora_loop.model.bands import space_problem
+
+            problem = space_problem(self.config, self._crop(example_batch).inputs.spatial_shape, self._space.devices)
+            if problem:
+                raise UsageError(problem)
 
     def _predict_fn(self, params: Any, sample: Sample | None = None, rng: jax.Array | None = None):
         """``predict(inputs, step)`` for the roll-out helpers. ``sample``'s sampled lead times
@@ -150,7 +165,8 @@ class AuroraTask(ReplayTraining):
             if lead_hours is not None:
                 lead = jnp.where(step == last_step, jnp.asarray(lead_hours), cfg.timestep_hours)
             key = None if rng is None else jax.random.fold_in(rng, step)
-            return apply(cfg, params, inputs, rollout_step=step, known_grid=self._known_grid, lead_times=lead, rng=key)
+            return apply(cfg, params, inputs, rollout_step=step, known_grid=self._known_grid, lead_times=lead, rng=key,
+                         space=self._space)
 
         return predict
 

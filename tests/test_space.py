@@ -1,0 +1,148 @@
+"""One example over several devices (``--space_parallel``): every token grid split in bands
+of rows (:mod:`aurora_loop.model.bands`) gives the numbers of the whole grid on one device.
+
+The tests run on the 4 simulated CPU devices: the row exchanges against numpy, one Swin
+block (shifted, padded, with LoRA), and the whole model's output and gradients, with and
+without remat, on meshes of 4 bands and of 2 examples x 2 bands.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aurora_loop.model import AuroraConfig, apply, init_params, stack_samples
+from aurora_loop.model.bands import (
+    BandContext,
+    Bands,
+    SpacePlan,
+    merge_source,
+    permute_rows,
+    roll_source,
+    space_problem,
+    split_source,
+)
+from aurora_loop.model.swin import SwinBlock
+from aurora_loop.model.windows import adjust_windows
+from tests.synthetic import make_samples
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _mesh(data: int, space: int) -> Mesh:
+    return Mesh(np.asarray(jax.devices()[: data * space]).reshape(data, space), ("data", "space"))
+
+
+def _apply_numpy(x: np.ndarray, src: np.ndarray) -> np.ndarray:
+    flat = src.reshape(-1)
+    out = np.zeros(x.shape[:2] + (flat.size,) + x.shape[3:], x.dtype)
+    for g, s in enumerate(flat):
+        if s >= 0:
+            out[:, :, g] = x[:, :, s]
+    return out
+
+
+def test_bands_are_whole_windows_with_the_references_padding() -> None:
+    bands = Bands(rows=45, window_rows=6, devices=4)  # the 1.3 B model's third stage at 0.25 degrees
+    assert bands.top == 1 and bands.window_count == 8 and bands.per_device == 12 and bands.total == 48
+    assert bands.real_rows()[0] == -1 and bands.real_rows()[1] == 0 and bands.real_rows()[45] == 44
+    assert list(bands.real_rows()[46:]) == [-1, -1]
+    wider = Bands(rows=90, window_rows=6, devices=4)  # 15 window rows: one dummy window row at the bottom
+    assert wider.per_device == 24 and wider.real_mask().sum() == 90 and not wider.real_mask()[90:].any()
+
+
+@pytest.mark.parametrize("kind", ["roll+", "roll-", "merge", "split"])
+def test_row_exchanges_equal_numpy_and_their_gradients_are_the_inverse(kind) -> None:
+    fine, coarse = Bands(45, 6, 4), Bands(23, 6, 4)
+    source, rows = {"roll+": (roll_source(fine, 3), fine), "roll-": (roll_source(fine, -3), fine),
+                    "merge": (merge_source(fine, coarse), fine), "split": (split_source(coarse, fine), None)}[kind]
+    rows_in = 2 * coarse.per_device if kind == "split" else fine.per_device
+    total_in = 4 * rows_in
+    x = np.random.default_rng(0).standard_normal((1, 2, total_in, 3, 2)).astype(np.float32)
+    mesh = _mesh(1, 4)
+    spec = P(None, None, "space", None, None)
+    fn = jax.jit(jax.shard_map(lambda xl: permute_rows(xl, source, rows_in, 2, "space"), mesh=mesh, in_specs=spec, out_specs=spec))
+    placed = jax.device_put(x, NamedSharding(mesh, spec))
+    want = _apply_numpy(x, source)
+    np.testing.assert_array_equal(np.asarray(fn(placed)), want)
+    w = np.random.default_rng(1).standard_normal(want.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * w)))(placed)
+    expected = np.zeros_like(x)
+    for g, s in enumerate(source.reshape(-1)):
+        if s >= 0:
+            expected[:, :, s] += w[:, :, g]
+    np.testing.assert_array_equal(np.asarray(grad), expected)
+    text = fn.lower(placed).compile().as_text()
+    assert "all-gather" not in text and "all-to-all" not in text  # neighbour exchanges only
+
+
+@pytest.mark.parametrize("res, shift", [((4, 48, 24), (0, 0, 0)), ((4, 45, 36), (1, 3, 6)), ((2, 42, 24), (1, 3, 6))])
+def test_a_banded_swin_block_is_the_block(res, shift) -> None:
+    """Unshifted and shifted, with the reference's padding (45 rows) and a dummy window row
+    (42 rows: 7 window rows in 4 bands), with LoRA: the same output and gradients."""
+    window = (2, 6, 12)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, int(np.prod(res)), 16)).astype(np.float32)
+    c = rng.standard_normal((1, 16)).astype(np.float32)
+    block = SwinBlock(num_heads=2, window_size=window, shift_size=shift, use_lora=True, lora_steps=3)
+    params = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), block.init(jax.random.key(0), x, c, res, 1))
+    bands = Bands(res[1], adjust_windows(window, shift, res)[0][1], 4)
+    banded = np.zeros((1, res[0], bands.total, res[2], 16), np.float32)
+    banded[:, :, bands.top:bands.top + res[1]] = x.reshape(1, *res, 16)
+    spec = P(None, None, "space", None, None)
+    on_bands = jax.shard_map(lambda p, xl: block.apply(p, xl, c, res, 1, band=BandContext(bands, "space")),
+                             mesh=_mesh(1, 4), in_specs=(P(), spec), out_specs=spec)
+
+    def loss_whole(p, x):
+        return jnp.sum(block.apply(p, x, c, res, 1) ** 2)
+
+    def loss_bands(p, xb):
+        return jnp.sum(on_bands(p, xb)[:, :, bands.top:bands.top + res[1]] ** 2)
+
+    whole = block.apply(params, x, c, res, 1)
+    split = jax.jit(on_bands, compiler_options=FAST_COMPILE)(params, banded)[:, :, bands.top:bands.top + res[1]]
+    np.testing.assert_allclose(np.asarray(split).reshape(whole.shape), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    g_whole = jax.jit(jax.grad(loss_whole), compiler_options=FAST_COMPILE)(params, x)
+    g_bands = jax.jit(jax.grad(loss_bands), compiler_options=FAST_COMPILE)(params, banded)
+    for a, b in zip(jax.tree.leaves(g_bands), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("data, space, grid, remat", [(1, 4, (256, 512), True), (2, 2, (72, 144), False), (2, 2, (72, 144), True)])
+def test_the_banded_model_is_the_model(data, space, grid, remat) -> None:
+    """The tiny Aurora with LoRA and a traced roll-out step: output and gradients with every
+    example's grid in 4 bands (or 2 examples x 2 bands; 72 x 144 pads every stage) equal
+    the one-device model's."""
+    cfg = AuroraConfig.preset("tiny", remat=remat, use_lora=True, lora_steps=3)
+    batch = stack_samples(make_samples(data, grid=grid, rollout_steps=1)).inputs
+    params = init_params(cfg, jax.random.key(0), batch)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype), params)
+    from aurora_loop.model.posenc import KnownGrid
+
+    known = KnownGrid(np.asarray(batch.metadata.lat), np.asarray(batch.metadata.lon))
+    plan = SpacePlan(_mesh(data, space))
+
+    def loss(p, b, plan):
+        pred = apply(cfg, p, b, rollout_step=jnp.int32(1), space=plan, known_grid=known).normalise()
+        return sum(jnp.mean(v**2) for v in (*pred.surf_vars.values(), *pred.atmos_vars.values()))
+
+    (value, grads) = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b, None)), compiler_options=FAST_COMPILE)(params, batch)
+    (value_s, grads_s) = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b, plan)), compiler_options=FAST_COMPILE)(params, batch)
+    np.testing.assert_allclose(float(value_s), float(value), rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_sizes_that_do_not_split_the_grid_are_named() -> None:
+    cfg = AuroraConfig.preset("aurora")
+    assert space_problem(cfg, (720, 1440), 4) is None
+    problem = space_problem(cfg, (720, 1440), 5)
+    assert "--space_parallel 5" in problem and "sizes that split this grid: 2, 3, 4, 8" in problem, problem
+    tiny = AuroraConfig.preset("tiny")
+    assert "none above 1" in space_problem(tiny, (32, 64), 2)
