@@ -29,7 +29,7 @@ from aurora_loop.callbacks.base import Callback, CheckpointIO
 from aurora_loop.compile_cache import cache_counts, came_from_cache
 from aurora_loop.data import REPEAT_BATCH, Loader, example_batch
 from aurora_loop.errors import DataUnavailable, UsageError
-from aurora_loop.parallel import batch_shardings, check_batch_divisible, make_mesh, place_batch, space_size
+from aurora_loop.parallel import batch_shardings, check_batch_divisible, global_batch_size, make_mesh, place_batch, space_size
 from aurora_loop.parallel.distributed import agree_any
 from aurora_loop.step import (
     PRECISION_COMPUTE_DTYPES,
@@ -205,11 +205,11 @@ def _bind_mesh(task: Task, mesh: Mesh) -> None:
                          "drop --space_parallel (use data parallelism, --fsdp) or choose an Aurora model")
 
 
-def _global_shape(local_shape: tuple[int, ...], sharding: Any) -> tuple[int, ...]:
+def _global_shape(local_shape: tuple[int, ...], sharding: Any, mesh: Mesh) -> tuple[int, ...]:
     """The global shape of a leaf of one process's batch: leaves split over the devices are
-    every process's shares together (the leading axis times the process count)."""
+    every process's shares together (:func:`~aurora_loop.parallel.global_batch_size`)."""
     if local_shape and any(axis is not None for axis in sharding.spec):
-        return (local_shape[0] * jax.process_count(), *local_shape[1:])
+        return (global_batch_size(mesh, local_shape[0]), *local_shape[1:])
     return tuple(local_shape)
 
 
@@ -575,21 +575,23 @@ class Trainer:
     def _shardings(self, batch: Any) -> Any:
         key = jax.tree.structure(batch), tuple(getattr(x, "shape", ()) for x in jax.tree.leaves(batch))
         if key not in self._sharding_cache:
-            global_size = jax.tree.leaves(batch)[0].shape[0] * jax.process_count()
+            global_size = global_batch_size(self.mesh, jax.tree.leaves(batch)[0].shape[0])
             check_batch_divisible(global_size, self.mesh)
             self._sharding_cache[key] = batch_shardings(batch, self.mesh)
         return self._sharding_cache[key]
 
     def place(self, local_batch: Any) -> Any:
         """Put this process's share of a batch onto the mesh as global arrays."""
-        return place_batch(local_batch, self._shardings(local_batch))
+        examples = global_batch_size(self.mesh, jax.tree.leaves(local_batch)[0].shape[0])
+        return place_batch(local_batch, self._shardings(local_batch), examples)
 
     def _place_train_batch(self, local_batch: Any) -> Any:
         """A training batch on the mesh; with accumulation, its micro-batches stacked."""
         if self.accumulate_grad_batches == 1:
             return self.place(local_batch)
         shardings = self._shardings(local_batch[0])
-        return place_batch(stack_micro_batches(local_batch, shardings), micro_batch_shardings(shardings, self.mesh))
+        examples = global_batch_size(self.mesh, jax.tree.leaves(local_batch[0])[0].shape[0])
+        return place_batch(stack_micro_batches(local_batch, shardings), micro_batch_shardings(shardings, self.mesh), examples)
 
     def abstract_train_step(self, task: Task, train_data: Any) -> tuple[Callable[..., Any], TrainState, Any]:
         """The train step :meth:`fit` would compile for ``task`` and ``train_data``, with its
@@ -609,7 +611,7 @@ class Trainer:
         if callable(getattr(task, "setup", None)):
             task.setup(host_example)
         sharding = self._shardings(host_example)
-        example = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(_global_shape(x.shape, s), np.asarray(x).dtype, sharding=s),
+        example = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(_global_shape(x.shape, s, self.mesh), np.asarray(x).dtype, sharding=s),
                                host_example, sharding)
         init_fn, abstract, shardings, batch_sharding = self._step_parts(example, sharding)
         step = make_train_step(task, self.optimizer, shardings, batch_sharding, self.mesh, self.trainable, self._step_options())

@@ -156,6 +156,8 @@ def build_loaders(config: Any) -> tuple[ZarrLoader, ZarrLoader]:
         num_workers=int(getattr(config, "num_workers", 2)),
         prefetch=getattr(config, "prefetch", None),
         nan_policy=getattr(config, "nan_policy", "error") or "error",
+        space=int(getattr(config, "space_parallel", 1) or 1),
+        devices=getattr(config, "num_gpus", None),
     )
     return (
         ZarrLoader(store, sample_index(train, store.members), spec=spec, shuffle=True, **common),

@@ -53,12 +53,25 @@ NAN_POLICIES = ("error", "skip")
 LEAD_STREAM = 0x1EAD
 
 
-def process_share(batch_size: int, process_index: int, process_count: int) -> slice:
-    """The slice of a global batch of ``batch_size`` examples that process ``process_index`` reads."""
-    if batch_size % process_count:
-        raise UsageError(f"--batch_size {batch_size} does not split evenly over {process_count} processes; use a multiple of {process_count}")
-    local = batch_size // process_count
-    return slice(process_index * local, (process_index + 1) * local)
+def process_share(batch_size: int, process_index: int, process_count: int, space: int = 1, devices: int | None = None) -> slice:
+    """The slice of a global batch of ``batch_size`` examples that process ``process_index`` reads.
+
+    With ``space`` > 1 (``--space_parallel``) the ``devices`` of the mesh form groups of
+    ``space`` consecutive devices, each group sharing its examples, and processes hold
+    consecutive devices: a process reads the examples of the groups its devices belong to
+    (the same examples as another process when a group spans both)."""
+    if space <= 1 or devices is None:
+        if batch_size % process_count:
+            raise UsageError(f"--batch_size {batch_size} does not split evenly over {process_count} processes; use a multiple of {process_count}")
+        local = batch_size // process_count
+        return slice(process_index * local, (process_index + 1) * local)
+    per_process, groups = devices // process_count, devices // space
+    if batch_size % groups:
+        raise UsageError(f"--batch_size {batch_size} does not split evenly over the {groups} groups of --space_parallel {space}; "
+                         f"use a multiple of {groups}")
+    first, last = process_index * per_process // space, ((process_index + 1) * per_process - 1) // space
+    per_group = batch_size // groups
+    return slice(first * per_group, (last + 1) * per_group)
 
 
 @dataclasses.dataclass
@@ -87,6 +100,8 @@ class ZarrLoader:
         examples in ``skipped``.
       process_index, process_count: this process's place; default ``jax.process_index()`` /
         ``jax.process_count()`` (read when iteration starts).
+      space, devices: ``--space_parallel`` and the mesh's device count (None: all devices),
+        which decide the examples each process reads (:func:`process_share`).
 
     Yields per batch a ``Sample`` whose inputs hold surf (b, history, h, w), atmos
     (b, history, c, h, w), static (h, w), metadata.time (b,) hours since 1970 (float64), with
@@ -107,6 +122,8 @@ class ZarrLoader:
         nan_policy: str = "error",
         process_index: int | None = None,
         process_count: int | None = None,
+        space: int = 1,
+        devices: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
@@ -125,6 +142,7 @@ class ZarrLoader:
         self.prefetch = max(1, int(prefetch) if prefetch is not None else 2 * self.num_workers)
         self.nan_policy = nan_policy
         self._process = (process_index, process_count)
+        self.space, self.devices = int(space), devices  # --space_parallel, and the mesh's devices (None: all)
         self.epoch = 0
         self.position = 0
         self.skipped = 0
@@ -255,7 +273,7 @@ class ZarrLoader:
         index, count = self._process
         index = jax.process_index() if index is None else index
         count = jax.process_count() if count is None else count
-        return process_share(self.batch_size, index, count)
+        return process_share(self.batch_size, index, count, self.space, self.devices or jax.device_count())
 
     def _take(self, loaded: _Loaded) -> Sample:
         self.position += 1

@@ -90,6 +90,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--batch_size", type=int, help="initial times per batch, split over the devices (default: one per device)"
     )
     parser.add_argument("--num_devices", "--num_gpus", dest="num_devices", type=int, help="devices to use (default: all visible)")
+    parser.add_argument("--space_parallel", type=int, default=1, metavar="N",
+                        help="devices that split every forecast's grid between them, in bands of latitude rows, as in "
+                             "aurora-train (a divisor of the device count; default: 1)")
     parser.add_argument(
         "--zarr_format",
         type=int,
@@ -132,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.num_devices is not None and args.num_devices < 1:
         raise UsageError(f"--num_devices must be at least 1, got {args.num_devices}")
+    if args.space_parallel < 1:
+        raise UsageError(f"--space_parallel must be at least 1, got {args.space_parallel}")
     if args.ensemble_members is not None and args.ensemble_members < 1:
         raise UsageError(f"--ensemble_members must be at least 1, got {args.ensemble_members}")
     if args.seed < 0:
@@ -159,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         member=args.member,
         batch_size=args.batch_size,
         num_devices=args.num_devices,
+        space=args.space_parallel,
         zarr_format=args.zarr_format,
         overwrite=args.overwrite,
         progress=args.progress,

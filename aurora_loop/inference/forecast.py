@@ -189,6 +189,7 @@ def aurora_rollout(
     fine_lead_times: Sequence[float] | None = None,
     noise: Any = None,
     known_grid: Any = None,
+    space: Any = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every prediction of an Aurora roll-out (:func:`aurora_loop.model.aurora.rollout`) as
     numpy: surf (b, N, h, w), atmos (b, N, c, h, w), N = steps (x the sub-steps)."""
@@ -198,7 +199,8 @@ def aurora_rollout(
 
     surf: dict[str, list[np.ndarray]] = {}
     atmos: dict[str, list[np.ndarray]] = {}
-    for pred in rollout(cfg, params, inputs, steps, fine_lead_times=fine_lead_times, noise=noise, known_grid=known_grid):
+    for pred in rollout(cfg, params, inputs, steps, fine_lead_times=fine_lead_times, noise=noise, known_grid=known_grid,
+                        space=space):
         got_surf, got_atmos = jax.device_get((pred.surf_vars, pred.atmos_vars))
         for out, got in ((surf, got_surf), (atmos, got_atmos)):
             for k, v in got.items():
@@ -214,6 +216,7 @@ def run_forecast(
     out: str,
     batch_size: int | None = None,
     num_devices: int | None = None,
+    space: int = 1,
     member: int = 0,
     zarr_format: int = 2,
     overwrite: bool = False,
@@ -238,13 +241,26 @@ def run_forecast(
     from aurora_loop.model.aurora import noise_shape
     from aurora_loop.model.batch import Batch, Metadata
     from aurora_loop.model.posenc import KnownGrid
-    from aurora_loop.parallel import DATA_AXIS, batch_shardings, make_mesh, place_batch, replicated
+    from aurora_loop.parallel import DATA_AXIS, batch_shardings, data_size, make_mesh, place_batch, replicated
 
-    mesh = make_mesh(num_devices)
-    batch_size = batch_size or mesh.size
-    if batch_size % mesh.size:
-        raise UsageError(f"--batch_size {batch_size} is not divisible by the {mesh.size} devices; use a multiple of {mesh.size}")
+    mesh = make_mesh(num_devices, space)
+    groups = data_size(mesh)  # examples at a time: the devices, or their groups of --space_parallel
+    batch_size = batch_size or groups
+    if batch_size % groups:
+        where = f"{groups} devices" if space == 1 else f"{groups} groups of --space_parallel {space}"
+        raise UsageError(f"--batch_size {batch_size} is not divisible by the {where}; use a multiple of {groups}")
     cfg = aurora_config(loaded.task)
+    plan = None
+    if space > 1:
+        from aurora_loop.model.bands import SpacePlan, space_problem
+
+        if cfg is None:
+            raise UsageError(f"--space_parallel splits an Aurora model's grid over devices; model {loaded.config.model} cannot be split: drop it")
+        h, w = store.shape
+        problem = space_problem(cfg, (h - h % cfg.patch_size, w), space)
+        if problem:
+            raise UsageError(problem)
+        plan = SpacePlan(mesh)
     step_hours = float(cfg.timestep_hours) if cfg is not None else model_step_hours(loaded.config, store)
     fine_lead_times = None if fine_lead_times is None else tuple(float(v) for v in fine_lead_times)
     check_forecast_options(loaded.task, loaded.config.model, step_hours, fine_lead_times, members)
@@ -313,7 +329,7 @@ def run_forecast(
                             accumulate=len(fine_lead_times) if fine_lead_times else 0,
                             sharding=rows,
                         )
-                    runs.append(aurora_rollout(cfg, params, placed, steps, fine_lead_times, noise, known_grid))
+                    runs.append(aurora_rollout(cfg, params, placed, steps, fine_lead_times, noise, known_grid, plan))
                 stack = (lambda vs: np.stack(vs, axis=1)) if members is not None else (lambda vs: vs[0])  # noqa: E731
                 prediction = Batch(
                     surf_vars={k: stack([r[0][k] for r in runs])[:n] for k in runs[0][0]},
@@ -377,6 +393,7 @@ def forecast_from_checkpoint(
     member: int = 0,
     batch_size: int | None = None,
     num_devices: int | None = None,
+    space: int = 1,
     zarr_format: int = 2,
     overwrite: bool = False,
     progress: bool = True,
@@ -450,6 +467,7 @@ def forecast_from_checkpoint(
         out,
         batch_size=batch_size,
         num_devices=num_devices,
+        space=space,
         member=member,
         zarr_format=zarr_format,
         overwrite=overwrite,

@@ -331,12 +331,12 @@ def next_input(batch: Batch, prediction: Batch) -> Batch:
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(jax.jit, static_argnums=(0, 4, 8))
 def _rollout_step(config: AuroraConfig, params: Params, batch: Batch, step: Array, known_grid: Any = None,
                   lead_times: Array | None = None, noise: Array | None = None,
-                  insolation: Array | None = None) -> tuple[Batch, dict[str, Array]]:
+                  insolation: Array | None = None, space: Any = None) -> tuple[Batch, dict[str, Array]]:
     return apply(config, params, batch, rollout_step=step, capture_intermediates=True, known_grid=known_grid,
-                 lead_times=lead_times, noise=noise, insolation=insolation)
+                 lead_times=lead_times, noise=noise, insolation=insolation, space=space)
 
 
 def clip_rollout_inputs(config: AuroraConfig, prediction: Batch) -> Batch:
@@ -406,7 +406,8 @@ def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
             use_noise_accumulation: bool = True,
             apply_rollout_input_clipping: bool = True,
             intermediates: bool = False,
-            known_grid: Any = None) -> Iterator[Batch] | Iterator[tuple[Batch, dict[str, Array]]]:
+            known_grid: Any = None,
+            space: Any = None) -> Iterator[Batch] | Iterator[tuple[Batch, dict[str, Array]]]:
     """Yield the roll-out's predictions, like the reference's ``aurora.rollout``.
 
     ``steps`` main steps of ``config.timestep_hours``. With ``fine_lead_times`` (hours,
@@ -428,6 +429,7 @@ def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
     the reference does. With ``intermediates``, yields ``(prediction, {"encoder": (B, L', D),
     "backbone": (B, L', 2D)})``. ``known_grid``: as for :func:`apply` (the grid after
     cropping), e.g. ``KnownGrid(lat, lon, root_area=...)`` with the reference's patch areas.
+    ``space``: as for :func:`apply` (every example's grid in bands of rows over devices).
     """
     dtype = params_dtype(params)
     batch = batch.astype(dtype).crop(config.patch_size)
@@ -461,7 +463,7 @@ def rollout(config: AuroraConfig, params: Params, batch: Batch, steps: int, *,
                 meta = batch.metadata
                 insolation = insolation_numpy(valid_time, np.asarray(meta.lat), np.asarray(meta.lon))
             pred, taps = _rollout_step(config, params, current, jnp.int32(base_step + k), known_grid,
-                                       lead_times, step_noise, insolation)
+                                       lead_times, step_noise, insolation, space)
             pred = pred.replace(metadata=pred.metadata.replace(time=valid_time, rollout_step=base_step + k + 1))
             yield (pred, taps) if intermediates else pred
         host_time = host_time + leads[-1]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DATA_AXIS", "SPACE_AXIS", "batch_shardings", "check_batch_divisible", "data_size", "make_mesh", "place_batch",
-           "replicated", "space_size"]
+__all__ = ["DATA_AXIS", "SPACE_AXIS", "batch_shardings", "check_batch_divisible", "data_size", "global_batch_size", "make_mesh",
+           "place_batch", "process_groups", "replicated", "space_size"]
 
 
 def __getattr__(name: str) -> Any:

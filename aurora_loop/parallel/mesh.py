@@ -83,10 +83,30 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def place_batch(local_batch: Any, shardings: Any) -> Any:
+def process_groups(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+    """(first, count): the ``data`` groups (rows of the mesh) whose devices this process
+    holds, consecutive. A process holds several groups when ``space`` is below its device
+    count, and shares one with other processes when ``space`` spans processes."""
+    index = jax.process_index() if process_index is None else process_index
+    rows = [r for r in range(mesh.devices.shape[0]) if any(d.process_index == index for d in np.asarray(mesh.devices[r]).reshape(-1))]
+    if not rows:
+        return 0, 0
+    return rows[0], rows[-1] - rows[0] + 1
+
+
+def global_batch_size(mesh: Mesh, local_batch_size: int) -> int:
+    """The global batch of which this process's batch of ``local_batch_size`` examples is
+    its share (:func:`process_groups`)."""
+    _, groups = process_groups(mesh)
+    return local_batch_size * data_size(mesh) // max(groups, 1)
+
+
+def place_batch(local_batch: Any, shardings: Any, global_examples: int | None = None) -> Any:
     """Turn this process's share of a batch (numpy) into global ``jax.Array``s on the mesh.
 
     Leaves that are already ``jax.Array``s with the right sharding pass through untouched.
+    ``global_examples``: the global batch size, when processes share examples (a ``space``
+    axis spanning processes: each process holds its group's examples whole).
     """
 
     def place(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -94,6 +114,12 @@ def place_batch(local_batch: Any, shardings: Any) -> Any:
             return x
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        x = np.asarray(x)
+        shape = None
+        spec = tuple(sharding.spec)
+        if global_examples is not None and DATA_AXIS in spec:  # the examples' axis (1 for stacked micro-batches)
+            axis = spec.index(DATA_AXIS)
+            shape = (*x.shape[:axis], global_examples, *x.shape[axis + 1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(place, local_batch, shardings)
