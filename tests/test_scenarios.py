@@ -72,6 +72,13 @@ REMAT_DOTS = {"4fsdp-pushforward-all-remat", "2x2-replay-all-remat", "1-full-all
 BF16_PARAMS = {"4dp-pushforward-lora-remat-bf16", "2x2-full-lora-remat-bf16"}  # --precision bf16-params instead of --bf16
 VAL_ROLLOUT = 3
 CELL_TIMEOUT_S = 900
+# One example over several devices (--space_parallel, #27), on a store tall enough for 4 bands
+# of the micro model's two stages: 4 devices in 4 bands with FSDP over them, and 2 processes
+# x 2 devices whose 4 bands span both processes (each reads the same examples).
+SPACE_CELLS = [("4space", "full", True, True, True), ("2x2space", "replay", False, True, False)]
+SPACE_FLAGS = {"4space": ["--space_parallel", "4", "--fsdp", "--accumulate_grad_batches", "2", "--ema_decay", "0.9"],
+               "2x2space": ["--space_parallel", "4", "--val_rollout_steps", str(VAL_ROLLOUT)]}
+TALL_GRID = (128, 32)
 
 
 def cell_id(cell: tuple) -> str:
@@ -92,8 +99,13 @@ def as_dict(cell: tuple) -> dict[str, Any]:
     if name in BF16_PARAMS:
         spec["bf16"] = False
         extras += ["--precision", "bf16-params"]
+    extras += SPACE_FLAGS.get(spec["devices"], [])
     spec["extras"] = extras
     return spec
+
+
+def two_processes(cell: tuple) -> bool:
+    return cell[0] in ("2x2", "2x2space")
 
 
 def test_the_fine_tuning_options_meet_every_device_layout():
@@ -139,15 +151,16 @@ class MatrixRunner:
         runner = background.background()
         self.prepared = runner.submit(self._prepare)
         # The two-process cells last: they wait for the foreground to lend its core.
-        for cell in sorted(CELLS, key=lambda c: c[0] == "2x2"):
-            self.results[cell_id(cell)] = runner.submit(lambda cell=cell: self._run_cell(cell), lanes=2 if cell[0] == "2x2" else 1)
+        for cell in sorted(CELLS + SPACE_CELLS, key=two_processes):
+            self.results[cell_id(cell)] = runner.submit(lambda cell=cell: self._run_cell(cell), lanes=2 if two_processes(cell) else 1)
 
-    def _prepare(self) -> tuple[str, str]:
-        """The sample store and the pretrained model, written by a process of their own."""
+    def _prepare(self) -> tuple[str, str, str]:
+        """The sample stores (the usual one, and a tall one for the space cells) and the
+        pretrained model, written by a process of their own."""
         done = background.run([sys.executable, "-m", "tests.test_scenarios", str(self.root)], env=child_env(1), timeout=CELL_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"preparing the matrix failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        return str(self.root / "store.zarr"), str(self.root / "pretrained")
+        return str(self.root / "store.zarr"), str(self.root / "pretrained"), str(self.root / "tall.zarr")
 
     def _run_cell(self, cell: tuple) -> dict[str, Any]:
         name, spec = cell_id(cell), as_dict(cell)
@@ -156,9 +169,11 @@ class MatrixRunner:
         started = time.monotonic()
         result: dict[str, Any] = {"log": ""}
         try:
-            store, spec["pretrained"] = self.prepared.result()
+            store, spec["pretrained"], tall = self.prepared.result()
+            if cell in SPACE_CELLS:
+                store = tall
             base = [sys.executable, "-m", "tests.scenario_cell"]
-            if spec["devices"] == "2x2":
+            if two_processes(cell):
                 address = f"127.0.0.1:{free_port()}"
                 procs = []
                 for i in range(2):
@@ -240,7 +255,7 @@ def matrix(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
+@pytest.mark.parametrize("cell", CELLS + SPACE_CELLS, ids=[cell_id(c) for c in CELLS + SPACE_CELLS])
 def test_scenario(matrix, cell):
     result = matrix.result(cell_id(cell))
     log = result["log"]
@@ -257,8 +272,9 @@ def test_scenario(matrix, cell):
     name = cell_id(cell)
     # Per-lead scores at every validation: 2 leads (the training roll-out), or VAL_ROLLOUT.
     assert report["rmse_by_lead_steps"] == report["val_steps"]
-    assert report["lead_scalar_steps"] == (report["val_steps"] if name in LEAD_TIMES else [])
-    assert report["exported_weights"] == ("ema" if name in EMA else "raw")
+    lead_times = name in LEAD_TIMES or "--val_rollout_steps" in SPACE_FLAGS.get(cell[0], [])
+    assert report["lead_scalar_steps"] == (report["val_steps"] if lead_times else [])
+    assert report["exported_weights"] == ("ema" if name in EMA or "--ema_decay" in SPACE_FLAGS.get(cell[0], []) else "raw")
     assert report["checkpoints_full"][-1] == MAX_STEPS and SAVE_EVERY in report["checkpoints_full"]
     assert MAX_STEPS in report["checkpoints_resumed"]
     # The best checkpoint exports, and the export loads into a fresh task unchanged.
@@ -268,7 +284,7 @@ def test_scenario(matrix, cell):
     assert report["exported_use_lora"] is bool(cell[2])
     # Interrupted by SIGTERM and rerun == never interrupted.
     assert report["same_structure"] and report["moved"]
-    if cell[0] == "2x2":
+    if two_processes(cell):
         assert report["max_rel_diff"] <= 1e-6, report["max_rel_diff"]
     else:
         assert report["bitwise_equal"], report["max_rel_diff"]
@@ -279,4 +295,5 @@ if __name__ == "__main__":  # python -m tests.test_scenarios DIR: the matrix's s
 
     root = Path(sys.argv[1])
     write_sample_store(str(root / "store.zarr"), grid=(16, 32), times=48, levels=(500, 850))
+    write_sample_store(str(root / "tall.zarr"), grid=TALL_GRID, times=48, levels=(500, 850))
     write_pretrained(str(root / "pretrained"))

@@ -183,3 +183,28 @@ def test_training_on_bands_is_training_on_one_device() -> None:
         if fsdp:  # over both axes: every large leaf in quarters
             kernel = state_s.params["backbone"]["encoder_layers_0"]["blocks_0"]["mlp"]["fc1"]["kernel"]
             assert kernel.addressable_shards[0].data.size == kernel.size // 4, kernel.sharding
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from aurora_loop.datasets.sample_data import write_sample_store
+
+    path = tmp_path_factory.mktemp("space") / "small.zarr"
+    write_sample_store(str(path), grid=(16, 32), times=24, levels=(500, 850))
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_gpus", "4", "--space_parallel", "3"], "--space_parallel 3 does not divide the 4 devices of the mesh; choose one of 1, 2, 4"),
+    (["--num_gpus", "4", "--space_parallel", "4"], "sizes that split this grid: none above 1"),
+    (["--model", "conv", "--num_gpus", "4", "--space_parallel", "2"], "the conv baseline cannot be split"),
+    (["--num_gpus", "4", "--space_parallel", "2", "--batch_size", "3"], "not divisible by the 2 data-parallel groups"),
+])
+def test_bad_space_settings_are_one_line(tmp_path, capsys, small_store, args, message) -> None:
+    from aurora_loop.cli.train import main
+
+    out = tmp_path / "run"
+    code = main(["--dataset_path", small_store, "--output_dir", str(out), "--levels", "500,850", "--max_steps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not out.exists() or not any(out.iterdir())

@@ -379,7 +379,7 @@ def _layout_problem(config: Any, grid: tuple[int, int], devices: int) -> str | N
     for i, (res, bands) in enumerate(layouts):
         where = f"stage {i + 1}'s {res[1]} token rows in windows of {bands.window_rows}"
         if bands.window_count < devices:
-            return f"{where} make {bands.window_count} window rows, fewer than {devices} bands"
+            return f"{where} make {bands.window_count} window row{'s' * (bands.window_count != 1)}, fewer than {devices} bands"
         real = bands.real_mask().reshape(devices, -1).sum(axis=1)
         if real.min() == 0:
             return f"{where} leave a band without a real row"
