@@ -1,16 +1,20 @@
-"""Memory per device and communication of one example split over devices (``--space_parallel``).
+"""Memory per device, communication and projected step time of one example split over devices.
 
     python benchmarks/space_memory.py [--model aurora] [--grid 721x1440] [--spaces 1,2,4,8]
                                       [--precision bf16-mixed] [--no-fsdp]
 
 For each ``space`` size N, compiles the trainer's train step (``aurora-train --estimate_memory``'s
-way: abstract parameters, ``aurora_loop.cli.memory.estimate_config``) of the 1.3 B ``aurora``
-preset with ``--remat`` on N simulated devices with ``--space_parallel N``, batch 1 (one example
-over all N devices), with and without ``--fsdp`` (which then shards the parameters and Adam
-moments over all N). It prints per device: argument and temporary bytes, and from the
-compiled program's HLO every collective by kind (count and the bytes its results hold per
-step), and how many times XLA's SPMD partitioner warned that it had to replicate an array to
-reshard it ("Involuntary full rematerialization": zero is the goal). The last line is
+way: abstract parameters, ``aurora_loop.cli.memory``) of the 1.3 B ``aurora`` preset with
+``--remat`` on N simulated devices with ``--space_parallel N``, batch 1 (one example over all N
+devices), with and without ``--fsdp`` (which then shards the parameters and Adam moments over
+all N). From the compiled, SPMD-partitioned program it prints per device: argument and
+temporary bytes; hardware FLOPs (``cost_analysis``); every collective by kind with the bytes
+a ring moves per device (``benchmarks/scaling.py``'s model: all-reduce 2(p-1)/p N, all-gather,
+reduce-scatter and all-to-all (p-1)/p N, collective-permute N); how many times XLA's SPMD
+partitioner warned that it replicated an array to reshard it ("Involuntary full
+rematerialization": zero is the goal); and the step time projected for one node of H100s on
+NVLink (the scaling section's assumptions: 40 % of 989 TFLOP/s, 315 GB/s effective, 20 us
+per collective), without and with overlap. The last line is
 ``space_memory_ratio=<(argument + temp) per device with space 4 (FSDP) over space 1>``.
 
 Compiling the 1.3 B model at 0.25° takes 1-5 minutes per configuration on a 2-core CPU.
@@ -21,37 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import tempfile
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_SHAPE = re.compile(r"(bf16|f16|f32|f64|s32|u32|s8|u8|pred|s64|u64)\[([\d,]*)\]")
-_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "s64": 8, "u64": 8}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """kind -> (instructions, bytes of their results) in an optimised HLO module's text
-    (asynchronous pairs counted once, at their start)."""
-    out: dict[str, list[int]] = {k: [0, 0] for k in COLLECTIVES}
-    for line in hlo.splitlines():
-        if " = " not in line:
-            continue
-        rhs = line.split(" = ", 1)[1]
-        for kind in COLLECTIVES:
-            at = next((rhs.find(f" {kind}{suffix}(") for suffix in ("", "-start") if f" {kind}{suffix}(" in rhs), -1)
-            if at < 0:
-                continue
-            size = 0
-            for dtype, dims in _SHAPE.findall(rhs[:at]):
-                n = 1
-                for d in filter(None, dims.split(",")):
-                    n *= int(d)
-                size += n * _BYTES[dtype]
-            out[kind][0] += 1
-            out[kind][1] += size
-            break
-    return {k: (v[0], v[1]) for k, v in out.items()}
+PEAK_FLOPS, ACHIEVED = 989e12, 0.40  # H100 SXM dense bf16; the fraction the scaling section assumes
+NVLINK_BYTES_PER_S, ALPHA_S = 315e9, 20e-6  # 450 GB/s each way at 70 %; latency per collective within a node
 
 
 @contextlib.contextmanager
@@ -90,12 +70,22 @@ def measure(model: str, grid: str, space: int, fsdp: bool, precision: str) -> di
     task = make_task(config.model, config)
     _, groups, optimizer = optimizer_for(config, 1000)
     step, state, batch = Trainer(mesh=mesh, **step_settings(config, optimizer, groups)).abstract_train_step(task, loader)
+    from benchmarks.scaling import collective_stats
+
     with captured_stderr() as err:
         compiled, seconds = compile_step(step, state, batch)
     analysis = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats = collective_stats(compiled.as_text(), space)
+    traffic = sum(s["traffic"] for s in stats.values())
+    count = sum(int(s["count"]) for s in stats.values())
+    compute = float(cost.get("flops", 0.0)) / (PEAK_FLOPS * ACHIEVED)
+    comm = traffic / NVLINK_BYTES_PER_S + count * ALPHA_S
     del jax
     return {"space": space, "fsdp": fsdp, "argument": int(analysis.argument_size_in_bytes), "temp": int(analysis.temp_size_in_bytes),
-            "collectives": collectives(compiled.as_text()), "replicated": err[0].count("Involuntary full rematerialization"),
+            "flops": float(cost.get("flops", 0.0)), "collectives": stats, "traffic": traffic, "count": count,
+            "replicated": err[0].count("Involuntary full rematerialization"), "compute_s": compute, "comm_s": comm,
             "seconds": seconds}
 
 
@@ -114,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = 2**30
     print(f"# {args.model}, {args.grid}, {args.precision}, remat, 1 example over N devices; {jax.default_backend()}, "
           f"{os.cpu_count()} CPUs, jax {jax.__version__}", flush=True)
-    print("space fsdp  argument GiB  temp GiB  total GiB  replicated  " + "  ".join(f"{k} (n, GiB)" for k in COLLECTIVES), flush=True)
+    print("space fsdp  argument GiB  temp GiB  total GiB  replicated  collectives  traffic GB/dev  TFLOP/dev  "
+          "t_compute s  t_comm s  step s (no overlap / overlap)", flush=True)
     results = {}
     for space in spaces:
         for fsdp in (False, True):
@@ -122,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = measure(args.model, args.grid, space, fsdp, args.precision)
             results[(space, fsdp)] = r
-            coll = "  ".join(f"{n:5d} {b / gib:7.3f}" for n, b in (r["collectives"][k] for k in COLLECTIVES))
+            kinds = ", ".join(f"{k} {int(v['count'])}" for k, v in r["collectives"].items() if v["count"])
             print(f"{space:5d} {'yes' if fsdp else 'no ':4s} {r['argument'] / gib:12.2f} {r['temp'] / gib:9.2f} "
-                  f"{(r['argument'] + r['temp']) / gib:10.2f} {r['replicated']:11d}  {coll}   ({r['seconds']:.0f} s)", flush=True)
+                  f"{(r['argument'] + r['temp']) / gib:10.2f} {r['replicated']:11d}  {r['count']:11d}  {r['traffic'] / 1e9:13.2f}  "
+                  f"{r['flops'] / 1e12:9.1f}  {r['compute_s']:11.3f}  {r['comm_s']:8.3f}  "
+                  f"{r['compute_s'] + r['comm_s']:.3f} / {max(r['compute_s'], r['comm_s']):.3f}   ({kinds}; compiled in {r['seconds']:.0f} s)",
+                  flush=True)
     base = results[(1, False)]
     key = (4, not args.no_fsdp) if (4, not args.no_fsdp) in results else max(results)
     total = lambda r: r["argument"] + r["temp"]  # noqa: E731

@@ -75,14 +75,6 @@ class Bands:
         real = np.asarray(real)
         return np.where(real >= 0, real + self.top, -1)
 
-    def problem(self) -> str | None:
-        """Why this layout cannot run (a device without a real row, or a roll that would need
-        rows from beyond a neighbour), else None."""
-        per_device_real = [int(np.count_nonzero(m)) for m in self.real_mask().reshape(self.devices, -1)]
-        if min(per_device_real) < self.window_rows // 2 + 1:
-            return f"{self.rows} rows in windows of {self.window_rows} leave a band of {min(per_device_real)} real rows"
-        return None
-
 
 def roll_source(bands: Bands, shift: int) -> np.ndarray:
     """(N, R) source rows of ``jnp.roll(grid, shift, axis=rows)`` over the real rows, in the
@@ -123,12 +115,6 @@ class _Exchange:
     send_prev: np.ndarray  # (N, hn) local rows each device sends to the previous device
     gather: np.ndarray  # (N, R_out) index into the buffer
 
-    def __hash__(self) -> int:
-        return hash((self.send_next.tobytes(), self.send_prev.tobytes(), self.gather.tobytes()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Exchange) and all(
-            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("send_next", "send_prev", "gather"))
 
 
 def plan_exchange(src: np.ndarray, rows_in: int) -> _Exchange:
@@ -272,10 +258,6 @@ class BandContext:
         if shift % max(self.bands.rows, 1) == 0:
             return x
         return permute_rows(x, roll_source(self.bands, shift), self.bands.per_device, 2, self.axis)
-
-    def real_rows(self) -> Array:
-        """(R,) bool: which of this band's rows are real rows."""
-        return local_rows(self.bands.real_mask().reshape(self.bands.devices, -1), self.axis)
 
     def zero_padding(self, x: Array) -> Array:
         """This band (B, C, R, W, D) with its padding rows zero (the reference's padding
