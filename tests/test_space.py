@@ -208,3 +208,17 @@ def test_bad_space_settings_are_one_line(tmp_path, capsys, small_store, args, me
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_estimate_offers_splitting_examples_as_a_change() -> None:
+    """``--estimate_memory`` against a card that is too small tries, among the cheapest
+    changes, one example over 2 or 4 devices with as much accumulation (the update is the
+    same)."""
+    from aurora_loop.cli.memory import candidate_changes
+    from aurora_loop.config import TrainingConfig
+
+    names = [name for name, _ in candidate_changes(TrainingConfig(model="tiny", num_gpus=4, batch_size=4))]
+    assert "--space_parallel 2 --batch_size 2 --accumulate_grad_batches 2" in names
+    assert "--space_parallel 4 --batch_size 1 --accumulate_grad_batches 4" in names
+    assert names.index("--fsdp") < names.index("--space_parallel 4 --batch_size 1 --accumulate_grad_batches 4") < names.index("--remat")
+    assert not any("space" in n for n, _ in candidate_changes(TrainingConfig(model="conv", num_gpus=4, batch_size=4)))

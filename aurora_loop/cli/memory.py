@@ -93,7 +93,8 @@ def candidate_changes(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]
     """Changes that cut a step's memory, cheapest first: (flags, TrainingConfig changes).
 
     Sharding the state costs only communication; a smaller per-device batch with as much
-    accumulation keeps the update the same; remat costs a second forward pass, ``inputs``
+    accumulation keeps the update the same, and so does splitting each example over k
+    devices (``--space_parallel``) with k times the accumulation; remat costs a second forward pass, ``inputs``
     over ``dots`` a little more of one; bfloat16 changes the numerics; the roll-out changes
     the objective, so it comes last.
     """
@@ -107,6 +108,14 @@ def candidate_changes(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]
         accumulate = config.accumulate_grad_batches * 2
         changes.append((f"--batch_size {half} --accumulate_grad_batches {accumulate}",
                         {"batch_size": half, "accumulate_grad_batches": accumulate}))
+    if config.space_parallel == 1 and config.rollout_mode != "replay" and config.model != "conv":
+        # One example over k devices: a k-th of its activations each; as many examples per
+        # update through accumulation (k times fewer in flight).
+        for k in (d for d in range(2, devices + 1) if devices % d == 0 and config.batch_size % d == 0):
+            batch, accumulate = config.batch_size // k, config.accumulate_grad_batches * k
+            if batch % (devices // k) == 0:
+                changes.append((f"--space_parallel {k} --batch_size {batch} --accumulate_grad_batches {accumulate}",
+                                {"space_parallel": k, "batch_size": batch, "accumulate_grad_batches": accumulate}))
     if not config.remat:
         changes.append(("--remat", {"remat": True, "remat_policy": "inputs"}))
     elif config.remat_policy != "inputs":
@@ -199,19 +208,19 @@ def _estimate_and_advise(config: TrainingConfig) -> int:
         print(f"Fits a {capacity:g} GiB device: {_gib(report.total)} of the {_gib(usable)} a step may use.", flush=True)
         return 0
     print(f"Does not fit a {capacity:g} GiB device: {_gib(report.total)} > {_gib(usable)}. Trying the cheapest changes:", flush=True)
-    combined: dict[str, Any] = {}
-    flags: list[str] = []
+    chosen: dict[str, tuple[str, dict[str, Any]]] = {}  # kind -> the strongest change of it tried so far
     for name, change in candidate_changes(config):
         alone = _estimate_change(config, change, name)
         if alone is not None and alone.fits(capacity):
             print(f"It fits with {name}.", flush=True)
             return 0
-        combined.update(change)
-        flags.append(name)
-        if len(flags) > 1:
-            together = _estimate_change(config, combined, " ".join(flags))
+        chosen[name.split()[0]] = (name, change)  # a larger --space_parallel replaces a smaller one
+        if len(chosen) > 1:
+            flags = " ".join(n for n, _ in chosen.values())
+            combined = {k: v for _, c in chosen.values() for k, v in c.items()}
+            together = _estimate_change(config, combined, flags)
             if together is not None and together.fits(capacity):
-                print(f"It fits with {' '.join(flags)}.", flush=True)
+                print(f"It fits with {flags}.", flush=True)
                 return 0
     print(f"None of these changes fits a {capacity:g} GiB device; use more devices with --fsdp, a smaller grid or a smaller model.",
           flush=True)
