@@ -195,11 +195,11 @@ class _MicroBatches:
         self.loader.load_state_dict(state)
 
 
-def _bind_mesh(task: Task, mesh: Mesh) -> None:
-    """Hand the mesh to a task that splits examples over its ``space`` axis (``bind_mesh``);
-    a mesh with such an axis needs one."""
+def _bind_mesh(task: Task, mesh: Mesh, fsdp: bool) -> None:
+    """Hand the mesh (and whether the parameters are split over it) to a task that splits
+    examples over its ``space`` axis (``bind_mesh``); a mesh with such an axis needs one."""
     if callable(getattr(task, "bind_mesh", None)):
-        task.bind_mesh(mesh)
+        task.bind_mesh(mesh, fsdp=fsdp)
     elif space_size(mesh) > 1:
         raise UsageError(f"task {getattr(task, 'name', type(task).__name__)} cannot split an example over devices; "
                          "drop --space_parallel (use data parallelism, --fsdp) or choose an Aurora model")
@@ -515,7 +515,7 @@ class Trainer:
         self.compiles = []
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
-        _bind_mesh(task, self.mesh)
+        _bind_mesh(task, self.mesh, self.fsdp)
         try:
             with self.clock.phase("start-up"):
                 self._setup(resume)
@@ -606,7 +606,7 @@ class Trainer:
             self.train_data = task.train_loader(self.train_data)
         if self.mesh is None:
             self.mesh = make_mesh(self.num_devices)
-        _bind_mesh(task, self.mesh)
+        _bind_mesh(task, self.mesh, self.fsdp)
         host_example = example_batch(self.train_data)
         if callable(getattr(task, "setup", None)):
             task.setup(host_example)

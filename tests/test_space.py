@@ -222,3 +222,21 @@ def test_the_estimate_offers_splitting_examples_as_a_change() -> None:
     assert "--space_parallel 4 --batch_size 1 --accumulate_grad_batches 4" in names
     assert names.index("--fsdp") < names.index("--space_parallel 4 --batch_size 1 --accumulate_grad_batches 4") < names.index("--remat")
     assert not any("space" in n for n, _ in candidate_changes(TrainingConfig(model="conv", num_gpus=4, batch_size=4)))
+
+
+def test_the_bands_split_parameters_as_the_train_state_does() -> None:
+    """Under ``--fsdp`` each banded part gathers its weights from the train state's split
+    (``SpacePlan.param_specs`` restates ``step.state_shardings``'s rule): the same spec for
+    every parameter of an Aurora, so XLA moves nothing at the parts' boundaries."""
+    from aurora_loop.step import TrainState, state_shardings
+
+    cfg = AuroraConfig.preset("tiny", use_lora=True)
+    batch = stack_samples(make_samples(1, grid=(32, 64))).inputs
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), batch))
+    sds = jax.ShapeDtypeStruct
+    mesh = _mesh(2, 2)
+    state = TrainState(step=sds((), np.int32), params=shapes, opt_state=None, rng=sds((2,), np.uint32))
+    want = jax.tree.map(lambda s: s.spec, state_shardings(state, mesh, fsdp=True).params)
+    got = SpacePlan(mesh, fsdp=True).param_specs(shapes)
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    assert any(("data", "space") in tuple(s) for s in jax.tree.leaves(got))

@@ -137,35 +137,42 @@ class AuroraModule(nn.Module):
         encoder, decoder = detached(self.encoder), detached(self.decoder)
 
         def encode(params: Params, fields: tuple, pos_b: Array, scale_b: Array, time: Array, lead: Array) -> Array:
+            specs = plan.param_specs(params)
+
             def body(prm: Params, fields_l: tuple, pos_l: Array, scale_l: Array, time_l: Array, lead_l: Array) -> Array:
-                tokens = encoder.apply({"params": prm}, *fields_l, None, None, time_l, levels, lead_l,
+                tokens = encoder.apply({"params": plan.gather(prm, specs)}, *fields_l, None, None, time_l, levels, lead_l,
                                        encodings=(pos_l.reshape(-1, d), scale_l.reshape(-1, d)))
                 return tokens.reshape(tokens.shape[0], cfg.latent_levels, pos_l.shape[0], pos_l.shape[1], d)
 
             field_specs = ({k: plan.banded_spec(v.ndim, v.ndim - 2) for k, v in fields[0].items()},
                            {k: plan.banded_spec(v.ndim, v.ndim - 2) for k, v in fields[1].items()})
             encodings = plan.banded_spec(3, 0, examples=False)
-            in_specs = (plan.replicated(params), field_specs, encodings, encodings, PartitionSpec(plan.data_axis),
+            in_specs = (specs, field_specs, encodings, encodings, PartitionSpec(plan.data_axis),
                         plan.example_spec(2))
             return plan.map(body, in_specs, grid_spec)(params, fields, pos_b, scale_b, time, lead)
 
         encode_args = (self.variables["params"]["encoder"], (surf_b, atmos_b), pos_b, scale_b, jnp.asarray(meta.time), lead)
         x = checkpointed(encode, cfg.remat_policy)(*encode_args) if rematerialise else encode(*encode_args)
-        self.sow("intermediates", "encoder_out", from_bands(x, first, 2).reshape(x.shape[0], -1, d))
+        capture = self.is_mutable_collection("intermediates")  # the taps: cropped and flattened only when asked for
+        if capture:
+            self.sow("intermediates", "encoder_out", from_bands(x, first, 2).reshape(x.shape[0], -1, d))
         if noise is not None:
             noise = to_bands(noise.reshape(noise.shape[0], *patch_res, noise.shape[-1]), first, 2)
         x = self.backbone(x, lead, patch_res, rollout_step, noise, space=plan)
-        self.sow("intermediates", "backbone_out", from_bands(x, first, 2).reshape(x.shape[0], -1, x.shape[-1]))
+        if capture:
+            self.sow("intermediates", "backbone_out", from_bands(x, first, 2).reshape(x.shape[0], -1, x.shape[-1]))
         surf_names, atmos_names = tuple(batch.surf_vars), tuple(batch.atmos_vars)
 
         def decode(params: Params, x: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+            specs = plan.param_specs(params)
+
             def body(prm: Params, x_l: Array) -> tuple[dict[str, Array], dict[str, Array]]:
                 b, latent, rows, cols, d2 = x_l.shape
-                return decoder.apply({"params": prm}, x_l.reshape(b, -1, d2), surf_names, atmos_names, levels,
+                return decoder.apply({"params": plan.gather(prm, specs)}, x_l.reshape(b, -1, d2), surf_names, atmos_names, levels,
                                      (latent, rows, cols), (rows * p, w))
 
             out_specs = ({k: plan.banded_spec(3, 1) for k in surf_names}, {k: plan.banded_spec(4, 2) for k in atmos_names})
-            return plan.map(body, (plan.replicated(params), grid_spec), out_specs)(params, x)
+            return plan.map(body, (specs, grid_spec), out_specs)(params, x)
 
         decode_args = (self.variables["params"]["decoder"], x)
         surf_out, atmos_out = checkpointed(decode, cfg.remat_policy)(*decode_args) if rematerialise else decode(*decode_args)

@@ -294,6 +294,7 @@ class SpacePlan:
     mesh: Any
     data_axis: str = "data"
     space_axis: str = "space"
+    fsdp: bool = False  # the parameters arrive split over all devices (--fsdp): gathered where each part runs
 
     @property
     def devices(self) -> int:
@@ -323,11 +324,40 @@ class SpacePlan:
         """``fn`` on every device's share (``jax.shard_map`` over the whole mesh)."""
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
 
-    def replicated(self, tree: Any) -> Any:
-        """PartitionSpecs that hand ``tree`` (parameters) whole to every device."""
+    def param_specs(self, params: Any) -> Any:
+        """The PartitionSpecs of parameters as the train state holds them: whole, or with
+        ``fsdp`` split over all devices on the dimension :func:`fsdp_dim` picks (the rule of
+        ``aurora_loop.step.state_shardings``), so that each part gathers its own weights and
+        its gradients leave as a reduce-scatter."""
         from jax.sharding import PartitionSpec
 
-        return jax.tree_util.tree_map(lambda _: PartitionSpec(), tree)
+        axes = (self.data_axis, self.space_axis)
+
+        def spec(leaf: Any) -> Any:
+            dim = fsdp_dim(tuple(getattr(leaf, "shape", ())), self.mesh.size) if self.fsdp else None
+            return PartitionSpec() if dim is None else PartitionSpec(*([None] * dim + [axes]))
+
+        return jax.tree_util.tree_map(spec, params)
+
+    def gather(self, params: Any, specs: Any) -> Any:
+        """Inside :meth:`map`: this device's share of the parameters (handed in with
+        ``specs``, :meth:`param_specs`) made whole; the gradient of this gather is a
+        reduce-scatter."""
+        def whole(leaf: Any, spec: Any) -> Any:
+            for dim, axes in enumerate(spec):
+                if axes is not None:
+                    return jax.lax.all_gather(leaf, axes, axis=dim, tiled=True)
+            return leaf
+
+        return jax.tree_util.tree_map(whole, params, specs)
+
+
+def fsdp_dim(shape: tuple[int, ...], devices: int) -> int | None:
+    """The dimension FSDP splits a parameter of ``shape`` on over ``devices``: its largest
+    dimension divisible by them (the first of equals), None when none is. The rule of
+    ``aurora_loop.step.state_shardings`` (``tests/test_space.py`` checks that they agree)."""
+    dims = [d for d, n in enumerate(shape) if n % devices == 0 and n >= devices]
+    return max(dims, key=lambda d: (shape[d], -d)) if dims else None
 
 
 def to_bands(x: Array, bands: Bands, axis: int, scale: int = 1) -> Array:

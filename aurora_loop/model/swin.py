@@ -176,7 +176,10 @@ def after(tree: Any, signal: Any) -> Any:
     ``s`` (only a NaN passes through, and then the computation it orders is poisoned
     already); ``x + 0`` is exact.
     """
-    s = jnp.abs(jnp.ravel(jax.tree_util.tree_leaves(signal)[0])[0])
+    first = jax.tree_util.tree_leaves(signal)[0]
+    # One element by index, not through a reshape: a reshape of an array split over devices
+    # (a band of rows) would gather it whole.
+    s = jnp.abs(first[(0,) * jnp.ndim(first)])
 
     def tie(x: Array) -> Array:
         return x + jnp.minimum(s.astype(x.dtype), jnp.zeros((), x.dtype))
@@ -465,18 +468,19 @@ def banded_block(block: nn.Module, res: Triple, space: tuple, static_step: int |
     def run(params: Any, x: Array, c: Array, step: int | Array | None = None) -> Array:
         c_spec = grid_spec if c.ndim == 5 else plan.example_spec(c.ndim)
         context = BandContext(bands, plan.space_axis)
+        specs = plan.param_specs(params)
         if static_step is not None:
             def body(p: Any, xl: Array, cl: Array) -> Array:
-                return block.apply({"params": p}, xl, cl, res, static_step, band=context)
+                return block.apply({"params": plan.gather(p, specs)}, xl, cl, res, static_step, band=context)
 
-            return plan.map(body, (plan.replicated(params), grid_spec, c_spec), grid_spec)(params, x, c)
+            return plan.map(body, (specs, grid_spec, c_spec), grid_spec)(params, x, c)
 
         def body_traced(p: Any, xl: Array, cl: Array, s: Array) -> Array:
-            return block.apply({"params": p}, xl, cl, res, s, band=context)
+            return block.apply({"params": plan.gather(p, specs)}, xl, cl, res, s, band=context)
 
         from jax.sharding import PartitionSpec
 
-        return plan.map(body_traced, (plan.replicated(params), grid_spec, c_spec, PartitionSpec()), grid_spec)(params, x, c, step)
+        return plan.map(body_traced, (specs, grid_spec, c_spec, PartitionSpec()), grid_spec)(params, x, c, step)
 
     return run
 
@@ -492,13 +496,15 @@ def merge_bands(merge: nn.Module, params: Any, x: Array, res: Triple, space: tup
     src = merge_source(here, coarse)
     module = detached(merge)
 
+    specs = plan.param_specs(params)
+
     def body(p: Any, xl: Array) -> Array:
         pairs = permute_rows(xl, src, here.per_device, 2, plan.space_axis)  # (B, C, 2 R', W, D)
         b, cc, rows, w, d = pairs.shape
-        out = module.apply({"params": p}, pairs.reshape(b, cc * rows * w, d), (cc, rows, w))
+        out = module.apply({"params": plan.gather(p, specs)}, pairs.reshape(b, cc * rows * w, d), (cc, rows, w))
         return out.reshape(b, cc, rows // 2, -1, out.shape[-1])
 
-    return plan.map(body, (plan.replicated(params), spec), spec)(params, x)
+    return plan.map(body, (specs, spec), spec)(params, x)
 
 
 def split_bands(split: nn.Module, params: Any, x: Array, res: Triple, crop: Triple, space: tuple) -> Array:
@@ -513,13 +519,15 @@ def split_bands(split: nn.Module, params: Any, x: Array, res: Triple, crop: Trip
     src = split_source(here, fine)
     module = detached(split)
 
+    specs = plan.param_specs(params)
+
     def body(p: Any, xl: Array) -> Array:
         b, cc, rows, w, d = xl.shape
-        out = module.apply({"params": p}, xl.reshape(b, cc * rows * w, d), (cc, rows, w), (0, 0, crop[2]))
+        out = module.apply({"params": plan.gather(p, specs)}, xl.reshape(b, cc * rows * w, d), (cc, rows, w), (0, 0, crop[2]))
         out = out.reshape(b, cc, 2 * rows, -1, out.shape[-1])
         return permute_rows(out, src, 2 * rows, 2, plan.space_axis)
 
-    return plan.map(body, (plan.replicated(params), spec), spec)(params, x)
+    return plan.map(body, (specs, spec), spec)(params, x)
 
 
 def stage_bands(config: AuroraConfig, patch_res: Triple, space: Any) -> list[Any]:

@@ -129,13 +129,15 @@ class AuroraTask(ReplayTraining):
 
     _prepare = _crop  # what the replay buffer stores
 
-    def bind_mesh(self, mesh: Any) -> None:
+    def bind_mesh(self, mesh: Any, fsdp: bool = False) -> None:
         """The trainer's mesh: with a ``space`` axis of more than one device, every example's
-        grid is split in bands of rows over it (:mod:`aurora_loop.model.bands`)."""
+        grid is split in bands of rows over it (:mod:`aurora_loop.model.bands`); ``fsdp``:
+        the parameters are split over all its devices, and each part of the model gathers
+        its own."""
         from aurora_loop.model.bands import SpacePlan
         from aurora_loop.parallel import space_size
 
-        self._space = SpacePlan(mesh) if space_size(mesh) > 1 else None
+        self._space = SpacePlan(mesh, fsdp=fsdp) if space_size(mesh) > 1 else None
 
     def setup(self, example_batch: Sample) -> None:
         """Learn the data's grid from a host example batch before anything is traced, so the
