@@ -325,6 +325,7 @@ BENCHMARK_SMOKE = {
     "scan_blocks": ["--model", "tiny", "--grid", "32", "64", "--levels", "4", "--depths", "1,4,1", "--rounds", "1", "--no-remat"],
     "memory_table": ["--model", "tiny", "--grid", "32x64", "--quick", "--devices", "2", "--out", "table.jsonl"],
     "memory_vs_reference": ["--grid", "32", "64", "--levels", "4"],
+    "space_memory": ["--model", "tiny", "--grid", "208x64", "--spaces", "1,2", "--no-fsdp"],
 }
 
 
@@ -349,12 +350,12 @@ def _fine_tune_command() -> list[str]:
 def _run_smoke(name: str, directory: Path) -> tuple[subprocess.CompletedProcess, Path]:
     command = _fine_tune_command() if name == "fine_tune" else [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *BENCHMARK_SMOKE[name]]
     env = _environment()
-    env["JAX_NUM_CPU_DEVICES"] = "2" if name in ("memory", "memory_table") else "1"
+    env["JAX_NUM_CPU_DEVICES"] = "2" if name in ("memory", "memory_table", "space_memory") else "1"
     return background.run(command, cwd=directory, env=env, timeout=BLOCK_TIMEOUT_S), directory
 
 
 # The longest first, so that the lanes end together.
-SMOKE_ORDER = ["fine_tune", "memory", "memory_vs_reference", "memory_table", "attention", "scan_blocks", "reference_ab", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
+SMOKE_ORDER = ["fine_tune", "memory", "memory_vs_reference", "memory_table", "space_memory", "attention", "scan_blocks", "reference_ab", "step_time", "compile_time", "loop_overhead", "loader_throughput"]
 
 
 def test_every_benchmark_has_a_smoke_run():
