@@ -99,12 +99,12 @@ class TrainingConfig:
 
     # Devices.
     num_gpus: int | None = _field(None, "devices in the mesh over all processes (CPU devices on a CPU-only machine); none: all visible")
-    space_parallel: int = _field(1, "devices that split every example's grid between them, in bands of latitude rows (a divisor of --num_gpus; the batch is split over num_gpus / N groups): for grids too large for one device")
+    space_parallel: int = _field(1, "devices sharing each example in latitude bands (divides --num_gpus; the batch splits over num_gpus / N)")
 
     # Memory estimate (aurora-loop memory takes the same flags).
-    estimate_memory: bool = _field(False, "compile the train step on abstract parameters (simulating --num_gpus devices if need be), print what each device needs and where, and exit; writes nothing")
-    estimate_grid: str | None = _field(None, "with --estimate_memory: estimate for this latitudes x longitudes grid, e.g. 721x1440 (levels: --levels, else WeatherBench2's 13) instead of reading --dataset_path")
-    device_memory_gib: float | None = _field(None, "with --estimate_memory: one device's memory in GiB to check the run against, e.g. 80 (if it does not fit, the cheapest changes that do are named); none: this machine's accelerator's")
+    estimate_memory: bool = _field(False, "compile the step on abstract parameters, print each device's memory, exit; writes nothing")
+    estimate_grid: str | None = _field(None, "with --estimate_memory: this LATxLON grid (e.g. 721x1440) instead of the store's")
+    device_memory_gib: float | None = _field(None, "with --estimate_memory: a device's GiB to fit (none: this accelerator's); names changes that fit")
 
     # Multi-process (JAX's distributed runtime). Unset: auto-detected under SLURM / Open MPI,
     # else a single process.
