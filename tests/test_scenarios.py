@@ -73,11 +73,14 @@ BF16_PARAMS = {"4dp-pushforward-lora-remat-bf16", "2x2-full-lora-remat-bf16"}  #
 VAL_ROLLOUT = 3
 CELL_TIMEOUT_S = 900
 # One example over several devices (--space_parallel, #27), on a store tall enough for 4 bands
-# of the micro model's two stages: 4 devices in 4 bands with FSDP over them, and 2 processes
-# x 2 devices whose 4 bands span both processes (each reads the same examples).
-SPACE_CELLS = [("4space", "full", True, True, True), ("2x2space", "replay", False, True, False)]
-SPACE_FLAGS = {"4space": ["--space_parallel", "4", "--fsdp", "--accumulate_grad_batches", "2", "--ema_decay", "0.9"],
-               "2x2space": ["--space_parallel", "4", "--val_rollout_steps", str(VAL_ROLLOUT)]}
+# of the micro model's two stages: 4 devices in 4 bands with FSDP over them (pushforward,
+# remat keeping the dots), and 2 processes x 2 devices whose 4 bands span both processes
+# (each reads the same examples; replay, bfloat16 parameters). The full roll-out on bands is
+# tests/test_space.py's cross-mesh resume.
+SPACE_CELLS = [("4space", "pushforward", True, True, True), ("2x2space", "replay", False, True, False)]
+SPACE_FLAGS = {"4space": ["--space_parallel", "4", "--fsdp", "--accumulate_grad_batches", "2", "--ema_decay", "0.9",
+                          "--remat_policy", "dots"],
+               "2x2space": ["--space_parallel", "4", "--val_rollout_steps", str(VAL_ROLLOUT), "--precision", "bf16-params"]}
 TALL_GRID = (128, 32)
 
 

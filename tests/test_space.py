@@ -112,12 +112,15 @@ def test_a_banded_swin_block_is_the_block(res, shift) -> None:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("data, space, grid, remat", [(1, 4, (256, 512), True), (2, 2, (72, 144), False), (2, 2, (72, 144), True)])
-def test_the_banded_model_is_the_model(data, space, grid, remat) -> None:
-    """The tiny Aurora with LoRA and a traced roll-out step: output and gradients with every
-    example's grid in 4 bands (or 2 examples x 2 bands; 72 x 144 pads every stage) equal
-    the one-device model's."""
-    cfg = AuroraConfig.preset("tiny", remat=remat, use_lora=True, lora_steps=3)
+@pytest.mark.parametrize("preset, data, space, grid, remat", [
+    ("tiny", 1, 4, (256, 512), True), ("tiny", 2, 2, (72, 144), False), ("tiny", 2, 2, (72, 144), True),
+    ("small", 1, 4, (304, 32), True),  # the smallest grid small splits in 4; windows of 12 over 8 columns
+])
+def test_the_banded_model_is_the_model(preset, data, space, grid, remat) -> None:
+    """Aurora (tiny, and small with its deeper stages and wider windows) with LoRA and a
+    traced roll-out step: output and gradients with every example's grid in 4 bands (or 2
+    examples x 2 bands; 72 x 144 pads every stage) equal the one-device model's."""
+    cfg = AuroraConfig.preset(preset, remat=remat, use_lora=True, lora_steps=3)
     batch = stack_samples(make_samples(data, grid=grid, rollout_steps=1)).inputs
     params = init_params(cfg, jax.random.key(0), batch)
     rng = np.random.default_rng(1)
@@ -264,6 +267,10 @@ def test_a_forecast_roll_out_on_bands_is_the_one_device_roll_out() -> None:
                                        atol=1e-5 * float(np.abs(b.atmos_vars[name]).max()))
 
 
+MICRO = {"encoder_depths": [1, 1], "encoder_num_heads": [2, 4], "decoder_depths": [1, 1],
+         "decoder_num_heads": [4, 2], "embed_dim": 16, "num_heads": 2}  # tests.scenario_cell's
+
+
 @pytest.fixture(scope="module")
 def tall_store(tmp_path_factory):
     from aurora_loop.datasets.sample_data import write_sample_store
@@ -273,38 +280,41 @@ def tall_store(tmp_path_factory):
     return str(path)
 
 
+def _aurora_train(capsys, store: str, out, steps: int, *flags: str) -> tuple[dict, str]:
+    """``aurora-train`` in this process: the micro Aurora on ``store``, batch 2, two roll-out
+    steps (full), a checkpoint every step, validation at the end; returns summary.json and
+    what it printed."""
+    import json
+
+    from aurora_loop.cli.train import main
+
+    code = main(["--dataset_path", store, "--output_dir", str(out), "--model", "tiny",
+                 "--model_kwargs", json.dumps(MICRO), "--levels", "500,850", "--batch_size", "2",
+                 "--max_steps", str(steps), "--lr_schedule_steps", "4", "--warmup_steps", "1",
+                 "--learning_rate", "1e-3", "--save_every_n_steps", "1", "--val_every_n_steps", "100",
+                 "--num_workers", "1", "--max_to_keep", "10", "--rollout_steps", "2", *flags])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    return json.load(open(out / "summary.json")), printed.out
+
+
 def test_a_checkpoint_resumes_on_another_mesh(tmp_path, capsys, tall_store) -> None:
-    """aurora-train on 4 bands with FSDP stops at step 2; its checkpoint resumes on 2 examples
-    x 2 bands for step 3, then on one device for step 4: each resume starts from the step
+    """aurora-train with a full 2-step roll-out on 4 bands with FSDP stops at step 2; its
+    checkpoint resumes on 2 examples x 2 bands for step 3, then on one device for step 4: each
+    resume starts from the step
     before, and the parameters of step 4 are those of four steps on one device, to 1e-4 of
     each leaf's scale plus 1e-2 of the learning rate. (Adam turns a gradient near its eps into
     a step that rounding moves: the bands' step 2 moves one bias of the surface heads by 3.3e-6
     of the 1e-3 rate, and the resumes on other meshes add nothing to it.)"""
-    import json
-
-    from aurora_loop.cli.train import main
     from aurora_loop.inference.runs import read_params
 
-    micro = {"encoder_depths": [1, 1], "encoder_num_heads": [2, 4], "decoder_depths": [1, 1],
-             "decoder_num_heads": [4, 2], "embed_dim": 16, "num_heads": 2}
-
-    def aurora_train(out, steps, *mesh) -> None:
-        code = main(["--dataset_path", tall_store, "--output_dir", str(out), "--model", "tiny",
-                     "--model_kwargs", json.dumps(micro), "--levels", "500,850", "--batch_size", "2",
-                     "--max_steps", str(steps), "--lr_schedule_steps", "4", "--warmup_steps", "1",
-                     "--learning_rate", "1e-3", "--save_every_n_steps", "1", "--val_every_n_steps", "100",
-                     "--num_workers", "1", "--max_to_keep", "10", *mesh])
-        printed = capsys.readouterr()
-        assert code == 0, printed.err
-        return json.load(open(out / "summary.json")), printed.out
-
     moved = tmp_path / "moved"
-    assert aurora_train(moved, 2, "--num_gpus", "4", "--space_parallel", "4", "--fsdp")[0]["step"] == 2
+    assert _aurora_train(capsys, tall_store, moved, 2, "--num_gpus", "4", "--space_parallel", "4", "--fsdp")[0]["step"] == 2
     for steps, mesh in ((3, ["--num_gpus", "4", "--space_parallel", "2"]), (4, ["--num_gpus", "1"])):
-        summary, out = aurora_train(moved, steps, *mesh)
+        summary, out = _aurora_train(capsys, tall_store, moved, steps, *mesh)
         assert summary["step"] == steps, summary
         assert f"checkpoints/{steps - 1} (step {steps - 1}, epoch 0)" in out and "Resuming from" in out, out
-    aurora_train(tmp_path / "one", 4, "--num_gpus", "1")
+    _aurora_train(capsys, tall_store, tmp_path / "one", 4, "--num_gpus", "1")
     got = read_params(str(moved / "checkpoints" / "4" / "state"))
     want = read_params(str(tmp_path / "one" / "checkpoints" / "4" / "state"))
     assert jax.tree.structure(got) == jax.tree.structure(want)
