@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import gc
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -89,6 +90,11 @@ def main() -> None:
     p.add_argument("--store", default=None, help="reuse this store (written if missing)")
     p.add_argument("--ab_fsspec", action="store_true", help="also read the HTTP server with zarr over fsspec (aiohttp) instead of obstore")
     a = p.parse_args()
+    missing = [m for m in ("aiohttp", "requests") if a.ab_fsspec and importlib.util.find_spec(m) is None]
+    if missing:  # fsspec's HTTP filesystem needs both; say so before minutes of writing the store
+        print(f"--ab_fsspec reads through fsspec's HTTP filesystem, which needs {' and '.join(missing)}: "
+              f"pip install -e '.[bench]' (or drop --ab_fsspec)", file=sys.stderr)
+        sys.exit(2)
     h, w = (int(v) for v in a.grid.split("x"))
     counts = [int(v) for v in a.worker_counts.split(",")] if a.worker_counts else list(range(1, (os.cpu_count() or 1) + 1))
     path = a.store or os.path.join(tempfile.mkdtemp(), "bench.zarr")
