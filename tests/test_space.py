@@ -176,7 +176,7 @@ def _train(preset: str, num_devices: int, space: int, fsdp: bool = False, **chan
 @pytest.mark.parametrize("preset, changes", [
     ("tiny", {"use_lora": True, "lora_steps": 3}),
     # every parameter of small trained (its deeper stages, wider windows), without remat: the
-    # banded remat path is tiny's (55 s of the suite saved)
+    # banded remat path is tiny's (35 s of the suite saved)
     ("small", {"remat": False}),
 ])
 def test_training_on_bands_is_training_on_one_device(preset, changes) -> None:
